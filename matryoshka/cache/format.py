@@ -1,0 +1,89 @@
+"""The cache format: array layout, storage dtypes, codecs, manifest and fingerprint.
+
+A cache is a zarr v3 group::
+
+    zarr.json            group attributes: {"manifest": ..., "progress": ..., "stats": ...}
+    acts/<layer>.<site>  [n_tokens, d_model], chunked by whole sequences, compressed, crc32c-checked
+    tokens               [n_tokens] int32, the token ids, aligned row by row with every acts array
+    .writer.lock         held (flock) while a writer is running
+
+Rows are token-major: row ``s * context_size + p`` is position ``p`` of sequence ``s``. Every array
+shares one chunking along rows, so chunk ``i`` of each array holds the same tokens.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+STORAGE = {
+    # name: (numpy dtype on disk, torch dtype, bytes per element)
+    "float32": (np.dtype("float32"), torch.float32, 4),
+    "float16": (np.dtype("float16"), torch.float16, 2),
+    # numpy has no bfloat16: the cache stores its bits as uint16 and records the dtype.
+    "bfloat16": (np.dtype("uint16"), torch.bfloat16, 2),
+}
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Cast to the storage dtype and view as the on-disk element type (bf16 bits as int16)."""
+    t = x.to(STORAGE[dtype][1])
+    return t.view(torch.int16) if dtype == "bfloat16" else t
+
+
+def host_view(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """A CPU tensor from ``to_storage`` as the numpy array zarr writes."""
+    a = t.numpy()
+    return a.view(np.uint16) if dtype == "bfloat16" else a
+
+
+def decode(a: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as float32 numpy (bf16 bits shifted into the high half of a float32)."""
+    if dtype == "bfloat16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
+
+
+def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored values as a torch tensor of the storage dtype, without a copy."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def compressors(codec: str, itemsize: int) -> list:
+    """Codec chain for activation arrays; crc32c last, so every chunk carries a checksum.
+
+    The default, blosc lz4 with bitshuffle, decodes 2x faster than zstd for 4 % less space on
+    harvested activations (README, "Codec choice"): the reader's speed matters more than a few
+    percent of disk.
+    """
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    chain: list = []
+    if codec == "lz4":
+        chain.append(BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=itemsize))
+    elif codec == "zstd":
+        chain.append(BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize))
+    return chain + [Crc32cCodec()]
+
+
+def fingerprint(identity: dict[str, Any]) -> str:
+    """Short hash of everything that determines the activation rows (not how many there are)."""
+    blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def seqs_per_chunk(context_size: int, widest: int, itemsize: int, chunk_mb: float) -> int:
+    """Whole sequences per chunk so the widest array's chunk is about ``chunk_mb`` MiB."""
+    per_seq = context_size * widest * itemsize
+    return max(1, round(chunk_mb * 2**20 / per_seq))
+
+
+def chunk_key(array: str, chunk: int) -> str:
+    """Store key of one chunk, as named in errors and by `pipeline cache verify`."""
+    return f"acts/{array}/c/{chunk}/0" if array != "tokens" else f"tokens/c/{chunk}"

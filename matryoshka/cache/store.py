@@ -1,0 +1,129 @@
+"""Opening a cache for reading: manifest, committed extent, statistics and arrays."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .format import FORMAT_VERSION, decode
+
+
+class CacheError(ValueError):
+    """A cache that is missing, incomplete, damaged or not the one expected."""
+
+
+@dataclass
+class ArrayStats:
+    """Statistics of one cached array over its committed non-BOS tokens."""
+
+    count: int
+    mean: np.ndarray
+    mean_sq_norm: float
+    total_variance: float
+    """E||x - mu||^2: the FVU denominator per token."""
+
+    @classmethod
+    def from_sums(cls, count: int, total: np.ndarray, sq_norm: float) -> "ArrayStats":
+        mean = total / max(count, 1)
+        msq = sq_norm / max(count, 1)
+        return cls(count=count, mean=mean, mean_sq_norm=msq, total_variance=max(msq - float(mean @ mean), 0.0))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "mean": self.mean.tolist(), "mean_sq_norm": self.mean_sq_norm,
+                "total_variance": self.total_variance}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ArrayStats":
+        return cls(count=d["count"], mean=np.asarray(d["mean"], dtype=np.float64),
+                   mean_sq_norm=d["mean_sq_norm"], total_variance=d["total_variance"])
+
+
+class Cache:
+    """A harvested cache, opened read-only. Only committed chunks are visible."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if not (Path(path) / "zarr.json").is_file():
+            raise CacheError(f"cache: {self.path!r} is not a cache (no zarr.json); run `pipeline harvest` "
+                             "or list caches with `pipeline cache ls`")
+        self.group = zarr.open_group(self.path, mode="r")
+        attrs = self.group.attrs.asdict()
+        if "manifest" not in attrs:
+            raise CacheError(f"cache: {self.path!r} is a zarr group without a matryoshka manifest")
+        self.manifest: dict[str, Any] = attrs["manifest"]
+        if self.manifest["format_version"] > FORMAT_VERSION:
+            raise CacheError(f"cache: {self.path!r} has format {self.manifest['format_version']}; "
+                             f"this version reads up to {FORMAT_VERSION}: upgrade matryoshka")
+        self.progress: dict[str, Any] = attrs.get("progress", {"chunks": 0})
+        self.complete: bool = bool(attrs.get("complete", False))
+        self._stats = attrs.get("stats")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.manifest["storage"]["dtype"]
+
+    @property
+    def chunk_tokens(self) -> int:
+        return self.manifest["storage"]["chunk_tokens"]
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.manifest["n_tokens"] // self.chunk_tokens)
+
+    @property
+    def chunks_committed(self) -> int:
+        return self.n_chunks if self.complete else int(self.progress["chunks"])
+
+    @property
+    def tokens_committed(self) -> int:
+        return min(self.chunks_committed * self.chunk_tokens, self.manifest["n_tokens"])
+
+    @property
+    def array_names(self) -> list[str]:
+        return list(self.manifest["arrays"])
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self.manifest["arrays"]:
+            raise CacheError(f"site: cache {self.path!r} has no array {name!r}; it has {', '.join(self.array_names)}")
+        return self.group[f"acts/{name}"]
+
+    @property
+    def tokens(self) -> zarr.Array:
+        return self.group["tokens"]
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Committed rows [start, stop) of an array, decoded to float32."""
+        if stop > self.tokens_committed:
+            raise CacheError(f"cache: rows up to {stop} requested but only {self.tokens_committed} are committed")
+        return decode(self.array(name)[start:stop], self.storage_dtype)
+
+    def stats(self, name: str) -> ArrayStats:
+        """Final statistics of a complete cache, or running ones of the committed prefix."""
+        self.array(name)
+        if self._stats is not None:
+            return ArrayStats.from_json(self._stats[name])
+        s = self.progress.get("sums", {}).get(name)
+        if s is None:
+            raise CacheError(f"cache: {self.path!r} has no committed tokens yet")
+        return ArrayStats.from_sums(s["count"], np.asarray(s["sum"]), s["sq_norm"])
+
+    @property
+    def split(self) -> dict[str, list[int]]:
+        """Token ranges ``{"heldout": [0, h], "train": [h, n]}``; the held-out split comes first."""
+        return self.manifest["split"]
+
+
+def is_cache(path: Path) -> bool:
+    try:
+        import json
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+        return meta.get("node_type") == "group" and "manifest" in meta.get("attributes", {})
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,267 @@
+"""The cache writer: parallel compression and writes, committed in order, resumable.
+
+Protocol. Chunk ``i`` is compressed and written by a pool of threads in any order; a chunk is
+*committed* when it and every chunk before it are on disk and the group attributes say so. The
+attributes (``progress``: committed chunks and the running statistics sums) are rewritten
+atomically (zarr's local store writes a temporary file and renames it), and only at chunk counts
+from which a resumed run can restart with the same LM batches, so a harvest killed at any moment
+leaves a readable cache of whole chunks, and ``--resume`` rewrites nothing that differs: the
+result is byte-identical to an uninterrupted run.
+
+The statistics are float64 sums added in chunk order, never in completion order, so they too are
+identical however the threads interleave.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+from .format import STORAGE, chunk_key, compressors, decode, host_view
+from .store import ArrayStats, CacheError
+
+
+class ActivationError(RuntimeError):
+    """Non-finite activations: names the array and the token range."""
+
+
+@dataclass
+class _Chunk:
+    index: int
+    rows: int
+    tokens: np.ndarray
+    acts: dict[str, np.ndarray]
+    filled: int = 0
+
+
+@dataclass
+class _Sums:
+    count: int = 0
+    total: np.ndarray | None = None
+    sq_norm: float = 0.0
+
+    def add(self, count: int, total: np.ndarray, sq_norm: float) -> None:
+        self.count += count
+        self.total = total.copy() if self.total is None else self.total + total
+        self.sq_norm += sq_norm
+
+    def to_json(self) -> dict[str, Any]:
+        return {"count": self.count, "sum": [] if self.total is None else self.total.tolist(), "sq_norm": self.sq_norm}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "_Sums":
+        return cls(d["count"], np.asarray(d["sum"], dtype=np.float64) if d["sum"] else None, d["sq_norm"])
+
+
+@dataclass
+class WriteStats:
+    rows_written: int = 0
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class CacheWriter:
+    """Writes batches of whole sequences to a cache opened by :func:`create_or_resume`."""
+
+    def __init__(self, group: zarr.Group, manifest: dict[str, Any], progress: dict[str, Any],
+                 threads: int, batch_seqs: int) -> None:
+        self.group = group
+        self.manifest = manifest
+        st = manifest["storage"]
+        self.dtype: str = st["dtype"]
+        self.ctx: int = manifest["context_size"]
+        self.chunk_rows: int = st["chunk_tokens"]
+        self.n_rows: int = manifest["n_tokens"]
+        self.n_chunks = -(-self.n_rows // self.chunk_rows)
+        self.bos_id = manifest["bos"]["token_id"]
+        self.names = list(manifest["arrays"])
+        self.arrays = {n: group[f"acts/{n}"] for n in self.names}
+        self.token_array = group["tokens"]
+        # Commits land only where a resumed run restarts on the same LM batch boundaries.
+        spc = st["seqs_per_chunk"]
+        self.align_chunks = math.lcm(spc, batch_seqs) // spc
+        self.committed = int(progress.get("chunks", 0))
+        self._sums = {n: _Sums.from_json(progress["sums"][n]) if "sums" in progress else _Sums() for n in self.names}
+        self._done: dict[int, dict[str, tuple[int, np.ndarray, float]]] = {}
+        self._watermark = self.committed
+        self._lock = threading.Lock()
+        self._last_commit = 0.0
+        self.error: BaseException | None = None
+        self.stats = WriteStats()
+        self._current: _Chunk | None = None
+        self._next_chunk = self.committed
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cache-write")
+        self._slots = threading.Semaphore(2 * threads)
+        self._incoming: queue.Queue = queue.Queue(maxsize=2)
+        self._assembler = threading.Thread(target=self._assemble_loop, name="cache-assemble", daemon=True)
+        self._assembler.start()
+
+    @property
+    def start_row(self) -> int:
+        return self.committed * self.chunk_rows
+
+    # -- producer side (the harvest loop) ------------------------------------------------------
+    def write(self, tokens: torch.Tensor, acts: dict[str, torch.Tensor]) -> None:
+        """Queue one batch: tokens [B, T] and, per array, storage-dtype activations [B, T, d] on any device.
+
+        GPU tensors are copied to pinned host memory without blocking; the copy completes in the
+        background while the LM runs the next batch.
+        """
+        self._raise_if_failed()
+        event = None
+        host: dict[str, torch.Tensor] = {}
+        for name, t in acts.items():
+            if t.device.type == "cuda":
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h.copy_(t, non_blocking=True)
+                host[name] = h
+            else:
+                host[name] = t
+        if any(t.device.type == "cuda" for t in acts.values()):
+            event = torch.cuda.Event()
+            event.record()
+        while True:
+            try:
+                self._incoming.put((tokens.cpu(), host, event), timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def finish(self) -> None:
+        """Flush everything, wait for the writes, and mark the cache complete."""
+        self._incoming.put(None)
+        self._assembler.join()
+        self._pool.shutdown(wait=True)
+        self._raise_if_failed()
+        if self._current is not None:
+            raise CacheError(f"harvest ended mid-chunk at row {self.start_row}")
+        if self._watermark != self.n_chunks:
+            raise CacheError(f"only {self._watermark} of {self.n_chunks} chunks were written")
+        stats = {n: ArrayStats.from_sums(s.count, s.total, s.sq_norm).to_json() for n, s in self._sums.items()}
+        self.group.attrs.update({"progress": self._progress_json(self.n_chunks), "stats": stats, "complete": True})
+        self.committed = self.n_chunks
+
+    def abort(self) -> None:
+        """Stop the threads after an error; committed chunks stay readable."""
+        try:
+            self._incoming.put_nowait(None)
+        except queue.Full:
+            pass
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    # -- assembling batches into chunks ---------------------------------------------------------
+    def _assemble_loop(self) -> None:
+        try:
+            while (item := self._incoming.get()) is not None:
+                if self.error is not None:
+                    continue
+                tokens, host, event = item
+                if event is not None:
+                    event.synchronize()
+                self._assemble(tokens.reshape(-1).numpy(), {n: host_view(t, self.dtype).reshape(-1, t.shape[-1])
+                                                            for n, t in host.items()})
+        except BaseException as e:  # noqa: BLE001 - handed to the producer thread
+            self.error = self.error or e
+
+    def _assemble(self, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
+        pos = 0
+        while pos < len(tokens):
+            if self._current is None:
+                if self._next_chunk >= self.n_chunks:
+                    raise CacheError("more tokens were written than the cache holds")
+                i = self._next_chunk
+                rows = min(self.chunk_rows, self.n_rows - i * self.chunk_rows)
+                self._current = _Chunk(i, rows, np.empty(rows, np.int32),
+                                       {n: np.empty((rows, a.shape[1]), a.dtype) for n, a in acts.items()})
+                self._next_chunk += 1
+            c = self._current
+            take = min(c.rows - c.filled, len(tokens) - pos)
+            c.tokens[c.filled:c.filled + take] = tokens[pos:pos + take]
+            for n, a in acts.items():
+                c.acts[n][c.filled:c.filled + take] = a[pos:pos + take]
+            c.filled += take
+            pos += take
+            if c.filled == c.rows:
+                self._current = None
+                self._slots.acquire()
+                fut = self._pool.submit(self._write_chunk, c)
+                fut.add_done_callback(lambda f: self._slots.release())
+
+    # -- writer threads -------------------------------------------------------------------------
+    def _write_chunk(self, c: _Chunk) -> None:
+        try:
+            r0 = c.index * self.chunk_rows
+            keep = c.tokens != self.bos_id if self.bos_id is not None else np.ones(c.rows, bool)
+            sums = {}
+            for n, a in c.acts.items():
+                x = decode(a, self.dtype)
+                if not np.isfinite(x).all():
+                    bad = np.nonzero(~np.isfinite(x).all(axis=1))[0]
+                    hint = " (float16 overflow? use --dtype bfloat16)" if self.dtype == "float16" else ""
+                    raise ActivationError(
+                        f"non-finite activations in {self.manifest['arrays'][n]['hook_name']} at tokens "
+                        f"{r0 + bad[0]}..{r0 + bad[-1]} (chunk {c.index}){hint}")
+                xk = x[keep].astype(np.float64)
+                sums[n] = (int(keep.sum()), xk.sum(axis=0), float(np.einsum("ij,ij->", xk, xk)))
+            for n, a in c.acts.items():
+                self.arrays[n][r0:r0 + c.rows] = a
+            self.token_array[r0:r0 + c.rows] = c.tokens
+            stored = sum(self._stored_size(chunk_key(n, c.index)) for n in self.names)
+            self._chunk_done(c, sums, stored)
+        except BaseException as e:  # noqa: BLE001 - handed to the producer thread
+            self.error = self.error or e
+
+    def _stored_size(self, key: str) -> int:
+        root = Path(str(self.group.store.root)) if hasattr(self.group.store, "root") else None
+        try:
+            return (root / key).stat().st_size if root is not None else 0
+        except OSError:
+            return 0
+
+    def _chunk_done(self, c: _Chunk, sums: dict[str, tuple[int, np.ndarray, float]], stored: int) -> None:
+        with self._lock:
+            self.stats.rows_written += c.rows
+            self.stats.raw_bytes += sum(a.nbytes for a in c.acts.values())
+            self.stats.stored_bytes += stored
+            self._done[c.index] = sums
+            advanced = False
+            while self._watermark in self._done:
+                for n, (count, total, sq) in self._done.pop(self._watermark).items():
+                    self._sums[n].add(count, total, sq)
+                self._watermark += 1
+                advanced = True
+            w = self._watermark
+            now = time.monotonic()
+            if advanced and w % self.align_chunks == 0 and w < self.n_chunks and now - self._last_commit > 0.5:
+                self.group.attrs.update({"progress": self._progress_json(w)})
+                self.committed = w
+                self._last_commit = now
+
+    def _progress_json(self, chunks: int) -> dict[str, Any]:
+        return {"chunks": chunks, "sums": {n: s.to_json() for n, s in self._sums.items()}}
+
+
+def create_arrays(group: zarr.Group, manifest: dict[str, Any]) -> None:
+    """Lay out the empty arrays of a new cache."""
+    st = manifest["storage"]
+    np_dtype, _, itemsize = STORAGE[st["dtype"]]
+    rows, chunk = manifest["n_tokens"], st["chunk_tokens"]
+    for name, a in manifest["arrays"].items():
+        group.create_array(f"acts/{name}", shape=(rows, a["width"]), chunks=(chunk, a["width"]), dtype=np_dtype,
+                           compressors=compressors(st["codec"], itemsize), fill_value=0)
+    group.create_array("tokens", shape=(rows,), chunks=(chunk,), dtype=np.int32,
+                       compressors=compressors("zstd" if st["codec"] != "none" else "none", 4), fill_value=-1)

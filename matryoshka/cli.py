@@ -1,0 +1,164 @@
+"""The `pipeline` command: harvest, and cache ls|info|verify.
+
+Harvest's flags are generated from :class:`~matryoshka.config.HarvestConfig`, so every flag is a key
+of pipeline.yaml's ``harvest`` section and the two can never drift apart. A flag given on the
+command line overrides the same key from ``--config``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from .config import ConfigError, HarvestConfig, from_dict, load_pipeline
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
+                       "and transcoders from it.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect caches: ls, info, verify.")
+app.add_typer(cache_app, name="cache")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _run_guarded(fn: Callable[[], Any]) -> Any:
+    """One clear line and exit status 2 for bad input; tracebacks only for our own bugs."""
+    from .cache.lock import CacheLockedError
+    from .cache.store import CacheError
+
+    try:
+        return fn()
+    except (ConfigError, CacheError, CacheLockedError) as e:
+        raise _fail(str(e)) from None
+
+
+def _option_type(tp: Any) -> type:
+    if tp is bool:
+        return bool
+    if tp is int:
+        return int
+    if tp is float:
+        return float
+    return str
+
+
+def _flags_from(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        tp = _option_type(hints[f.name])
+        decls = [flag] if tp is not bool else [f"{flag}/--no-{flag[2:]}"]
+        params.append(inspect.Parameter(
+            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[tp],
+            default=typer.Option(None, *decls, help=f.metadata.get("help", ""), show_default=False)))
+    return params
+
+
+def _config_from(cls: type, section: str, config: Path | None, flags: dict[str, Any]) -> Any:
+    base: dict[str, Any] = {}
+    if config is not None:
+        base = dataclasses.asdict(getattr(load_pipeline(config), section))
+        base = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(cls)}}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    return from_dict(cls, base, section)
+
+
+def _harvest(config: Optional[Path] = None, quiet: bool = False, **flags: Any) -> None:
+    from .harvest import harvest
+
+    def go() -> None:
+        cfg = _config_from(HarvestConfig, "harvest", config, flags)
+        path = harvest(cfg, progress=not quiet)
+        typer.echo(str(path))
+
+    _run_guarded(go)
+
+
+def _with_signature(fn: Callable, extra: list[inspect.Parameter]) -> Callable:
+    common = [
+        inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                          default=typer.Option(None, "--config", "-c", help="pipeline.yaml to read defaults from.")),
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                          default=typer.Option(False, "--quiet", "-q", help="No progress bar.")),
+    ]
+
+    def wrapper(**kwargs: Any) -> None:
+        fn(**kwargs)
+
+    wrapper.__signature__ = inspect.Signature(common + extra)  # type: ignore[attr-defined]
+    wrapper.__doc__ = fn.__doc__
+    return wrapper
+
+
+app.command("harvest", help="Run the LM once over a dataset and write source/target activations to a zarr cache.")(
+    _with_signature(_harvest, _flags_from(HarvestConfig)))
+
+
+@cache_app.command("ls")
+def cache_ls(root: Path = typer.Argument(Path("cache"), help="Directory to search for caches.")) -> None:
+    """List the caches under ROOT with model, sites, tokens and size."""
+    from .cache import Cache
+    from .cache.inspect import describe, find_caches
+
+    def go() -> None:
+        rows = [describe(Cache(p)) for p in find_caches(root)]
+        if not rows:
+            typer.echo(f"no caches under {root}")
+            return
+        typer.echo(f"{'path':<48} {'model':<14} {'sites':<28} {'tokens':>12} {'size':>9}  status")
+        for r in rows:
+            typer.echo(f"{r['path']:<48} {r['model']:<14} {r['sites']:<28} {r['tokens']:>12,} "
+                       f"{r['bytes'] / 1e9:>7.3f}GB  {r['status']}")
+
+    _run_guarded(go)
+
+
+@cache_app.command("info")
+def cache_info(path: Path = typer.Argument(..., help="The cache directory.")) -> None:
+    """Print a cache's manifest, sizes and statistics."""
+    from .cache import Cache
+    from .cache.inspect import info_lines
+
+    _run_guarded(lambda: typer.echo("\n".join(info_lines(Cache(path)))))
+
+
+@cache_app.command("verify")
+def cache_verify(path: Path = typer.Argument(..., help="The cache directory."),
+                 quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Check shapes, completeness and every chunk's checksum; name each damaged chunk."""
+    from .cache import Cache
+    from .cache.inspect import verify
+
+    def go() -> int:
+        cache = Cache(path)
+        damage = verify(cache, progress=not quiet)
+        for d in damage:
+            typer.echo(f"DAMAGED {d.key}: {d.problem}")
+        if damage:
+            typer.echo(f"{len(damage)} problem(s) in {path}", err=True)
+            return 1
+        typer.echo(f"ok: {cache.chunks_committed} chunks x {len(cache.array_names) + 1} arrays verified in {path}")
+        return 0
+
+    code = _run_guarded(go)
+    if code:
+        raise typer.Exit(code)
+
+
+def main() -> None:
+    app(prog_name="pipeline")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Typed configuration for every stage, and pipeline.yaml loading.
+
+Every CLI flag is a key of the YAML section of its stage (``--context-size`` is ``context_size``),
+so a command line and a config file describe the same run. Validation happens here, before any
+model is loaded or any byte is written, and every error names the bad key or value and the valid
+choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input. The CLI prints it as one line and exits with status 2."""
+
+
+SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
+"""Capturable sites in the order a block computes them. ``mlp_in`` is the true MLP input
+(after ``ln2``, or Gemma-2's pre-feedforward norm), which differs from ``resid_mid``."""
+
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+CODECS = ("lz4", "zstd", "none")
+BOS_POLICIES = ("context", "document", "none")
+
+_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9, "T": 10**12}
+
+
+def parse_count(value: int | str, name: str = "tokens") -> int:
+    """Parse ``200M``, ``1.5B``, ``64K`` or ``4096`` into a positive integer."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: {value!r} is not a count; use e.g. 4096, 64K, 200M or 1.5B")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGBTkmgbt]?)\s*", str(value))
+        if not m:
+            raise ConfigError(f"{name}: {value!r} is not a count; use e.g. 4096, 64K, 200M or 1.5B")
+        n = int(round(float(m.group(1)) * _SUFFIXES[m.group(2).upper()]))
+    if n <= 0:
+        raise ConfigError(f"{name}: {value!r} must be positive")
+    return n
+
+
+def parse_sites(sites: str | list[str], layers: str | list[int] | int | None) -> list[tuple[int, str]]:
+    """Turn ``--layers 6,8 --sites resid_mid,mlp_out`` or ``--sites 8.resid_mid,9.mlp_out`` into
+    a sorted list of (layer, site) in the order the model computes them."""
+    items = [s.strip() for s in (sites.split(",") if isinstance(sites, str) else sites) if str(s).strip()]
+    if not items:
+        raise ConfigError(f"sites: none given; choose from {', '.join(SITES)}")
+    if layers is None or layers == "" or layers == []:
+        layer_list: list[int] = []
+    elif isinstance(layers, int):
+        layer_list = [layers]
+    else:
+        raw = layers.split(",") if isinstance(layers, str) else layers
+        try:
+            layer_list = [int(str(x).strip()) for x in raw if str(x).strip()]
+        except ValueError:
+            raise ConfigError(f"layers: {layers!r} is not a comma-separated list of integers") from None
+    out: set[tuple[int, str]] = set()
+    for item in items:
+        if "." in item:
+            layer_s, site = item.split(".", 1)
+            try:
+                layer_ids = [int(layer_s)]
+            except ValueError:
+                raise ConfigError(f"sites: {item!r} is not LAYER.SITE (e.g. 8.resid_mid)") from None
+        else:
+            site = item
+            if not layer_list:
+                raise ConfigError(f"sites: {item!r} has no layer; pass --layers or write it as LAYER.{item}")
+            layer_ids = layer_list
+        if site not in SITES:
+            raise ConfigError(f"sites: unknown site {site!r}; valid sites are {', '.join(SITES)}")
+        for layer in layer_ids:
+            if layer < 0:
+                raise ConfigError(f"layers: {layer} is negative")
+            out.add((layer, site))
+    return sorted(out, key=lambda ls: (ls[0], SITES.index(ls[1])))
+
+
+def site_name(layer: int, site: str) -> str:
+    """The array name of a captured site inside a cache: ``8.resid_mid``."""
+    return f"{layer}.{site}"
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its help text, shown by the CLI and the README's reference."""
+    return field(default=default, metadata={"help": help})
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+@dataclass
+class HarvestConfig:
+    """What `pipeline harvest` captures, from which model and text, and how it is stored."""
+
+    model: str = opt("gpt2", 'HF model name (``gpt2``, ``google/gemma-2-2b``) or a local directory saved with save_pretrained.')
+    revision: str | None = opt(None, "Model revision (branch, tag or commit) on the Hub.")
+    dataset: str = opt("Skylion007/openwebtext", 'HF dataset name (streamed) or a local .txt (one document per line), .jsonl or .parquet file.')
+    dataset_config: str | None = opt(None, "Dataset configuration (subset) name on the Hub.")
+    dataset_split: str = opt("train", "Dataset split to stream.")
+    dataset_revision: str | None = opt(None, "Dataset revision on the Hub.")
+    text_column: str = opt("text", "Column holding the documents' text.")
+    token_column: str | None = opt(None, 'Read pre-tokenized ids from this column instead of tokenizing ``text_column``.')
+    layers: str | list[int] | int | None = opt(None, "Layers for sites given without one: 8 or 6,8.")
+    sites: str | list[str] = opt("resid_mid,mlp_out", "Sites to capture: resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post, or LAYER.SITE.")
+    tokens: int | str = opt("10M", "Tokens to harvest (suffixes K, M, B), rounded up to whole contexts.")
+    context_size: int = opt(128, "Tokens per context (sequence).")
+    batch_size: int = opt(32, 'Sequences per LM forward pass.')
+    dtype: str = opt("bfloat16", 'Storage dtype of the cache.')
+    model_dtype: str = opt("float32", 'Dtype the LM computes in (bfloat16 is the usual choice for Gemma-2 on a GPU).')
+    device: str | None = opt(None, "Device for the LM (default: cuda if available, else cpu).")
+    device_map: str | None = opt(None, 'Spread a model too big for one GPU over several (``auto``), through the TransformerLens bridge.')
+    cache: str | None = opt(None, 'Where the store goes; default ``cache/<model>/<fingerprint>``.')
+    cache_root: str = opt("cache", "Root of default cache paths.")
+    resume: bool = opt(False, "Continue an unfinished harvest of the same config.")
+    codec: str = opt("lz4", "Compression: lz4 (blosc lz4 + bitshuffle), zstd (blosc zstd-1 + bitshuffle) or none.")
+    chunk_mb: float = opt(4.0, 'Target uncompressed chunk size of the widest array, in MiB.')
+    holdout: int | str = opt("1%", 'Held-out split: the first sequences of the cache, as tokens (``100K``) or a percentage.')
+    seed: int | None = opt(0, "Document-order seed (a streaming shuffle buffer); ``null`` keeps the dataset's order.")
+    shuffle_buffer: int = opt(10_000, "Documents in the seeded streaming shuffle buffer.")
+    bos: str = opt("context", '``context``: every context starts with BOS; ``document``: every document does; ``none``.')
+    writer_threads: int = opt(0, 'Compression/write threads; 0 means one per CPU core.')
+
+    def __post_init__(self) -> None:
+        self.tokens = parse_count(self.tokens, "tokens")
+        for name in ("context_size", "batch_size", "shuffle_buffer"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name}: {v!r} must be a positive integer")
+        if self.context_size < 2:
+            raise ConfigError(f"context_size: {self.context_size} must be at least 2")
+        if not isinstance(self.chunk_mb, (int, float)) or self.chunk_mb <= 0:
+            raise ConfigError(f"chunk_mb: {self.chunk_mb!r} must be a positive number")
+        _choice("dtype", self.dtype, STORAGE_DTYPES)
+        _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        _choice("codec", self.codec, CODECS)
+        _choice("bos", self.bos, BOS_POLICIES)
+        self.site_list = parse_sites(self.sites, self.layers)
+
+    @property
+    def n_sequences(self) -> int:
+        """Whole contexts to harvest: ``tokens`` rounded up to a multiple of ``context_size``."""
+        return -(-int(self.tokens) // self.context_size)
+
+    def holdout_sequences(self, seqs_per_chunk: int) -> int:
+        """Held-out sequences, rounded up to whole chunks, at least one chunk, and leaving a train split."""
+        h = self.holdout
+        if isinstance(h, str) and h.strip().endswith("%"):
+            try:
+                frac = float(h.strip()[:-1]) / 100
+            except ValueError:
+                raise ConfigError(f"holdout: {h!r} is not a percentage or a token count") from None
+            if not 0 < frac < 1:
+                raise ConfigError(f"holdout: {h!r} must be between 0% and 100%")
+            seqs = frac * self.n_sequences
+        else:
+            seqs = parse_count(h, "holdout") / self.context_size
+        chunks = max(1, -(-int(seqs) // seqs_per_chunk) if seqs > 0 else 1)
+        held = chunks * seqs_per_chunk
+        if held >= self.n_sequences:
+            raise ConfigError(
+                f"holdout: {h!r} leaves no training data ({held} held-out sequences of {self.n_sequences}); "
+                "raise --tokens or lower --holdout")
+        return held
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
+    """Build a config dataclass from a YAML mapping, naming unknown keys and wrong types by path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{path}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(names))}")
+    try:
+        return cls(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}.{e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+@dataclass
+class PipelineConfig:
+    """The whole of pipeline.yaml. Later stages add their sections here."""
+
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {p} must be a mapping of sections")
+    known = {f.name for f in dataclasses.fields(PipelineConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section; valid sections are {', '.join(sorted(known))}")
+    return PipelineConfig(harvest=from_dict(HarvestConfig, data.get("harvest") or {}, "harvest"))

@@ -1,0 +1,246 @@
+"""Language models: loading through TransformerLens's bridge, and capturing sites at full speed.
+
+Loading goes through ``TransformerBridge.boot_transformers`` so that names, revisions, dtypes and
+multi-GPU device maps resolve exactly as TransformerLens resolves them. The bridge wraps every
+Hugging Face module in a hook-carrying component, which was measured 1.5-2.8x slower than a raw
+truncated forward (design.md section 9). So after booting we put the original modules back
+(``_unwrap_bridge``) and capture with plain PyTorch forward hooks on them, stopping the forward pass
+right after the deepest captured module. The values are the model's own, unprocessed activations:
+a cached site equals a plain Hugging Face forward of the same weights on the same tokens
+(tests/test_models.py checks this, and checks the TransformerLens hook names we record against a
+fresh bridge's ``run_with_cache``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import SITES, ConfigError
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+HOOK_NAMES = {
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "mlp_in": "blocks.{l}.mlp.hook_in",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+    "resid_post": "blocks.{l}.hook_resid_post",
+}
+"""TransformerLens hook names, recorded in the cache and in exported SAE configs (SAELens's ``hook_name``)."""
+
+
+def hook_name(layer: int, site: str) -> str:
+    return HOOK_NAMES[site].format(l=layer)
+
+
+# Where each site lives in a Hugging Face block: (submodule path, "in" = its input or "out" = its output).
+# Gemma-2 norms the attention and MLP outputs before adding them to the residual stream, so its
+# attn_out / mlp_out are the post-norm outputs, and resid_mid is the input of the pre-feedforward norm.
+_RECIPES: dict[str, dict] = {
+    "gpt2": {
+        "blocks": "transformer.h",
+        "sites": {
+            "resid_pre": ("", "in"), "attn_out": ("attn", "out"), "resid_mid": ("ln_2", "in"),
+            "mlp_in": ("mlp", "in"), "mlp_out": ("mlp", "out"), "resid_post": ("", "out"),
+        },
+    },
+    "gemma2": {
+        "blocks": "model.layers",
+        "sites": {
+            "resid_pre": ("", "in"), "attn_out": ("post_attention_layernorm", "out"),
+            "resid_mid": ("pre_feedforward_layernorm", "in"), "mlp_in": ("mlp", "in"),
+            "mlp_out": ("post_feedforward_layernorm", "out"), "resid_post": ("", "out"),
+        },
+    },
+}
+SUPPORTED = {"gpt2": "GPT-2 family (gpt2 ... gpt2-xl)", "gemma2": "Gemma-2 (gemma-2-2b, -9b, -27b)"}
+
+ALIASES = {
+    "gpt2-small": "openai-community/gpt2", "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium", "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl", "gemma-2-2b": "google/gemma-2-2b",
+    "gemma-2-9b": "google/gemma-2-9b", "gemma-2-27b": "google/gemma-2-27b",
+}
+"""Short names from the seed's model table. Only names: widths and depths always come from the config."""
+
+
+def resolve_name(name: str) -> str:
+    """A local directory stays as it is; a short name from the seed's table becomes its HF id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return ALIASES.get(name, name)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the cache needs to know about a model before loading its weights."""
+
+    name: str
+    resolved: str
+    arch: str
+    d_model: int
+    n_layers: int
+    revision: str | None
+    identity: str
+    """A hash of the weights for a local directory, else the HF id and resolved commit."""
+
+
+def model_info(name: str, revision: str | None = None) -> ModelInfo:
+    """Read a model's config (cheap: no weights) and check that we can capture its sites."""
+    from transformers import AutoConfig
+
+    resolved = resolve_name(name)
+    try:
+        cfg = AutoConfig.from_pretrained(resolved, revision=revision)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        raise ConfigError(
+            f"model: cannot load {name!r} ({type(e).__name__}); give a local directory with config.json "
+            f"or a Hugging Face id such as {', '.join(sorted(ALIASES))}") from None
+    arch = cfg.model_type
+    if arch not in _RECIPES:
+        raise ConfigError(f"model: {name!r} is a {arch!r} model; supported: {', '.join(SUPPORTED.values())}")
+    local = Path(resolved).is_dir()
+    commit = getattr(cfg, "_commit_hash", None)
+    identity = _hash_dir(Path(resolved)) if local else f"{resolved}@{commit or revision or 'main'}"
+    return ModelInfo(name=name, resolved=resolved, arch=arch, d_model=int(cfg.hidden_size),
+                     n_layers=int(cfg.num_hidden_layers), revision=revision, identity=identity)
+
+
+def _hash_dir(path: Path) -> str:
+    """Content hash of a local model's config and weights, so a team's copies share one fingerprint."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin")
+                   and not p.name.startswith(("tokenizer", "special_tokens", "generation")))
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while block := f.read(1 << 23):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+def check_sites(info: ModelInfo, sites: list[tuple[int, str]]) -> None:
+    for layer, site in sites:
+        if not 0 <= layer < info.n_layers:
+            raise ConfigError(f"layers: layer {layer} is out of range; {info.name} has layers 0..{info.n_layers - 1}")
+        if site not in SITES:
+            raise ConfigError(f"sites: unknown site {site!r}; valid sites are {', '.join(SITES)}")
+
+
+def load_tokenizer(info: ModelInfo):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(info.resolved, revision=info.revision)
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What makes two tokenizers the same, wherever they were loaded from (the path is not part of it)."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), separators=(",", ":"))
+    return {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+    }
+
+
+def load_model(info: ModelInfo, *, dtype: str = "float32", device: str | None = None,
+               device_map: str | None = None, tokenizer=None) -> nn.Module:
+    """Boot the model through TransformerLens's bridge, then return the plain HF module tree in eval mode."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = dict(dtype=TORCH_DTYPES[dtype], revision=info.revision, tokenizer=tokenizer)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    else:
+        kwargs["device"] = device
+    bridge = TransformerBridge.boot_transformers(info.resolved, **kwargs)
+    hf = bridge.original_model
+    _unwrap_bridge(hf)
+    hf.eval()
+    hf.requires_grad_(False)
+    return hf
+
+
+def _unwrap_bridge(module: nn.Module) -> None:
+    """Replace every bridge component by the Hugging Face module it wraps, recursively."""
+    for name, child in list(module.named_children()):
+        inner = child
+        while isinstance(getattr(inner, "_original_component", None), nn.Module):
+            inner = inner._original_component
+        if inner is not child:
+            setattr(module, name, inner)
+        _unwrap_bridge(inner)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+class _StopForward(Exception):
+    """Raised by the deepest capture hook: the layers after it are never run."""
+
+
+class Capture:
+    """Forward hooks that capture sites of an HF model and cut the forward short after the last one.
+
+    ``capture(tokens)`` returns ``{(layer, site): tensor [batch, seq, d_model]}`` in the model's dtype.
+    A ``transform`` applied inside the hook (e.g. a cast to the storage dtype) avoids keeping
+    model-dtype copies of every site alive until the end of the pass.
+    """
+
+    def __init__(self, model: nn.Module, arch: str, sites: list[tuple[int, str]],
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        recipe = _RECIPES[arch]
+        blocks = model.get_submodule(recipe["blocks"])
+        self.model = model
+        self.sites = list(sites)
+        self._out: dict[tuple[int, str], torch.Tensor] = {}
+        self._handles = []
+        last = max(self.sites, key=lambda ls: (ls[0], SITES.index(ls[1])))
+        transform = transform or (lambda t: t)
+        for layer, site in self.sites:
+            path, where = recipe["sites"][site]
+            mod = blocks[layer].get_submodule(path) if path else blocks[layer]
+            stop = (layer, site) == last
+
+            def store(t: torch.Tensor, key=(layer, site), stop=stop) -> None:
+                self._out[key] = transform(t.detach())
+                if stop:
+                    raise _StopForward
+
+            if where == "in":
+                def pre(m, args, kwargs, store=store):
+                    store(args[0] if args else kwargs["hidden_states"])
+                self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(m, args, out, store=store):
+                    store(out[0] if isinstance(out, tuple) else out)
+                self._handles.append(mod.register_forward_hook(post))
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+        self._out = {}
+        try:
+            self.model(input_ids=tokens.to(input_device(self.model)), use_cache=False)
+        except _StopForward:
+            pass
+        out, self._out = self._out, {}
+        missing = [k for k in self.sites if k not in out]
+        if missing:
+            raise RuntimeError(f"sites {missing} were not reached by the forward pass")
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+

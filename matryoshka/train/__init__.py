@@ -1,0 +1,1 @@
+"""Stage 3: dictionaries, objectives and the trainer (issue 4)."""
