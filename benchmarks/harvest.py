@@ -1,0 +1,259 @@
+"""Harvest throughput and codec benchmark.
+
+Table 1: tokens/s of a GPT-2-small-shaped model (d_model 768, 12 heads, random weights) capturing
+``8.resid_mid,8.mlp_out`` (so 9 blocks run), bf16 storage, against a bare Hugging Face forward of the
+same weights stopped after block 8, our capture alone (no writing), the full ``harvest()`` call, and
+TransformerLens's bridge ``run_with_cache(stop_at_layer=9)``. All rows run in one process on the same
+token batches, each after a warm-up batch; only forward loops are timed, except the harvest row (see
+its note).
+
+Table 2: lossless codecs on the harvested ``8.resid_mid`` array, read back from the cache: ratio,
+encode and decode GB/s on one thread, decode GB/s on all cores (one task per ~4 MiB chunk).
+
+    python benchmarks/harvest.py            # ~12K tokens, context 128, batch 8 (a few minutes on 2 CPUs)
+    python benchmarks/harvest.py --quick    # ~4K tokens, a smoke run
+    python benchmarks/harvest.py --device cuda --tokens 1M --context 1024 --batch 64
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(_k, _v)
+
+import numcodecs
+import numpy as np
+import torch
+import transformers
+import zarr
+from numcodecs import Blosc, Zstd
+from numcodecs.blosc import BITSHUFFLE, SHUFFLE
+
+from matryoshka.cache.format import decode, to_storage
+from matryoshka.config import HarvestConfig
+from matryoshka.harvest import harvest
+from matryoshka.harvest.run import plan
+from matryoshka.harvest.tokens import contexts
+from matryoshka.models import Capture, load_model
+
+LAYER, SITES = 8, [(8, "resid_mid"), (8, "mlp_out")]
+WORDS = ("the a cat dog sat on mat ran to park red blue green big small house tree river stone quickly "
+         "slowly because then after before under over light dark bird fish sky sea").split()
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+
+def build_model(out: Path, n_words: int, context: int) -> Path:
+    """A corpus, a small BPE tokenizer and a 9-block GPT-2-small-shaped model with random weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    lines, n = [], 0
+    while n < n_words:
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))))
+        n += lines[-1].count(" ") + 1
+    (out / "corpus.txt").write_text("\n".join(lines) + "\n")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train([str(out / "corpus.txt")], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<bos>", "<eos>", "<unk>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                        unk_token="<unk>", pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=LAYER + 1, vocab_size=len(tokenizer), n_positions=max(1024, context),
+                     bos_token_id=0, eos_token_id=1)  # defaults: n_embd 768, n_head 12
+    GPT2LMHeadModel(cfg).save_pretrained(out / "gpt2-9")
+    tokenizer.save_pretrained(out / "gpt2-9")
+    return out / "gpt2-9"
+
+
+def sync(device: str) -> None:
+    torch.cuda.synchronize() if device.startswith("cuda") else None
+
+
+def time_loop(step: Callable[[torch.Tensor], object], batches: list[torch.Tensor], device: str) -> float:
+    """Tokens/s of ``step`` over every batch, after one warm-up batch."""
+    step(batches[0])
+    sync(device)
+    t0 = time.perf_counter()
+    for b in batches:
+        step(b)
+    sync(device)
+    return sum(b.numel() for b in batches) / (time.perf_counter() - t0)
+
+
+class _Stop(Exception):
+    """Raised after block 8 to end the bare forward."""
+
+
+def bare_forward(path: Path, dtype: torch.dtype, device: str) -> Callable[[torch.Tensor], None]:
+    """A plain HF forward that a hook on block 8 cuts short."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).to(device).eval()
+
+    def stop(*_):
+        raise _Stop
+
+    model.transformer.h[LAYER].register_forward_hook(stop)
+
+    @torch.inference_mode()
+    def step(ids: torch.Tensor) -> None:
+        try:
+            model(input_ids=ids.to(device), use_cache=False)
+        except _Stop:
+            pass
+    return step
+
+
+def bridge_forward(path: Path, dtype: torch.dtype, device: str) -> Callable[[torch.Tensor], None]:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype)
+    names = {f"blocks.{LAYER}.hook_resid_mid", f"blocks.{LAYER}.hook_mlp_out"}
+
+    @torch.inference_mode()
+    def step(ids: torch.Tensor) -> set[str]:
+        _, cache = bridge.run_with_cache(ids.to(device), stop_at_layer=LAYER + 1, names_filter=lambda n: n in names)
+        return set(cache.keys())
+
+    got = step(torch.zeros(1, 4, dtype=torch.long))
+    if got != names:
+        raise RuntimeError(f"bridge cached {sorted(got)}, expected {sorted(names)}")
+    return step
+
+
+def throughput(path: Path, args: argparse.Namespace, work: Path) -> tuple[list[tuple[str, float]], Path, str]:
+    device = args.device
+    mdtype = "bfloat16" if device.startswith("cuda") else "float32"
+    cfg = HarvestConfig(model=str(path), dataset=str(path.parent / "corpus.txt"), sites="8.resid_mid,8.mlp_out",
+                        tokens=args.tokens, context_size=args.context, batch_size=args.batch, dtype="bfloat16",
+                        model_dtype=mdtype, device=device, cache=str(work / "cache"), seed=None)
+    # Setup of a harvest call, timed on its own: plan (tokenizer, dataset, weights hash) + model load.
+    t0 = time.perf_counter()
+    p = plan(cfg)
+    model = load_model(p.info, dtype=mdtype, device=device, tokenizer=p.tokenizer)
+    setup = time.perf_counter() - t0
+    stream = contexts(cfg, p.tokenizer, p.documents)
+    ids = np.stack([next(stream) for _ in range(cfg.n_sequences)])
+    batches = [torch.from_numpy(ids[i:i + args.batch]) for i in range(0, len(ids), args.batch)]
+    n_tok = ids.size
+    bare = bare_forward(path, getattr(torch, mdtype), device)
+    rows = [("bare truncated HF forward (eager)", time_loop(bare, batches, device))]
+    capture = Capture(model, "gpt2", SITES, transform=lambda t: to_storage(t, "bfloat16"))
+    rows.append(("matryoshka Capture only", time_loop(capture, batches, device)))
+    capture.close()
+    del model, capture
+    t0 = time.perf_counter()
+    cache, total = harvest(cfg, progress=False), time.perf_counter() - t0
+    rows.append((f"full harvest (call {total:.1f}s - setup {setup:.1f}s)", n_tok / (total - setup)))
+    rows.append(("full harvest, whole call incl. setup", n_tok / total))
+    bridge = bridge_forward(path, getattr(torch, mdtype), device)
+    rows.append(("TL bridge run_with_cache(stop_at_layer=9)", time_loop(bridge, batches, device)))
+    rows.append(("bare truncated HF forward, again (noise check)", time_loop(bare, batches, device)))
+    note = (f"{n_tok:,} tokens, context {args.context}, batch {args.batch}, model {mdtype}, storage bf16. Harvest row: "
+            f"wall time of harvest(progress=False) minus its setup (plan + model load, {setup:.2f}s, timed separately).")
+    return rows, cache, note
+
+
+CODECS: dict[str, numcodecs.abc.Codec | None] = {
+    "blosc lz4 + bitshuffle (clevel 5)": Blosc("lz4", 5, BITSHUFFLE),
+    "blosc zstd-1 + bitshuffle": Blosc("zstd", 1, BITSHUFFLE),
+    "blosc lz4 + byte shuffle": Blosc("lz4", 5, SHUFFLE),
+    "plain zstd-1 (numcodecs.Zstd)": Zstd(level=1),
+    "none": None,
+}
+
+
+def chunks_of(a: np.ndarray, mib: float = 4.0) -> list[np.ndarray]:
+    rows = max(1, int(mib * 2**20 // (a.shape[1] * a.itemsize)))
+    return [np.ascontiguousarray(a[i:i + rows]) for i in range(0, len(a), rows)]
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
+    def once() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return min(once() for _ in range(repeats))
+
+
+def codec_row(codec: numcodecs.abc.Codec | None, data: dict[str, np.ndarray], workers: int) -> tuple[float, ...]:
+    """bf16 ratio, encode GB/s, decode GB/s (1 thread), decode GB/s (``workers`` threads), fp16 and fp32 ratios."""
+    enc = (lambda c: c) if codec is None else codec.encode
+    dec = (lambda c: c) if codec is None else codec.decode
+    ratios = {name: a.nbytes / sum(memoryview(enc(c)).nbytes for c in chunks_of(a)) for name, a in data.items()}
+    chunks, nbytes = chunks_of(data["bf16"]), data["bf16"].nbytes
+    packed = [enc(c) for c in chunks]
+    t_enc = best_time(lambda: [enc(c) for c in chunks])
+    t_dec = best_time(lambda: [dec(c) for c in packed])
+    with ThreadPoolExecutor(workers) as pool:
+        t_par = best_time(lambda: list(pool.map(dec, packed)))
+    return ratios["bf16"], nbytes / t_enc / 1e9, nbytes / t_dec / 1e9, nbytes / t_par / 1e9, ratios["fp16"], ratios["fp32"]
+
+
+def codec_table(cache: Path) -> tuple[list[tuple[str, tuple[float, ...]]], tuple[int, ...]]:
+    numcodecs.blosc.use_threads = False  # one blosc thread per call: parallelism comes from our pool
+    numcodecs.blosc.set_nthreads(1)
+    bits = np.asarray(zarr.open_group(str(cache), mode="r")["acts/8.resid_mid"][:])
+    f32 = decode(bits, "bfloat16")
+    data = {"bf16": bits, "fp16": f32.astype(np.float16), "fp32": f32}
+    return [(name, codec_row(codec, data, os.cpu_count() or 1)) for name, codec in CODECS.items()], bits.shape
+
+
+def machine(device: str) -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
+    return (f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"zarr {zarr.__version__}, numcodecs {numcodecs.__version__}, device {device}{gpu}")
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table: first column left-aligned, the others right-aligned."""
+    w = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    for k, r in enumerate([header, *rows]):
+        print("| " + " | ".join(c.ljust(w[0]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(r)) + " |")
+        print("|" + "|".join("-" * (x + 2) for x in w) + "|") if k == 0 else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda computes in bf16)")
+    ap.add_argument("--tokens", type=int, default=None, help="tokens per row (default 12288, --quick 4096)")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    args.tokens = args.tokens or (4096 if args.quick else 12288)
+    print(machine(args.device))
+    start, ncpu = time.perf_counter(), os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="bench-harvest-") as tmp:
+        path = build_model(Path(tmp), n_words=args.tokens + 20 * args.context, context=args.context)
+        rows, cache, note = throughput(path, args, Path(tmp))
+        print("\n1. Harvest throughput, GPT-2-small shape (d 768, 12 heads, random weights), sites 8.resid_mid,8.mlp_out")
+        print(f"   {note}")
+        print_table(["what", "tok/s", "vs bare"], [[n, f"{t:,.0f}", f"{t / rows[0][1]:.2f}x"] for n, t in rows])
+        print("   target (issue): full harvest >= 0.90x the bare truncated forward")
+        table, shape = codec_table(cache)
+    print(f"\n2. Codecs on harvested 8.resid_mid ({shape[0]:,} x {shape[1]}), ~4 MiB chunks, "
+          f"decode on all cores = {ncpu} threads, one blosc thread each")
+    print("   caveat: random-weight activations compress differently from a trained model's; rerun on a real cache.")
+    print("   fp16/fp32 columns are the stored bf16 values cast up (low mantissa bits zero), so they overstate "
+          "the ratio of a true fp16/fp32 harvest.")
+    hdr = ["codec", "bf16 ratio", "enc GB/s", "dec GB/s 1T", f"dec GB/s {ncpu}T", "fp16 ratio", "fp32 ratio"]
+    print_table(hdr, [[n] + [f"{v:.2f}" if n != "none" or "ratio" in h else "-" for v, h in zip(vals, hdr[1:])]
+                      for n, vals in table])
+    print(f"\ntotal {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Harvest end to end on tiny GPT-2 and Gemma-2 models: what lands in the cache is what the model computed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import harvest_config
+from matryoshka.cache import Cache
+from matryoshka.cache.format import decode
+from matryoshka.harvest import harvest
+from matryoshka.models import Capture, load_model, model_info
+
+
+@pytest.fixture(scope="module")
+def harvested(model_dir, corpus, tmp_path_factory):
+    cfg = harvest_config(model_dir, corpus, tmp_path_factory.mktemp("h") / "cache")
+    return Cache(harvest(cfg, progress=False)), cfg
+
+
+def test_layout_and_manifest(harvested):
+    cache, cfg = harvested
+    m = cache.manifest
+    assert cache.complete and cache.tokens_committed == 512 == m["n_tokens"]
+    assert cache.array_names == ["1.resid_pre", "1.attn_out", "1.resid_mid", "1.mlp_in", "1.mlp_out", "1.resid_post"]
+    assert m["arrays"]["1.mlp_out"]["hook_name"] == "blocks.1.hook_mlp_out"
+    assert m["arrays"]["1.mlp_in"]["hook_name"] == "blocks.1.mlp.hook_in"
+    assert m["storage"]["chunk_tokens"] == 128 and cache.array("1.resid_mid").chunks == (128, 64)
+    assert m["split"] == {"heldout": [0, 128], "train": [128, 512]}
+    tokens = cache.tokens[:].reshape(-1, 32)
+    assert (tokens[:, 0] == m["bos"]["token_id"]).all()  # BOS policy "context"
+    assert (tokens[:, 1:] != m["bos"]["token_id"]).all()
+
+
+def test_residual_identities_read_back(harvested):
+    cache, _ = harvested
+    r = {s: cache.read(f"1.{s}", 0, 512) for s in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")}
+    np.testing.assert_allclose(r["resid_pre"] + r["attn_out"], r["resid_mid"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r["resid_mid"] + r["mlp_out"], r["resid_post"], rtol=1e-5, atol=1e-6)
+
+
+def test_cached_rows_equal_a_fresh_forward(harvested, model_dir):
+    cache, _ = harvested
+    info = model_info(str(model_dir))
+    model = load_model(info, dtype="float32", device="cpu")
+    toks = torch.from_numpy(cache.tokens[:].reshape(-1, 32).astype(np.int64))
+    cap = Capture(model, info.arch, [(1, "resid_mid"), (1, "mlp_out")])
+    fresh = cap(toks)
+    for site in ("resid_mid", "mlp_out"):
+        np.testing.assert_array_equal(cache.read(f"1.{site}", 0, 512), fresh[(1, site)].reshape(512, 64).numpy())
+
+
+def test_statistics_match_a_recomputation(harvested):
+    cache, _ = harvested
+    bos = cache.manifest["bos"]["token_id"]
+    keep = cache.tokens[:] != bos
+    for name in cache.array_names:
+        x = cache.read(name, 0, 512)[keep].astype(np.float64)
+        s = cache.stats(name)
+        mu = x.mean(0)
+        assert s.count == keep.sum()
+        np.testing.assert_allclose(s.mean, mu, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(s.mean_sq_norm, (x * x).sum(1).mean(), rtol=1e-10)
+        np.testing.assert_allclose(s.total_variance, ((x - mu) ** 2).sum(1).mean(), rtol=1e-8)
+
+
+def test_bfloat16_and_float16_storage(gpt2_dir, corpus, tmp_path, harvested):
+    ref, _ = harvested
+    if ref.manifest["model"]["arch"] != "gpt2":
+        pytest.skip("one architecture is enough")
+    for dtype in ("bfloat16", "float16"):
+        c = Cache(harvest(harvest_config(gpt2_dir, corpus, tmp_path / dtype, dtype=dtype), progress=False))
+        assert c.manifest["storage"]["dtype"] == dtype
+        assert c.array("1.mlp_out").dtype == (np.uint16 if dtype == "bfloat16" else np.float16)
+        expect = torch.from_numpy(ref.read("1.mlp_out", 0, 512)).to(getattr(torch, dtype)).float().numpy()
+        np.testing.assert_array_equal(c.read("1.mlp_out", 0, 512), expect)
+        assert c.fingerprint != ref.fingerprint
+
+
+def test_same_config_same_fingerprint_and_reuse(gpt2_dir, corpus, tmp_path):
+    a = harvest(harvest_config(gpt2_dir, corpus, None, cache_root=str(tmp_path / "root")), progress=False)
+    assert a.parent.name == "tiny-gpt2" and a.name == Cache(a).fingerprint
+    again = harvest(harvest_config(gpt2_dir, corpus, None, cache_root=str(tmp_path / "root")), progress=False)
+    assert again == a  # complete: reused, nothing rewritten
+    other = harvest_config(gpt2_dir, corpus, None, cache_root=str(tmp_path / "root"), seed=1)
+    assert harvest(other, progress=False) != a
+
+
+def test_document_policy_and_unshuffled_order(gpt2_dir, corpus, tmp_path, tokenizer):
+    c = Cache(harvest(harvest_config(gpt2_dir, corpus, tmp_path / "c", bos="document", seed=None), progress=False))
+    first_doc = tokenizer(corpus.read_text().splitlines()[0], add_special_tokens=False)["input_ids"]
+    toks = c.tokens[:]
+    assert toks[0] == tokenizer.bos_token_id
+    assert list(toks[1:1 + len(first_doc)]) == first_doc
+    assert toks[1 + len(first_doc)] == tokenizer.bos_token_id

@@ -1,0 +1,99 @@
+"""Capture path: the sites we record are the model's own activations, under TransformerLens's names."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matryoshka.config import SITES, ConfigError
+from matryoshka.models import Capture, check_sites, hook_name, load_model, model_info
+
+
+def _tokens(n_batch=2, n_ctx=24, vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (n_batch, n_ctx), generator=g)
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    info = model_info(str(model_dir))
+    return info, load_model(info, dtype="float32", device="cpu")
+
+
+def test_config_comes_from_the_model(loaded):
+    info, _ = loaded
+    assert (info.d_model, info.n_layers) == (64, 3)
+    assert info.identity.startswith("sha256:")
+
+
+def test_capture_equals_plain_hf_forward(loaded, model_dir):
+    """Every site equals a plain Hugging Face forward of the same weights (no bridge, no processing)."""
+    from transformers import AutoModelForCausalLM
+
+    info, model = loaded
+    toks = _tokens()
+    sites = [(l, s) for l in range(info.n_layers) for s in SITES]
+    cap = Capture(model, info.arch, sites)
+    got = cap(toks)
+    cap.close()
+    raw = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    with torch.no_grad():
+        hs = raw(toks, output_hidden_states=True).hidden_states
+    for layer in range(info.n_layers):
+        torch.testing.assert_close(got[(layer, "resid_pre")], hs[layer], rtol=0, atol=0)
+        if layer < info.n_layers - 1:  # HF applies the final norm to the last hidden state
+            torch.testing.assert_close(got[(layer, "resid_post")], hs[layer + 1], rtol=0, atol=0)
+
+
+def test_residual_identities(loaded):
+    info, model = loaded
+    cap = Capture(model, info.arch, [(l, s) for l in range(info.n_layers) for s in SITES])
+    got = cap(_tokens())
+    cap.close()
+    for l in range(info.n_layers):
+        torch.testing.assert_close(got[(l, "resid_pre")] + got[(l, "attn_out")], got[(l, "resid_mid")])
+        torch.testing.assert_close(got[(l, "resid_mid")] + got[(l, "mlp_out")], got[(l, "resid_post")])
+    # the true MLP input is the normed residual, not resid_mid
+    assert not torch.allclose(got[(1, "mlp_in")], got[(1, "resid_mid")])
+
+
+def test_hook_names_match_a_fresh_bridge(loaded, model_dir):
+    """The TransformerLens names we record point at the same values in the bridge's own cache."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    info, model = loaded
+    toks = _tokens()
+    sites = [(l, s) for l in range(info.n_layers) for s in SITES]
+    cap = Capture(model, info.arch, sites)
+    got = cap(toks)
+    cap.close()
+    bridge = TransformerBridge.boot_transformers(str(model_dir), device="cpu", dtype=torch.float32)
+    _, cache = bridge.run_with_cache(toks)
+    for l, s in sites:
+        torch.testing.assert_close(got[(l, s)], cache[hook_name(l, s)], rtol=1e-4, atol=1e-5,
+                                   msg=f"{hook_name(l, s)} differs from the bridge")
+
+
+def test_forward_stops_after_deepest_site(loaded):
+    info, model = loaded
+    blocks = model.get_submodule("transformer.h" if info.arch == "gpt2" else "model.layers")
+    ran = []
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+    cap = Capture(model, info.arch, [(0, "resid_mid"), (1, "attn_out")])
+    out = cap(_tokens())
+    cap.close()
+    for h in handles:
+        h.remove()
+    assert ran == [0, 1] and set(out) == {(0, "resid_mid"), (1, "attn_out")}
+
+
+def test_site_and_model_errors(model_dir, tmp_path):
+    info = model_info(str(model_dir))
+    with pytest.raises(ConfigError, match=r"layer 3 is out of range; .* has layers 0\.\.2"):
+        check_sites(info, [(3, "resid_mid")])
+    with pytest.raises(ConfigError, match="cannot load 'no-such-model'"):
+        model_info("no-such-model")
+    from transformers import LlamaConfig
+    LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                vocab_size=10).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match="is a 'llama' model; supported: GPT-2"):
+        model_info(str(tmp_path / "llama"))
