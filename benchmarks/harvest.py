@@ -4,8 +4,8 @@ Table 1: tokens/s of a GPT-2-small-shaped model (d_model 768, 12 heads, random w
 ``8.resid_mid,8.mlp_out`` (so 9 blocks run), bf16 storage, against a bare Hugging Face forward of the
 same weights stopped after block 8, our capture alone (no writing), the full ``harvest()`` call, and
 TransformerLens's bridge ``run_with_cache(stop_at_layer=9)``. All rows run in one process on the same
-token batches, each after a warm-up batch; only forward loops are timed, except the harvest row (see
-its note).
+token batches, after a warm-up batch; bare, capture and bridge take turns batch by batch; only forward
+loops are timed, except the harvest row (see its note).
 
 Table 2: lossless codecs on the harvested ``8.resid_mid`` array, read back from the cache: ratio,
 encode and decode GB/s on one thread, decode GB/s on all cores (one task per ~4 MiB chunk).
@@ -21,6 +21,7 @@ import os
 import random
 import tempfile
 import time
+import timeit
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -55,8 +56,7 @@ def build_model(out: Path, n_words: int, context: int) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-    rng = random.Random(0)
-    lines, n = [], 0
+    rng, lines, n = random.Random(0), [], 0
     while n < n_words:
         lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))))
         n += lines[-1].count(" ") + 1
@@ -65,7 +65,7 @@ def build_model(out: Path, n_words: int, context: int) -> Path:
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     tok.train([str(out / "corpus.txt")], trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<bos>", "<eos>", "<unk>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                         unk_token="<unk>", pad_token="<pad>")
     torch.manual_seed(0)
@@ -76,19 +76,19 @@ def build_model(out: Path, n_words: int, context: int) -> Path:
     return out / "gpt2-9"
 
 
-def sync(device: str) -> None:
-    torch.cuda.synchronize() if device.startswith("cuda") else None
-
-
-def time_loop(step: Callable[[torch.Tensor], object], batches: list[torch.Tensor], device: str) -> float:
-    """Tokens/s of ``step`` over every batch, after one warm-up batch."""
-    step(batches[0])
-    sync(device)
-    t0 = time.perf_counter()
-    for b in batches:
-        step(b)
-    sync(device)
-    return sum(b.numel() for b in batches) / (time.perf_counter() - t0)
+def time_loops(steps: dict[str, Callable[[torch.Tensor], object]], batches: list[torch.Tensor],
+               device: str) -> dict[str, float]:
+    """Tokens/s of each step over every batch, after a warm-up batch. The steps take turns batch by batch,
+    so a change in background load hits them alike."""
+    spent = dict.fromkeys(steps, 0.0)
+    for i, b in enumerate([batches[0], *batches]):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step(b)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            spent[name] += (time.perf_counter() - t0) * (i > 0)
+    return {name: sum(b.numel() for b in batches) / t for name, t in spent.items()}
 
 
 class _Stop(Exception):
@@ -97,9 +97,7 @@ class _Stop(Exception):
 
 def bare_forward(path: Path, dtype: torch.dtype, device: str) -> Callable[[torch.Tensor], None]:
     """A plain HF forward that a hook on block 8 cuts short."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).to(device).eval()
 
     def stop(*_):
         raise _Stop
@@ -115,7 +113,8 @@ def bare_forward(path: Path, dtype: torch.dtype, device: str) -> Callable[[torch
     return step
 
 
-def bridge_forward(path: Path, dtype: torch.dtype, device: str) -> Callable[[torch.Tensor], None]:
+def bridge_forward(path: Path, dtype: torch.dtype, device: str) -> Callable[[torch.Tensor], set[str]]:
+    """TransformerLens's bridge ``run_with_cache`` of the two sites, stopped after block 8."""
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(str(path), device=device, dtype=dtype)
@@ -146,20 +145,18 @@ def throughput(path: Path, args: argparse.Namespace, work: Path) -> tuple[list[t
     stream = contexts(cfg, p.tokenizer, p.documents)
     ids = np.stack([next(stream) for _ in range(cfg.n_sequences)])
     batches = [torch.from_numpy(ids[i:i + args.batch]) for i in range(0, len(ids), args.batch)]
-    n_tok = ids.size
-    bare = bare_forward(path, getattr(torch, mdtype), device)
-    rows = [("bare truncated HF forward (eager)", time_loop(bare, batches, device))]
+    n_tok, mt = ids.size, getattr(torch, mdtype)
+    bare = bare_forward(path, mt, device)
     capture = Capture(model, "gpt2", SITES, transform=lambda t: to_storage(t, "bfloat16"))
-    rows.append(("matryoshka Capture only", time_loop(capture, batches, device)))
+    loops = time_loops({"bare": bare, "capture": capture, "bridge": bridge_forward(path, mt, device)}, batches, device)
     capture.close()
-    del model, capture
     t0 = time.perf_counter()
     cache, total = harvest(cfg, progress=False), time.perf_counter() - t0
-    rows.append((f"full harvest (call {total:.1f}s - setup {setup:.1f}s)", n_tok / (total - setup)))
-    rows.append(("full harvest, whole call incl. setup", n_tok / total))
-    bridge = bridge_forward(path, getattr(torch, mdtype), device)
-    rows.append(("TL bridge run_with_cache(stop_at_layer=9)", time_loop(bridge, batches, device)))
-    rows.append(("bare truncated HF forward, again (noise check)", time_loop(bare, batches, device)))
+    rows = [("bare truncated HF forward (eager)", loops["bare"]), ("matryoshka Capture only", loops["capture"]),
+            (f"full harvest (call {total:.1f}s - setup {setup:.1f}s)", n_tok / (total - setup)),
+            ("full harvest, whole call incl. setup", n_tok / total),
+            ("TL bridge run_with_cache(stop_at_layer=9)", loops["bridge"]),
+            ("bare forward, again after harvest (noise check)", time_loops({"bare": bare}, batches, device)["bare"])]
     note = (f"{n_tok:,} tokens, context {args.context}, batch {args.batch}, model {mdtype}, storage bf16. Harvest row: "
             f"wall time of harvest(progress=False) minus its setup (plan + model load, {setup:.2f}s, timed separately).")
     return rows, cache, note
@@ -179,25 +176,16 @@ def chunks_of(a: np.ndarray, mib: float = 4.0) -> list[np.ndarray]:
     return [np.ascontiguousarray(a[i:i + rows]) for i in range(0, len(a), rows)]
 
 
-def best_time(fn: Callable[[], object], repeats: int = 3) -> float:
-    def once() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-    return min(once() for _ in range(repeats))
-
-
 def codec_row(codec: numcodecs.abc.Codec | None, data: dict[str, np.ndarray], workers: int) -> tuple[float, ...]:
     """bf16 ratio, encode GB/s, decode GB/s (1 thread), decode GB/s (``workers`` threads), fp16 and fp32 ratios."""
-    enc = (lambda c: c) if codec is None else codec.encode
-    dec = (lambda c: c) if codec is None else codec.decode
+    enc, dec = (codec.encode, codec.decode) if codec is not None else (lambda c: c, lambda c: c)
     ratios = {name: a.nbytes / sum(memoryview(enc(c)).nbytes for c in chunks_of(a)) for name, a in data.items()}
     chunks, nbytes = chunks_of(data["bf16"]), data["bf16"].nbytes
     packed = [enc(c) for c in chunks]
-    t_enc = best_time(lambda: [enc(c) for c in chunks])
-    t_dec = best_time(lambda: [dec(c) for c in packed])
+    t_enc = min(timeit.repeat(lambda: [enc(c) for c in chunks], number=1, repeat=3))
+    t_dec = min(timeit.repeat(lambda: [dec(c) for c in packed], number=1, repeat=3))
     with ThreadPoolExecutor(workers) as pool:
-        t_par = best_time(lambda: list(pool.map(dec, packed)))
+        t_par = min(timeit.repeat(lambda: list(pool.map(dec, packed)), number=1, repeat=3))
     return ratios["bf16"], nbytes / t_enc / 1e9, nbytes / t_dec / 1e9, nbytes / t_par / 1e9, ratios["fp16"], ratios["fp32"]
 
 
@@ -222,7 +210,8 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     w = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
     for k, r in enumerate([header, *rows]):
         print("| " + " | ".join(c.ljust(w[0]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(r)) + " |")
-        print("|" + "|".join("-" * (x + 2) for x in w) + "|") if k == 0 else None
+        if k == 0:
+            print("|" + "|".join("-" * (x + 2) for x in w) + "|")
 
 
 def main() -> None:

@@ -33,14 +33,22 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
     """One clear line and exit status 2 for bad input; tracebacks only for our own bugs."""
     from .cache.lock import CacheLockedError
     from .cache.store import CacheError
+    from .cache.writer import ActivationError
 
     try:
         return fn()
     except (ConfigError, CacheError, CacheLockedError) as e:
         raise _fail(str(e)) from None
+    except ActivationError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _option_type(tp: Any) -> type:
+    """The CLI type of a config field: ``int | None`` parses as int, any other union as text."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1:
+        tp = args[0]
     if tp is bool:
         return bool
     if tp is int:

@@ -151,9 +151,13 @@ def tokenizer_identity(tokenizer) -> dict:
 
 
 def load_model(info: ModelInfo, *, dtype: str = "float32", device: str | None = None,
-               device_map: str | None = None, tokenizer=None) -> nn.Module:
+               device_map: str | None = None, tokenizer=None, progress: bool = True) -> nn.Module:
     """Boot the model through TransformerLens's bridge, then return the plain HF module tree in eval mode."""
+    import transformers
     from transformer_lens.model_bridge import TransformerBridge
+
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
 
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

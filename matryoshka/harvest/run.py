@@ -88,6 +88,14 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(f"cache: cannot write to {str(path)!r} ({str(probe)!r} is not a writable directory)")
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The topmost directory of ``path`` that does not exist yet (None if ``path`` exists)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
 def _check_space(path: Path, manifest: dict[str, Any], start_row: int) -> None:
     per_token = sum(a["width"] for a in manifest["arrays"].values()) * STORAGE[manifest["storage"]["dtype"]][2] + 4
     need = (manifest["n_tokens"] - start_row) * per_token
@@ -100,33 +108,31 @@ def _check_space(path: Path, manifest: dict[str, Any], start_row: int) -> None:
                           f"at {str(probe)!r}; lower --tokens or choose another --cache")
 
 
-def _open(path: Path, manifest: dict[str, Any], resume: bool) -> tuple[zarr.Group, dict[str, Any]] | None:
-    """Create the cache, or reopen it to resume. None when the same cache is already complete."""
-    if (path / "zarr.json").exists():
-        existing = zarr.open_group(str(path), mode="r+")
-        attrs = existing.attrs.asdict()
-        old = attrs.get("manifest")
-        if old is None:
-            raise CacheError(f"cache: {str(path)!r} holds a zarr group that is not a matryoshka cache")
-        if old["fingerprint"] != manifest["fingerprint"]:
-            raise CacheError(f"cache: {str(path)!r} holds fingerprint {old['fingerprint']}, this harvest is "
-                             f"{manifest['fingerprint']}; choose another --cache (the default path never collides)")
-        if attrs.get("complete"):
-            if old["n_tokens"] < manifest["n_tokens"]:
-                raise CacheError(f"cache: {str(path)!r} is complete with {old['n_tokens']} tokens; extending it "
-                                 f"to {manifest['n_tokens']} is not supported yet: harvest to another --cache")
-            return None
-        if not resume:
-            raise CacheError(f"cache: {str(path)!r} is an unfinished harvest "
-                             f"({attrs.get('progress', {}).get('chunks', 0)} chunks committed); pass --resume to continue it")
-        for key in ("n_tokens", "storage", "split", "batch_size"):
-            if old[key] != manifest[key]:
-                raise CacheError(f"cache: --resume with a different {key} ({manifest[key]!r}) than the unfinished "
-                                 f"harvest at {str(path)!r} ({old[key]!r}); resume with the same settings")
-        return existing, attrs.get("progress", {"chunks": 0})
-    group = zarr.create_group(str(path), attributes={"manifest": manifest, "progress": {"chunks": 0}})
-    create_arrays(group, manifest)
-    return group, {"chunks": 0}
+def _existing(path: Path, manifest: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    """The progress of a cache already at ``path`` (None if there is none), refusing what cannot continue."""
+    if not (path / "zarr.json").exists():
+        return None
+    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
+    old = attrs.get("manifest")
+    if old is None:
+        raise CacheError(f"cache: {str(path)!r} holds a zarr group that is not a matryoshka cache")
+    if old["fingerprint"] != manifest["fingerprint"]:
+        raise CacheError(f"cache: {str(path)!r} holds fingerprint {old['fingerprint']}, this harvest is "
+                         f"{manifest['fingerprint']}; choose another --cache (the default path never collides)")
+    if attrs.get("complete"):
+        if old["n_tokens"] < manifest["n_tokens"]:
+            raise CacheError(f"cache: {str(path)!r} is complete with {old['n_tokens']} tokens; extending it "
+                             f"to {manifest['n_tokens']} is not supported yet: harvest to another --cache")
+        return {"complete": True}
+    progress = attrs.get("progress", {"chunks": 0})
+    if not resume:
+        raise CacheError(f"cache: {str(path)!r} is an unfinished harvest ({progress['chunks']} chunks "
+                         "committed); pass --resume to continue it")
+    for key in ("n_tokens", "storage", "split", "batch_size"):
+        if old[key] != manifest[key]:
+            raise CacheError(f"cache: --resume with a different {key} ({manifest[key]!r}) than the unfinished "
+                             f"harvest at {str(path)!r} ({old[key]!r}); resume with the same settings")
+    return progress
 
 
 def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
@@ -135,29 +141,32 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     manifest = p.manifest
     path = Path(cfg.cache).expanduser() if cfg.cache else default_path(cfg, manifest)
     _check_writable(path)
-    created = not path.exists()
+    created = _first_missing(path)  # removed again if this run leaves nothing worth resuming
     path.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = WriterLock(path).acquire()
-    except BaseException:
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
-        raise
     writer = None
+    exhausted = False
+    lock = WriterLock(path)
     try:
-        opened = _open(path, manifest, cfg.resume)
-        if opened is None:
+        lock.acquire()
+        state = _existing(path, manifest, cfg.resume)
+        if state is not None and state.get("complete"):
             if progress:
                 print(f"cache {path} is already complete ({manifest['n_tokens']:,} tokens); nothing to do")
             return path
-        group, state = opened
+        _check_space(path, manifest, (state or {"chunks": 0})["chunks"] * manifest["storage"]["chunk_tokens"])
+        if state is None:
+            group = zarr.create_group(str(path), attributes={"manifest": manifest, "progress": {"chunks": 0}})
+            create_arrays(group, manifest)
+            state = {"chunks": 0}
+        else:
+            group = zarr.open_group(str(path), mode="r+")
         threads = cfg.writer_threads or os.cpu_count() or 1
         writer = CacheWriter(group, manifest, state, threads=threads, batch_seqs=cfg.batch_size)
-        _check_space(path, manifest, writer.start_row)
         _run(cfg, p, writer, progress)
-        created = False
+        created = None
         return path
     except DatasetExhausted as e:
+        exhausted = True
         raise ConfigError(f"tokens: {cfg.dataset!r} ran out after {e.sequences * cfg.context_size:,} tokens "
                           f"({e.sequences} contexts) but --tokens asks for {manifest['n_tokens']:,}; "
                           f"lower --tokens{'; the partial cache was removed' if created else ''}") from None
@@ -165,8 +174,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
         if writer is not None:
             writer.abort()
         lock.release()
-        if created and writer is not None and writer.committed == 0:
-            shutil.rmtree(path, ignore_errors=True)
+        if created is not None and (writer is None or writer.committed == 0 or exhausted):
+            shutil.rmtree(created, ignore_errors=True)
 
 
 def _prefetch(it, depth: int = 2):
@@ -194,7 +203,8 @@ def _run(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool) -> No
     ctx = cfg.context_size
     start_seq = writer.start_row // ctx
     n_seqs = manifest["n_sequences"]
-    model = load_model(info, dtype=cfg.model_dtype, device=cfg.device, device_map=cfg.device_map, tokenizer=tokenizer)
+    model = load_model(info, dtype=cfg.model_dtype, device=cfg.device, device_map=cfg.device_map, tokenizer=tokenizer,
+                       progress=progress)
     names = {(a["layer"], a["site"]): n for n, a in manifest["arrays"].items()}
     capture = Capture(model, info.arch, list(names), transform=lambda t: to_storage(t, cfg.dtype))
     bar = tqdm(total=n_seqs * ctx, initial=start_seq * ctx, unit="tok", unit_scale=True, disable=not progress,

@@ -25,7 +25,16 @@ TOKENIZE_BATCH = 256
 
 
 def _is_local(dataset: str) -> bool:
-    return Path(dataset).expanduser().exists()
+    """A local file, checked to be one we can read; anything else is a Hugging Face dataset id."""
+    p = Path(dataset).expanduser()
+    if p.exists():
+        if p.suffix not in _LOCAL_BUILDERS:
+            raise ConfigError(f"dataset: {dataset!r} has suffix {p.suffix!r}; local files may be "
+                              f"{', '.join(_LOCAL_BUILDERS)}")
+        return True
+    if p.suffix in _LOCAL_BUILDERS or dataset.startswith((".", "/", "~")):
+        raise ConfigError(f"dataset: local file {dataset!r} does not exist")
+    return False
 
 
 def dataset_identity(cfg: HarvestConfig) -> dict[str, Any]:
@@ -35,9 +44,6 @@ def dataset_identity(cfg: HarvestConfig) -> dict[str, Any]:
                              "shuffle_buffer": cfg.shuffle_buffer if cfg.seed is not None else None}
     if _is_local(cfg.dataset):
         p = Path(cfg.dataset).expanduser()
-        if p.suffix not in _LOCAL_BUILDERS:
-            raise ConfigError(f"dataset: {cfg.dataset!r} has suffix {p.suffix!r}; local files may be "
-                              f"{', '.join(_LOCAL_BUILDERS)}")
         h = hashlib.sha256()
         with open(p, "rb") as f:
             while block := f.read(1 << 23):

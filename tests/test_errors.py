@@ -1,0 +1,127 @@
+"""Bad input: one line naming the bad value and the valid choices, exit status 2, nothing written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from matryoshka.cache.lock import WriterLock
+from matryoshka.cli import app
+
+runner = CliRunner()
+
+
+def harvest_args(model: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:
+    return ["harvest", "--model", str(model), "--dataset", str(corpus), "--sites", "1.resid_mid,1.mlp_out",
+            "--tokens", "512", "--context-size", "32", "--batch-size", "4", "--holdout", "128",
+            "--chunk-mb", "0.015625", "--cache", str(cache), "--quiet", *extra]
+
+
+def run_bad(args: list[str], *fragments: str) -> str:
+    result = runner.invoke(app, args)
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--model", "no-such-model"], ["'no-such-model'", "gemma-2-2b"]),
+    (["--sites", "1.resid_middle"], ["'resid_middle'", "resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post"]),
+    (["--sites", "7.resid_mid"], ["layer 7", "layers 0..2"]),
+    (["--text-column", "body"], ["'body'", "columns are text"]),
+    (["--tokens", "0"], ["'0'", "positive"]),
+    (["--tokens", "-5"], ["'-5'"]),
+    (["--tokens", "lots"], ["'lots'", "200M"]),
+    (["--dtype", "int8"], ["'int8'", "bfloat16, float16, float32"]),
+    (["--codec", "gzip"], ["'gzip'", "lz4, zstd, none"]),
+    (["--bos", "always"], ["'always'", "context, document, none"]),
+    (["--tokens", "100K"], ["ran out after", "lower --tokens", "removed"]),
+])
+def test_bad_input_writes_nothing(gpt2_dir, corpus, tmp_path, flags, fragments):
+    cache = tmp_path / "new" / "cache"
+    run_bad(harvest_args(gpt2_dir, corpus, cache) + flags, *fragments)
+    assert not (tmp_path / "new").exists()
+
+
+def test_unwritable_path(gpt2_dir, corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    run_bad(harvest_args(gpt2_dir, corpus, blocker / "cache"), "cannot write to", str(blocker))
+
+
+def test_missing_dataset_file_and_bad_suffix(gpt2_dir, tmp_path):
+    run_bad(harvest_args(gpt2_dir, tmp_path / "nope.txt", tmp_path / "c"), "nope.txt' does not exist")
+    csv = tmp_path / "d.csv"
+    csv.write_text("text\nhello\n")
+    run_bad(harvest_args(gpt2_dir, csv, tmp_path / "c"), "'.csv'", ".txt, .jsonl")
+
+
+def test_second_writer_is_refused(gpt2_dir, corpus, tmp_path):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    with WriterLock(cache):
+        run_bad(harvest_args(gpt2_dir, corpus, cache), "is being written by pid", "one writer per cache")
+    assert [p.name for p in cache.iterdir()] == [".writer.lock"]
+
+
+def test_fingerprint_mismatch_is_refused(gpt2_dir, corpus, tmp_path):
+    cache = tmp_path / "c"
+    assert runner.invoke(app, harvest_args(gpt2_dir, corpus, cache)).exit_code == 0
+    before = (cache / "zarr.json").read_bytes()
+    msg = run_bad(harvest_args(gpt2_dir, corpus, cache, "--seed", "7"), "holds fingerprint", "choose another --cache")
+    assert json.loads(before)["attributes"]["manifest"]["fingerprint"] in msg
+    assert (cache / "zarr.json").read_bytes() == before
+
+
+def test_verify_names_a_damaged_chunk(gpt2_dir, corpus, tmp_path):
+    cache = tmp_path / "c"
+    assert runner.invoke(app, harvest_args(gpt2_dir, corpus, cache)).exit_code == 0
+    ok = runner.invoke(app, ["cache", "verify", str(cache), "-q"])
+    assert ok.exit_code == 0 and "ok:" in ok.output
+    chunk = cache / "acts" / "1.mlp_out" / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    (cache / "tokens" / "c" / "1").unlink()
+    bad = runner.invoke(app, ["cache", "verify", str(cache), "-q"])
+    assert bad.exit_code == 1
+    assert "DAMAGED acts/1.mlp_out/c/2/0: unreadable (Stored and computed checksum do not match" in bad.output
+    assert "DAMAGED tokens/c/1: missing" in bad.output
+
+
+def test_non_finite_activations_name_hook_and_tokens(gpt2_dir, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_proj.bias[3] = float("inf")
+    broken = tmp_path / "broken"
+    model.save_pretrained(broken)
+    for f in gpt2_dir.glob("tokenizer*"):
+        (broken / f.name).write_bytes(f.read_bytes())
+    result = runner.invoke(app, harvest_args(broken, corpus, tmp_path / "c"))
+    assert result.exit_code == 1
+    assert "non-finite activations in blocks.1.hook_mlp_out at tokens 0..127 (chunk 0)" in result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_cache_commands_on_a_non_cache(tmp_path):
+    run_bad(["cache", "info", str(tmp_path)], "is not a cache")
+    run_bad(["cache", "verify", str(tmp_path / "nope")], "is not a cache")
+    run_bad(["cache", "ls", str(tmp_path / "nope")], "is not a directory")
+
+
+def test_cache_ls_and_info(gpt2_dir, corpus, tmp_path):
+    root = tmp_path / "root"
+    assert runner.invoke(app, harvest_args(gpt2_dir, corpus, root / "a" / "one")).exit_code == 0
+    ls = runner.invoke(app, ["cache", "ls", str(root)])
+    assert ls.exit_code == 0 and "one" in ls.output and "1.resid_mid,1.mlp_out" in ls.output and "complete" in ls.output
+    info = runner.invoke(app, ["cache", "info", str(root / "a" / "one")])
+    assert info.exit_code == 0
+    assert "blocks.1.hook_mlp_out" in info.output and "512 of 512 tokens committed" in info.output
