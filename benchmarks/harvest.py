@@ -38,7 +38,7 @@ from numcodecs import Blosc, Zstd
 from numcodecs.blosc import BITSHUFFLE, SHUFFLE
 
 from matryoshka.cache.format import decode, to_storage
-from matryoshka.config import HarvestConfig
+from matryoshka.config import HarvestConfig, parse_count
 from matryoshka.harvest import harvest
 from matryoshka.harvest.run import plan
 from matryoshka.harvest.tokens import contexts
@@ -218,7 +218,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda computes in bf16)")
-    ap.add_argument("--tokens", type=int, default=None, help="tokens per row (default 12288, --quick 4096)")
+    ap.add_argument("--tokens", type=parse_count, default=None, help="tokens per row (default 12288, --quick 4096)")
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()

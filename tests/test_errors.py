@@ -42,6 +42,7 @@ def run_bad(args: list[str], *fragments: str) -> str:
     (["--codec", "gzip"], ["'gzip'", "lz4, zstd, none"]),
     (["--bos", "always"], ["'always'", "context, document, none"]),
     (["--tokens", "100K"], ["ran out after", "lower --tokens", "removed"]),
+    (["--tokens", "1T"], ["GB needed", "GB free", "lower --tokens"]),
 ])
 def test_bad_input_writes_nothing(gpt2_dir, corpus, tmp_path, flags, fragments):
     cache = tmp_path / "new" / "cache"

@@ -78,10 +78,14 @@ def fingerprint(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def seqs_per_chunk(context_size: int, widest: int, itemsize: int, chunk_mb: float) -> int:
-    """Whole sequences per chunk so the widest array's chunk is about ``chunk_mb`` MiB."""
+MIN_CHUNKS = 4
+
+
+def seqs_per_chunk(context_size: int, widest: int, itemsize: int, chunk_mb: float, n_seqs: int) -> int:
+    """Whole sequences per chunk so the widest array's chunk is about ``chunk_mb`` MiB, but a small cache
+    still gets ``MIN_CHUNKS`` chunks (one held out, the rest for a shuffled chunk order)."""
     per_seq = context_size * widest * itemsize
-    return max(1, round(chunk_mb * 2**20 / per_seq))
+    return max(1, min(round(chunk_mb * 2**20 / per_seq), n_seqs // MIN_CHUNKS))
 
 
 def chunk_key(array: str, chunk: int) -> str:

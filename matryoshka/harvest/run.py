@@ -41,7 +41,7 @@ def plan(cfg: HarvestConfig) -> Plan:
     ds = open_documents(cfg)
     bos = bos_id(tokenizer, cfg.bos)
     _, _, itemsize = STORAGE[cfg.dtype]
-    spc = seqs_per_chunk(cfg.context_size, info.d_model, itemsize, cfg.chunk_mb)
+    spc = seqs_per_chunk(cfg.context_size, info.d_model, itemsize, cfg.chunk_mb, cfg.n_sequences)
     heldout = cfg.holdout_sequences(spc)
     arrays = {site_name(l, s): {"layer": l, "site": s, "hook_name": hook_name(l, s), "width": info.d_model}
               for l, s in cfg.site_list}

@@ -113,10 +113,10 @@ def pack(docs: Iterator[list[int]], context_size: int, policy: str, bos: int | N
     """Pack documents into contexts of exactly ``context_size`` ids (see the module docstring)."""
     body = context_size - 1 if policy == "context" else context_size
     buf: list[int] = []
-    for doc in docs:
+    for i, doc in enumerate(docs):
         if policy == "document":
             buf.append(bos)
-        elif buf and sep is not None:
+        elif i and sep is not None:
             buf.append(sep)
         buf.extend(doc)
         while len(buf) >= body:

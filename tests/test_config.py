@@ -1,0 +1,72 @@
+"""Config parsing: counts, sites, held-out split, pipeline.yaml and the CLI flags that mirror it."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from matryoshka.cli import _flags_from, _config_from
+from matryoshka.config import ConfigError, HarvestConfig, load_pipeline, parse_count, parse_sites
+
+
+@pytest.mark.parametrize("text, n", [("4096", 4096), (4096, 4096), ("64K", 64_000), ("200M", 200_000_000),
+                                     ("1.5B", 1_500_000_000), ("2g", 2_000_000_000)])
+def test_parse_count(text, n):
+    assert parse_count(text) == n
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "1.5X", "", True, 0])
+def test_parse_count_rejects(bad):
+    with pytest.raises(ConfigError, match="tokens"):
+        parse_count(bad)
+
+
+def test_parse_sites_layers_and_explicit():
+    assert parse_sites("resid_mid,mlp_out", "6,8") == [(6, "resid_mid"), (6, "mlp_out"), (8, "resid_mid"), (8, "mlp_out")]
+    assert parse_sites("9.mlp_out,8.resid_mid", None) == [(8, "resid_mid"), (9, "mlp_out")]
+    assert parse_sites(["resid_pre", "8.resid_post"], 3) == [(3, "resid_pre"), (8, "resid_post")]
+    with pytest.raises(ConfigError, match="has no layer"):
+        parse_sites("resid_mid", None)
+    with pytest.raises(ConfigError, match="unknown site 'mlp'"):
+        parse_sites("8.mlp", None)
+
+
+def test_tokens_round_up_to_whole_contexts_and_holdout():
+    cfg = HarvestConfig(tokens=1000, context_size=128, layers=1)
+    assert cfg.n_sequences == 8
+    assert cfg.holdout_sequences(seqs_per_chunk=2) == 2  # 1 % of 8 sequences -> one whole chunk
+    assert HarvestConfig(tokens="100K", context_size=100, layers=1, holdout="2K").holdout_sequences(3) == 21
+    with pytest.raises(ConfigError, match="leaves no training data"):
+        HarvestConfig(tokens=256, context_size=128, layers=1, holdout="60%").holdout_sequences(2)
+
+
+def test_yaml_round_trip_and_key_paths(tmp_path: Path):
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(yaml.safe_dump({"harvest": {"model": "gpt2", "layers": 8, "sites": "resid_mid,mlp_out", "tokens": "1M"}}))
+    cfg = load_pipeline(p).harvest
+    assert cfg.tokens == 1_000_000 and cfg.site_list == [(8, "resid_mid"), (8, "mlp_out")]
+    p.write_text(yaml.safe_dump({"harvest": {"modle": "gpt2"}}))
+    with pytest.raises(ConfigError, match=r"^harvest\.modle: unknown key; valid keys are .*model"):
+        load_pipeline(p)
+    p.write_text(yaml.safe_dump({"harvest": {"layers": 8, "context_size": "long"}}))
+    with pytest.raises(ConfigError, match=r"^harvest\.context_size: 'long' must be a positive integer"):
+        load_pipeline(p)
+    p.write_text(yaml.safe_dump({"harvst": {}}))
+    with pytest.raises(ConfigError, match=r"^harvst: unknown section"):
+        load_pipeline(p)
+
+
+def test_every_config_key_is_a_flag_and_flags_override_yaml(tmp_path: Path):
+    flags = {p.name for p in _flags_from(HarvestConfig)}
+    assert flags == {f.name for f in dataclasses.fields(HarvestConfig)}
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(yaml.safe_dump({"harvest": {"layers": 8, "tokens": "1M", "dtype": "float16"}}))
+    cfg = _config_from(HarvestConfig, "harvest", p, {"tokens": "2M", "dtype": None})
+    assert cfg.tokens == 2_000_000 and cfg.dtype == "float16"
+
+
+def test_repository_pipeline_yaml_is_valid():
+    cfg = load_pipeline(Path(__file__).parents[1] / "pipeline.yaml")
+    assert cfg.harvest.site_list
