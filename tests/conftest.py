@@ -3,60 +3,17 @@ loaded back through the real loading path, plus a small text corpus the tests wr
 from __future__ import annotations
 
 import os
-import random
 import sys
 from pathlib import Path
 
 import pytest
 
+from matryoshka.fixtures import build_model, build_tokenizer, write_corpus
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
-
-WORDS = ("the a cat dog sat on mat ran to park red blue green big small house tree river stone "
-         "quickly slowly because then after before under over light dark bird fish sky sea").split()
-
-
-def write_corpus(path: Path, n_docs: int = 400, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))) for _ in range(n_docs)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def build_tokenizer(corpus: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<bos>", "<eos>", "<unk>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(corpus)], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>", pad_token="<pad>")
-
-
-def build_model(arch: str, out: Path, tokenizer, n_layers: int = 3, d_model: int = 64) -> Path:
-    import torch
-    from transformers import Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    vocab = len(tokenizer)
-    if arch == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=4, vocab_size=vocab,
-                                           n_positions=256, bos_token_id=0, eos_token_id=1))
-    else:
-        model = Gemma2ForCausalLM(Gemma2Config(
-            num_hidden_layers=n_layers, hidden_size=d_model, intermediate_size=2 * d_model, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, vocab_size=vocab, max_position_embeddings=256, sliding_window=16,
-            bos_token_id=0, eos_token_id=1, pad_token_id=3))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
