@@ -57,3 +57,51 @@ def build_model(arch: str, out: Path, tokenizer, n_layers: int = 3, d_model: int
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def write_cache(path: Path, arrays: dict, tokens, context_size: int, seqs_per_chunk: int, heldout_seqs: int = 0,
+                dtype: str = "float32", codec: str = "lz4", bos_policy: str = "context", bos_id: int | None = 0,
+                fingerprint: str = "synthetic") -> Path:
+    """Write given activation rows (``{name: [n_tokens, d] float array}``) and token ids to a cache through
+    the real writer, with no language model: for readers' tests and benchmarks."""
+    import numpy as np
+    import torch
+    import zarr
+
+    from .cache.format import FORMAT_VERSION, to_storage
+    from .cache.writer import CacheWriter, create_arrays
+
+    tokens = np.asarray(tokens, dtype=np.int32)
+    n = len(tokens)
+    if n % context_size:
+        raise ValueError(f"{n} tokens are not whole contexts of {context_size}")
+    n_seqs = n // context_size
+    chunk = seqs_per_chunk * context_size
+    manifest = {
+        "format_version": FORMAT_VERSION, "tool_version": "fixtures", "fingerprint": fingerprint, "identity": {},
+        "model": {"name": "synthetic", "resolved": "synthetic", "revision": None, "arch": "none",
+                  "d_model": max(a.shape[1] for a in arrays.values()), "n_layers": 0, "dtype": "float32"},
+        "tokenizer": {"name": "synthetic", "vocab_size": int(tokens.max()) + 1},
+        "dataset": {"id": "synthetic", "config": None, "split": "train", "revision": None, "text_column": "text",
+                    "token_column": None, "seed": None, "shuffle_buffer": 0},
+        "context_size": context_size, "bos": {"policy": bos_policy, "token_id": bos_id},
+        "storage": {"dtype": dtype, "codec": codec, "seqs_per_chunk": seqs_per_chunk, "chunk_tokens": chunk,
+                    "checksum": "crc32c"},
+        "arrays": {name: {"layer": 0, "site": name, "hook_name": name, "width": int(a.shape[1])}
+                   for name, a in arrays.items()},
+        "n_tokens": n, "n_sequences": n_seqs, "batch_size": seqs_per_chunk,
+        "split": {"heldout": [0, heldout_seqs * context_size], "train": [heldout_seqs * context_size, n]},
+    }
+    group = zarr.create_group(str(path), attributes={"manifest": manifest, "progress": {"chunks": 0}})
+    create_arrays(group, manifest)
+    writer = CacheWriter(group, manifest, {"chunks": 0}, threads=2, batch_seqs=seqs_per_chunk)
+    try:
+        for r0 in range(0, n, chunk):
+            r1 = min(r0 + chunk, n)
+            writer.write(torch.from_numpy(tokens[r0:r1]).reshape(-1, context_size),
+                         {k: to_storage(torch.as_tensor(a[r0:r1]), dtype).reshape(-1, context_size, a.shape[1])
+                          for k, a in arrays.items()})
+        writer.finish()
+    finally:
+        writer.abort()
+    return path

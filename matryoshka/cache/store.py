@@ -45,11 +45,16 @@ class Cache:
     """A harvested cache, opened read-only. Only committed chunks are visible."""
 
     def __init__(self, path: str | Path) -> None:
+        """Open a local directory or an fsspec URL (``file://``, ``s3://``, ``gs://``)."""
         self.path = str(path)
-        if not (Path(path) / "zarr.json").is_file():
+        local = "://" not in self.path
+        if local and not (Path(path) / "zarr.json").is_file():
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr.json); run `pipeline harvest` "
                              "or list caches with `pipeline cache ls`")
-        self.group = zarr.open_group(self.path, mode="r")
+        try:
+            self.group = zarr.open_group(self.path, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            raise CacheError(f"cache: {self.path!r} is not a cache (no zarr group there)") from None
         attrs = self.group.attrs.asdict()
         if "manifest" not in attrs:
             raise CacheError(f"cache: {self.path!r} is a zarr group without a matryoshka manifest")
@@ -103,6 +108,23 @@ class Cache:
         if stop > self.tokens_committed:
             raise CacheError(f"cache: rows up to {stop} requested but only {self.tokens_committed} are committed")
         return decode(self.array(name)[start:stop], self.storage_dtype)
+
+    def require_complete(self) -> None:
+        if not self.complete:
+            raise CacheError(f"cache: {self.path!r} is an unfinished harvest ({self.chunks_committed} of "
+                             f"{self.n_chunks} chunks); finish it with `pipeline harvest --resume`")
+
+    def split_chunks(self, split: str) -> range:
+        """Chunk indices of a split (both splits are whole chunks)."""
+        if split not in self.split:
+            raise CacheError(f"split: {split!r} is not one of {', '.join(self.split)}")
+        a, b = self.split[split]
+        if a == b:
+            raise CacheError(f"split: cache {self.path!r} has an empty {split} split")
+        return range(a // self.chunk_tokens, -(-b // self.chunk_tokens))
+
+    def chunk_rows(self, chunk: int) -> range:
+        return range(chunk * self.chunk_tokens, min((chunk + 1) * self.chunk_tokens, self.manifest["n_tokens"]))
 
     def stats(self, name: str) -> ArrayStats:
         """Final statistics of a complete cache, or running ones of the committed prefix."""

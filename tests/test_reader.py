@@ -1,0 +1,187 @@
+"""The shuffled reader: exact coverage, determinism, exact resume, mixing, bounded memory, pairing."""
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from matryoshka.cache import CacheError
+from matryoshka.cache.reader import ReaderConfig, ShuffledReader
+from matryoshka.fixtures import write_cache
+
+CTX, SPC, N_SEQS, HELD = 16, 4, 96, 8  # 24 chunks of 64 rows; 2 held out
+
+
+def _rows(n: int, width: int, sign: float = 1.0) -> np.ndarray:
+    """Row r carries r in column 0 (exact in float32), so every served row names itself."""
+    a = np.random.default_rng(width).standard_normal((n, width)).astype(np.float32)
+    a[:, 0] = sign * np.arange(n)
+    return a
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    n = N_SEQS * CTX
+    tokens = np.random.default_rng(0).integers(4, 300, n)
+    tokens[::CTX] = 0  # BOS at every context start
+    path = tmp_path_factory.mktemp("r") / "cache"
+    return write_cache(path, {"src": _rows(n, 8), "tgt": _rows(n, 4, -1.0)}, tokens, CTX, SPC, heldout_seqs=HELD)
+
+
+def _reader(cache, **kw):
+    rank = kw.pop("rank", 0)
+    world = kw.pop("world_size", 1)
+    state = kw.pop("state", None)
+    cfg = ReaderConfig(**{"batch_size": 32, "buffer_tokens": 192, "prefetch_chunks": 3, **kw})
+    return ShuffledReader(["src", "tgt"], str(cache), cfg, rank=rank, world_size=world, state=state)
+
+
+def _ids(batch) -> list[int]:
+    return batch["src"][:, 0].long().tolist()
+
+
+def _epoch(reader) -> list[list[int]]:
+    return [_ids(next(reader)) for _ in range(reader.batches_per_epoch)]
+
+
+def _train_rows(include_bos=False) -> set[int]:
+    rows = range(HELD * CTX, N_SEQS * CTX)
+    return {r for r in rows if include_bos or r % CTX}
+
+
+def test_every_train_row_exactly_once_per_epoch(cache):
+    with _reader(cache) as r:
+        for epoch in range(2):
+            rows = [x for b in _epoch(r) for x in b]
+            assert sorted(rows) == sorted(_train_rows()) and r.epoch == epoch
+        assert all(len(b) == 32 for b in _epoch(r)[:-1])
+
+
+def test_bos_rows_can_be_kept_and_heldout_split_is_separate(cache):
+    with _reader(cache, exclude_bos=False) as r:
+        assert sorted(x for b in _epoch(r) for x in b) == sorted(_train_rows(include_bos=True))
+    with _reader(cache, split="heldout", batch_size=8, buffer_tokens=16) as r:
+        assert sorted(x for b in _epoch(r) for x in b) == [x for x in range(HELD * CTX) if x % CTX]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_are_disjoint_and_cover_the_split(cache, world):
+    seen = []
+    for rank in range(world):
+        with _reader(cache, rank=rank, world_size=world) as r:
+            rows = [x for b in _epoch(r) for x in b]
+            chunks = {x // (SPC * CTX) for x in rows}
+            seen.append((rows, chunks))
+    all_rows = [x for rows, _ in seen for x in rows]
+    assert sorted(all_rows) == sorted(_train_rows())
+    for i in range(world):
+        for j in range(i):
+            assert not seen[i][1] & seen[j][1]  # whole chunks per rank
+
+
+def test_epochs_differ_and_seed_decides(cache):
+    with _reader(cache) as a, _reader(cache) as b, _reader(cache, seed=1) as c:
+        ea, eb, ec = _epoch(a), _epoch(b), _epoch(c)
+        assert ea == eb and ea != ec
+        assert _epoch(a) != ea
+
+
+@pytest.mark.parametrize("stop_at", [1, 7, 13, 20])  # mid-epoch, and past an epoch boundary (13 per epoch)
+def test_resume_from_cursor_equals_uninterrupted(cache, stop_at):
+    with _reader(cache) as whole:
+        expected = [_ids(next(whole)) for _ in range(stop_at + 12)]
+    with _reader(cache) as first:
+        got = [_ids(next(first)) for _ in range(stop_at)]
+        cursor = pickle.loads(pickle.dumps(first.state_dict()))  # as a checkpoint would store it
+    with _reader(cache, state=cursor) as resumed:
+        got += [_ids(next(resumed)) for _ in range(12)]
+    assert got == expected
+
+
+def test_batches_mix_many_sequences_and_positions(cache):
+    """Bound: a batch is a uniform sample of >= buffer/2 rows from >= buffer/(2*chunk) chunks. With a
+    192-row buffer (>= 6 sequences, 2 chunks per refill), every full batch of 32 spans >= 4 sequences,
+    >= 2 chunks and >= 10 positions, and no sequence supplies more than half of it."""
+    with _reader(cache) as r:
+        for batch in _epoch(r)[:-1]:
+            seqs = np.asarray(batch) // CTX
+            assert len(set(seqs)) >= 4 and len(set(np.asarray(batch) // (SPC * CTX))) >= 2
+            assert len(set(np.asarray(batch) % CTX)) >= 10
+            assert np.bincount(seqs).max() <= 16
+
+
+def test_source_and_target_stay_paired(cache):
+    with _reader(cache) as r:
+        for _ in range(2 * r.batches_per_epoch):
+            b = next(r)
+            assert torch.equal(b["src"][:, 0], -b["tgt"][:, 0])
+            ref_src, ref_tgt = _rows(N_SEQS * CTX, 8), _rows(N_SEQS * CTX, 4, -1.0)
+            ids = b["src"][:, 0].long().numpy()
+            np.testing.assert_array_equal(b["src"].numpy(), ref_src[ids])
+            np.testing.assert_array_equal(b["tgt"].numpy(), ref_tgt[ids])
+
+
+def test_output_dtype_is_the_consumers_choice(cache):
+    cfg = ReaderConfig(batch_size=32, buffer_tokens=64)
+    with ShuffledReader(["src"], str(cache), cfg, dtype=torch.bfloat16) as r:
+        b = next(r)
+        assert b["src"].dtype == torch.bfloat16 and list(b) == ["src"]
+
+
+def test_memory_stays_bounded_on_a_cache_much_larger_than_the_buffer(tmp_path):
+    import psutil
+
+    width, ctx, n = 512, 64, 1 << 17  # 256 MiB of float32 rows
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 300, n)
+    tokens[::ctx] = 0
+    path = write_cache(tmp_path / "big", {"x": rng.standard_normal((n, width), dtype=np.float32)}, tokens, ctx,
+                       seqs_per_chunk=16, heldout_seqs=16)
+    cfg = ReaderConfig(batch_size=1024, buffer_tokens=8192, prefetch_chunks=4)
+    budget = ((cfg.buffer_tokens + 1024) + cfg.prefetch_chunks * 1024 + 2 * cfg.batch_size) * width * 4  # ~30 MiB
+    proc = psutil.Process()
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.005)
+
+    with ShuffledReader(["x"], str(path), cfg) as r:
+        base = proc.memory_info().rss
+        t = threading.Thread(target=sample)
+        t.start()
+        served = sum(next(r)["x"].shape[0] for _ in range(r.batches_per_epoch))
+        done.set()
+        t.join()
+    assert served == (n - 16 * ctx) * (ctx - 1) // ctx
+    growth = peak[0] - base
+    print(f"growth {growth / 2**20:.1f} MiB, budget {budget / 2**20:.1f} MiB")
+    assert growth < 2 * budget, f"reader grew by {growth / 2**20:.0f} MiB streaming 256 MiB (budget {budget / 2**20:.0f})"
+
+
+def test_bad_input(cache, tmp_path):
+    with pytest.raises(CacheError, match="is not a cache"):
+        ShuffledReader(["src"], str(tmp_path / "nope"))
+    with pytest.raises(CacheError, match="has no array 'mlp_out'; it has src, tgt"):
+        ShuffledReader(["mlp_out"], str(cache))
+    with pytest.raises(CacheError, match="buffer_tokens: 16 is smaller than batch_size 32"):
+        ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=16))
+    with pytest.raises(CacheError, match="batch_size: 5000 is larger than the train split"):
+        ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=5000, buffer_tokens=8000))
+    n = 8 * CTX
+    other = write_cache(tmp_path / "other", {"tgt": _rows(n, 4)}, np.zeros(n, int), CTX, SPC, fingerprint="other")
+    with pytest.raises(CacheError, match="different caches"):
+        ShuffledReader(["src", (str(other), "tgt")], str(cache))
+    with ShuffledReader(["src", (str(cache), "tgt")], str(cache), ReaderConfig(batch_size=32, buffer_tokens=64)) as same:
+        b = next(same)
+        assert torch.equal(b["src"][:, 0], -b["tgt"][:, 0])
+    import zarr
+
+    partial = write_cache(tmp_path / "partial", {"src": _rows(n, 4)}, np.zeros(n, int), CTX, SPC)
+    zarr.open_group(str(partial), mode="r+").attrs.update({"complete": False, "progress": {"chunks": 1}})
+    with pytest.raises(CacheError, match=r"unfinished harvest \(1 of 2 chunks\); finish it with `pipeline harvest --resume`"):
+        ShuffledReader(["src"], str(partial))
