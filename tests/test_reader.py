@@ -120,6 +120,7 @@ def test_source_and_target_stay_paired(cache):
             assert torch.equal(b["src"][:, 0], -b["tgt"][:, 0])
             ref_src, ref_tgt = _rows(N_SEQS * CTX, 8), _rows(N_SEQS * CTX, 4, -1.0)
             ids = b["src"][:, 0].long().numpy()
+            np.testing.assert_array_equal(r.last_rows, ids)
             np.testing.assert_array_equal(b["src"].numpy(), ref_src[ids])
             np.testing.assert_array_equal(b["tgt"].numpy(), ref_tgt[ids])
 

@@ -115,6 +115,8 @@ class ShuffledReader:
                             for _ in range(2)] if pin else [[], []]
         self._events: list[torch.cuda.Event | None] = [None, None]
         self._pool = ThreadPoolExecutor(self.cfg.threads or None, thread_name_prefix="cache-read")
+        self.last_rows = np.empty(0, np.int64)
+        """Cache row ids of the last batch served: with the ``tokens`` array they give each row's context."""
         self._reset_epoch(0)
         if state is not None:
             self.load_state_dict(state)
@@ -143,7 +145,7 @@ class ShuffledReader:
         self._pool_rows = np.empty(0, np.int64)  # row ids waiting in the buffer, in serving order
         self._pool_slots = np.empty(0, np.int64)
         self._free = list(range(self._buf[0].shape[0]))[::-1]
-        self._ready: list[np.ndarray] = []  # positions into the pool, already permuted, to serve next
+        self._ready: list[int] = []  # sizes of the next batches: consecutive slices from the pool's front
         self._inflight: dict[int, Future] = {}
         self.batches_this_epoch = 0
 
@@ -185,7 +187,7 @@ class ShuffledReader:
         serve = len(self._pool_rows) - keep
         b = self.cfg.batch_size
         full = serve // b * b if keep else serve
-        self._ready = [np.arange(i, min(i + b, full)) for i in range(0, full, b)]
+        self._ready = [min(b, full - i) for i in range(0, full, b)]
 
     def _fill(self) -> bool:
         """Pour chunks until batches are ready; False at the end of the epoch."""
@@ -199,8 +201,8 @@ class ShuffledReader:
                     self._shuffle_pool(keep=self.cfg.buffer_tokens // 2)
             elif len(self._pool_rows):
                 self._shuffle_pool(keep=0)
-                if self.cfg.drop_last and len(self._ready[-1]) < self.cfg.batch_size:
-                    n = len(self._ready.pop())  # the short tail batch: dropped
+                if self.cfg.drop_last and self._ready[-1] < self.cfg.batch_size:
+                    n = self._ready.pop()  # the short tail batch: dropped
                     self._free.extend(self._pool_slots[-n:][::-1].tolist())
                     self._pool_rows, self._pool_slots = self._pool_rows[:-n], self._pool_slots[:-n]
                 if not self._ready:
@@ -209,12 +211,10 @@ class ShuffledReader:
                 return False
         return True
 
-    def _take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Remove pool positions (always a prefix of the pool) and return their row ids and slots."""
-        n = len(positions)
+    def _take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Remove the pool's first ``n`` rows and return their row ids and buffer slots."""
         rows, slots = self._pool_rows[:n], self._pool_slots[:n]
         self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
-        self._ready = [p - n for p in self._ready]
         self._free.extend(slots[::-1].tolist())
         return rows, slots
 
@@ -230,8 +230,8 @@ class ShuffledReader:
                 raise CacheError(f"the {self.cfg.split} split of {self.cache.path!r} gives rank {self.rank} no rows")
         return self._serve(self._ready.pop(0))
 
-    def _serve(self, positions: np.ndarray) -> dict[str, torch.Tensor]:
-        rows, slots = self._take(positions)
+    def _serve(self, n: int) -> dict[str, torch.Tensor]:
+        rows, slots = self._take(n)
         self.last_rows = rows
         k = self.batches_this_epoch % 2
         self.batches_this_epoch += 1
@@ -272,7 +272,7 @@ class ShuffledReader:
             "fingerprint": self.cache.fingerprint, "arrays": list(self.names), "split": self.cfg.split,
             "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
             "epoch": self.epoch, "next_chunk": self._next_chunk, "batches_this_epoch": self.batches_this_epoch,
-            "pool_rows": self._pool_rows.copy(), "ready": [len(p) for p in self._ready],
+            "pool_rows": self._pool_rows.copy(), "ready": list(self._ready),
             "rng": self._rng.bit_generator.state,
         }
 
@@ -296,11 +296,7 @@ class ShuffledReader:
         order = {r: i for i, r in enumerate(self._pool_rows.tolist())}
         perm = np.asarray([order[r] for r in rows.tolist()], dtype=np.int64)
         self._pool_rows, self._pool_slots = self._pool_rows[perm], self._pool_slots[perm]
-        start = 0
-        self._ready = []
-        for n in state["ready"]:
-            self._ready.append(np.arange(start, start + n))
-            start += n
+        self._ready = [int(n) for n in state["ready"]]
 
     def close(self) -> None:
         for f in self._inflight.values():
