@@ -2,23 +2,23 @@
 
 How it shuffles. Each epoch takes the split's chunks in a random order (the same order on every rank;
 rank ``r`` of ``w`` takes every ``w``-th chunk, so ranks are disjoint and together cover the split).
-A chunk is read sequentially, decompressed by background threads, its BOS rows dropped, and its rows
-poured into a *mixing buffer*. Whenever the buffer holds ``buffer_tokens`` rows it is permuted and the
-front is served as batches until half of it is left; at the end of the epoch the rest is permuted and
-served. So every row of the split is served exactly once per epoch, and a batch is a uniform sample
-of at least ``buffer_tokens / 2`` rows from at least ``buffer_tokens / (2 * chunk_tokens)`` chunks.
+Consecutive chunks of that order form *blocks* of about ``buffer_tokens / 2`` rows. A block's chunks
+are read sequentially and decompressed by background threads straight into one half of the buffer;
+its rows (BOS rows dropped) are permuted and served as batches while the next block decompresses into
+the other half. A batch that straddles two blocks takes the old block's last rows first. So every row
+of the split is served exactly once per epoch, each epoch in a new order, and a batch is a uniform
+sample of one block: ``buffer_tokens / 2`` rows from ``buffer_tokens / (2 * chunk_tokens)`` chunks.
 
-Memory is bounded by the buffer (``buffer_tokens + chunk_tokens`` rows), the chunks decoded ahead
-(``prefetch_chunks``) and two batches: nothing else is kept, whatever the size of the cache.
+Memory is the buffer (``buffer_tokens`` rows in two halves, pinned on a GPU host) and two batches,
+whatever the size of the cache: a chunk is decompressed in place, never copied into the buffer.
 
-Resume. :meth:`ShuffledReader.state_dict` is the cursor: epoch, chunks consumed this epoch, the row
-ids waiting in the buffer in their order, and the buffer RNG's state. A reader given that cursor
-reloads exactly those rows and continues the stream where it stopped, bit for bit.
+Resume. :meth:`ShuffledReader.state_dict` is the cursor: epoch, blocks begun, the row ids waiting to
+be served in their order, and the RNG state. A reader given that cursor decompresses the chunks of
+those rows back into their places and continues the stream where it stopped, bit for bit.
 """
 from __future__ import annotations
 
-import queue
-import threading
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .format import STORAGE, to_torch
+from .format import STORAGE, decode_chunk
 from .store import Cache, CacheError
 
 
@@ -36,23 +36,23 @@ class ReaderConfig:
 
     batch_size: int = 4096
     buffer_tokens: int = 2**18
-    prefetch_chunks: int = 8
+    """Rows in memory: two blocks of half this size, one served while the next is decompressed."""
     threads: int = 0
     """Decompression threads; 0 means one per CPU core."""
     seed: int = 0
     exclude_bos: bool = True
     split: str = "train"
     drop_last: bool = False
-    """Serve the last, smaller batch of each epoch (False: every row exactly once per epoch)."""
+    """Drop the last, smaller batch of each epoch (False: every row exactly once per epoch)."""
 
     def validate(self) -> None:
-        for name in ("batch_size", "buffer_tokens", "prefetch_chunks"):
+        for name in ("batch_size", "buffer_tokens"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise CacheError(f"{name}: {v!r} must be a positive integer")
-        if self.buffer_tokens < self.batch_size:
-            raise CacheError(f"buffer_tokens: {self.buffer_tokens} is smaller than batch_size {self.batch_size}; "
-                             "the mixing buffer must hold at least one batch (a few batches mix far better)")
+        if self.buffer_tokens < 2 * self.batch_size:
+            raise CacheError(f"buffer_tokens: {self.buffer_tokens} is smaller than two batches of {self.batch_size}; "
+                             "each half of the buffer must hold at least one batch (many batches mix far better)")
 
 
 def open_arrays(arrays: Sequence[str | tuple[str | Cache, str]], cache: str | Cache | None) -> list[tuple[Cache, str]]:
@@ -95,161 +95,52 @@ class ShuffledReader:
         self.cache = self.sources[0][0]
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
+        m = self.cache.manifest
         self.storage_dtype = self.cache.storage_dtype
+        self.codec = m["storage"]["codec"]
         self.dtype = dtype or STORAGE[self.storage_dtype][1]
         self.widths = [c.manifest["arrays"][n]["width"] for c, n in self.sources]
+        self.ctx = m["context_size"]
+        self.ct = self.cache.chunk_tokens
         self.chunks = self.cache.split_chunks(self.cfg.split)
-        self.bos_id = self.cache.manifest["bos"]["token_id"] if self.cfg.exclude_bos else None
-        self.split_tokens = self._split_tokens()
+        self.bos_id = m["bos"]["token_id"] if self.cfg.exclude_bos else None
+        self.bos_at_starts = self.bos_id is not None and m["bos"]["policy"] == "context"
+        self.split_tokens = sum(self._chunk_tokens(c) for c in self.chunks)
         if self.cfg.batch_size > self.split_tokens:
             raise CacheError(f"batch_size: {self.cfg.batch_size} is larger than the {self.cfg.split} split "
                              f"({self.split_tokens} tokens{' without BOS' if self.bos_id is not None else ''})")
         if len(self.chunks) < world_size:
             raise CacheError(f"world_size: {world_size} ranks but the {self.cfg.split} split has only "
                              f"{len(self.chunks)} chunks")
-        cap = self.cfg.buffer_tokens + self.cache.chunk_tokens
+        self.chunks_per_block = max(1, self.cfg.buffer_tokens // 2 // self.ct)
+        self.half = self.chunks_per_block * self.ct
         pin = self.device.type == "cuda"
         st = STORAGE[self.storage_dtype][1]
-        self._buf = [torch.empty((cap, w), dtype=st, pin_memory=pin) for w in self.widths]
+        # zeros, not empty: the pages are touched once here rather than on the first epoch's writes
+        self._buf = [torch.zeros((2 * self.half, w), dtype=st, pin_memory=pin) for w in self.widths]
+        self._np = [self._as_numpy(b) for b in self._buf]
         self._batch_bufs = [[torch.empty((self.cfg.batch_size, w), dtype=st, pin_memory=True) for w in self.widths]
                             for _ in range(2)] if pin else [[], []]
         self._events: list[torch.cuda.Event | None] = [None, None]
-        self._pool = ThreadPoolExecutor(self.cfg.threads or None, thread_name_prefix="cache-read")
+        self._pool = ThreadPoolExecutor(self.cfg.threads or os.cpu_count() or 1, thread_name_prefix="cache-read")
+        self._loading: tuple[int, list[Future]] | None = None  # (epoch, decodes) of the block being decompressed
+        self._epoch_base = 0  # blocks begun in earlier epochs: blocks alternate halves across epochs too
+        self.epoch = -1
         self.last_rows = np.empty(0, np.int64)
         """Cache row ids of the last batch served: with the ``tokens`` array they give each row's context."""
         self._reset_epoch(0)
         if state is not None:
             self.load_state_dict(state)
 
-    # -- sizes -------------------------------------------------------------------------------------
-    def _split_tokens(self) -> int:
-        a, b = self.cache.split[self.cfg.split]
-        n = b - a
-        if self.bos_id is None:
-            return n
-        policy = self.cache.manifest["bos"]["policy"]
-        if policy == "context":  # BOS only at position 0 of every context
-            return n - n // self.cache.manifest["context_size"]
-        return int((self.cache.tokens[a:b] != self.bos_id).sum())
-
-    # -- epoch plan ----------------------------------------------------------------------------------
-    def _chunk_order(self, epoch: int) -> list[int]:
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(np.asarray(self.chunks))
-        return [int(c) for c in order[self.rank::self.world_size]]
-
-    def _reset_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self._order = self._chunk_order(epoch)
-        self._next_chunk = 0  # chunks of this epoch poured into the buffer
-        self._rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
-        self._pool_rows = np.empty(0, np.int64)  # row ids waiting in the buffer, in serving order
-        self._pool_slots = np.empty(0, np.int64)
-        self._free = list(range(self._buf[0].shape[0]))[::-1]
-        self._ready: list[int] = []  # sizes of the next batches: consecutive slices from the pool's front
-        self._inflight: dict[int, Future] = {}
-        self.batches_this_epoch = 0
-
-    # -- loading -------------------------------------------------------------------------------------
-    def _load(self, chunk: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Row ids and data of one chunk (only ``rows`` if given), BOS rows dropped. Runs in a thread."""
+    # -- sizes ---------------------------------------------------------------------------------------
+    def _chunk_tokens(self, chunk: int) -> int:
+        """Rows this chunk contributes (BOS rows excluded)."""
         r = self.cache.chunk_rows(chunk)
-        if rows is not None:
-            ids = rows
-        else:
-            ids = np.arange(r.start, r.stop, dtype=np.int64)
-            if self.bos_id is not None:
-                ids = ids[self.cache.tokens[r.start:r.stop] != self.bos_id]
-        data = []
-        for c, n in self.sources:
-            a = c.array(n)[r.start:r.stop]
-            data.append(a[ids - r.start] if len(ids) != len(r) else a)
-        return ids, data
-
-    def _prefetch(self) -> None:
-        stop = min(self._next_chunk + self.cfg.prefetch_chunks, len(self._order))
-        for i in range(self._next_chunk, stop):
-            if i not in self._inflight:
-                self._inflight[i] = self._pool.submit(self._load, self._order[i])
-
-    def _pour(self, ids: np.ndarray, data: list[np.ndarray]) -> None:
-        n = len(ids)
-        slots = np.asarray([self._free.pop() for _ in range(n)], dtype=np.int64)
-        idx = torch.from_numpy(slots)
-        for buf, a in zip(self._buf, data):
-            buf.index_copy_(0, idx, to_torch(np.ascontiguousarray(a), self.storage_dtype))
-        self._pool_rows = np.concatenate([self._pool_rows, ids])
-        self._pool_slots = np.concatenate([self._pool_slots, slots])
-
-    def _shuffle_pool(self, keep: int) -> None:
-        """Permute the buffer and queue its front for serving, leaving ``keep`` rows (whole batches only)."""
-        perm = self._rng.permutation(len(self._pool_rows))
-        self._pool_rows, self._pool_slots = self._pool_rows[perm], self._pool_slots[perm]
-        serve = len(self._pool_rows) - keep
-        b = self.cfg.batch_size
-        full = serve // b * b if keep else serve
-        self._ready = [min(b, full - i) for i in range(0, full, b)]
-
-    def _fill(self) -> bool:
-        """Pour chunks until batches are ready; False at the end of the epoch."""
-        while not self._ready:
-            if self._next_chunk < len(self._order):
-                self._prefetch()
-                ids, data = self._inflight.pop(self._next_chunk).result()
-                self._next_chunk += 1
-                self._pour(ids, data)
-                if len(self._pool_rows) >= self.cfg.buffer_tokens:
-                    self._shuffle_pool(keep=self.cfg.buffer_tokens // 2)
-            elif len(self._pool_rows):
-                self._shuffle_pool(keep=0)
-                if self.cfg.drop_last and self._ready[-1] < self.cfg.batch_size:
-                    n = self._ready.pop()  # the short tail batch: dropped
-                    self._free.extend(self._pool_slots[-n:][::-1].tolist())
-                    self._pool_rows, self._pool_slots = self._pool_rows[:-n], self._pool_slots[:-n]
-                if not self._ready:
-                    return False
-            else:
-                return False
-        return True
-
-    def _take(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Remove the pool's first ``n`` rows and return their row ids and buffer slots."""
-        rows, slots = self._pool_rows[:n], self._pool_slots[:n]
-        self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
-        self._free.extend(slots[::-1].tolist())
-        return rows, slots
-
-    # -- iteration -----------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> dict[str, torch.Tensor]:
-        """The next batch; epochs follow one another for as long as the consumer asks."""
-        if not self._fill():
-            self._reset_epoch(self.epoch + 1)
-            if not self._fill():
-                raise CacheError(f"the {self.cfg.split} split of {self.cache.path!r} gives rank {self.rank} no rows")
-        return self._serve(self._ready.pop(0))
-
-    def _serve(self, n: int) -> dict[str, torch.Tensor]:
-        rows, slots = self._take(n)
-        self.last_rows = rows
-        k = self.batches_this_epoch % 2
-        self.batches_this_epoch += 1
-        if self._events[k] is not None:
-            self._events[k].synchronize()  # the copy that last used this pinned batch buffer is done
-        idx = torch.from_numpy(slots)
-        out = {}
-        for j, (name, buf) in enumerate(zip(self.names, self._buf)):
-            if self.device.type == "cpu":
-                out[name] = torch.index_select(buf, 0, idx).to(self.dtype)
-                continue
-            d = self._batch_bufs[k][j][: len(slots)]
-            torch.index_select(buf, 0, idx, out=d)
-            out[name] = d.to(self.device, non_blocking=True).to(self.dtype)
-        if self.device.type == "cuda":
-            self._events[k] = torch.cuda.Event()
-            self._events[k].record()
-        return out
+        if self.bos_id is None:
+            return len(r)
+        if self.bos_at_starts:
+            return len(r) - len(r) // self.ctx
+        return int((self.cache.tokens[r.start:r.stop] != self.bos_id).sum())
 
     @property
     def batches_per_epoch(self) -> int:
@@ -257,13 +148,139 @@ class ShuffledReader:
         n = sum(self._chunk_tokens(c) for c in self._chunk_order(0))
         return n // self.cfg.batch_size if self.cfg.drop_last else -(-n // self.cfg.batch_size)
 
-    def _chunk_tokens(self, chunk: int) -> int:
+    # -- the epoch's plan ----------------------------------------------------------------------------
+    def _chunk_order(self, epoch: int) -> list[int]:
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(np.asarray(self.chunks))
+        return [int(c) for c in order[self.rank::self.world_size]]
+
+    def _block_chunks(self, block: int) -> list[int]:
+        return self._order[block * self.chunks_per_block:(block + 1) * self.chunks_per_block]
+
+    @property
+    def _n_blocks(self) -> int:
+        return -(-len(self._order) // self.chunks_per_block)
+
+    def _half(self, block: int) -> int:
+        """Blocks alternate between the buffer's halves, across epoch boundaries too."""
+        return (self._epoch_base + block) % 2
+
+    def _base(self, block: int, j: int) -> int:
+        """First buffer row of the ``j``-th chunk of ``block``."""
+        return self._half(block) * self.half + j * self.ct
+
+    def _reset_epoch(self, epoch: int) -> None:
+        if self._loading is not None and self._loading[0] != epoch:
+            self._wait_loading()  # a load of another epoch (only when a cursor is restored): let it land
+        if self.epoch >= 0:
+            self._epoch_base += self._n_blocks
+        self.epoch = epoch
+        self._order = self._chunk_order(epoch)
+        self._next_block = 0  # blocks whose rows have joined the pool
+        self._rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
+        self._pool_rows = np.empty(0, np.int64)  # row ids waiting to be served, in serving order
+        self._pool_slots = np.empty(0, np.int64)  # their rows in the buffer
+        self.batches_this_epoch = 0
+
+    # -- decompression (background threads) ----------------------------------------------------------
+    def _decode(self, chunk: int, base: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decompress a chunk into buffer rows ``base ..``; return its served row ids and their slots."""
         r = self.cache.chunk_rows(chunk)
-        if self.bos_id is None:
-            return len(r)
-        if self.cache.manifest["bos"]["policy"] == "context":
-            return len(r) - len(r) // self.cache.manifest["context_size"]
-        return int((self.cache.tokens[r.start:r.stop] != self.bos_id).sum())
+        ids = np.arange(r.start, r.stop, dtype=np.int64)
+        if self.bos_at_starts:
+            ids = ids[ids % self.ctx != 0]
+        elif self.bos_id is not None:
+            tokens = decode_chunk(self.cache.chunk_bytes("tokens", chunk), "zstd" if self.codec != "none" else "none",
+                                  np.empty(self.ct, np.int32))[: len(r)]
+            ids = ids[tokens != self.bos_id]
+        for (c, name), out in zip(self.sources, self._np):
+            try:
+                decode_chunk(c.chunk_bytes(name, chunk), self.codec, out[base:base + self.ct])
+            except (OSError, ValueError) as e:
+                raise CacheError(f"cache: chunk {chunk} of {name} in {c.path!r} is unreadable ({e}); "
+                                 "run `pipeline cache verify`") from None
+        return ids, ids - r.start + base
+
+    def _start_loading(self) -> None:
+        """Begin decompressing the next block (of this epoch, or the next epoch's first), once no row
+        waiting to be served lives in its half."""
+        if self._loading is not None:
+            return
+        b, epoch, order = self._next_block, self.epoch, self._order
+        if b >= self._n_blocks:  # the next epoch's first block goes to the half after this epoch's last
+            b, epoch, order = self._n_blocks, self.epoch + 1, self._chunk_order(self.epoch + 1)
+        half = self._half(b)
+        if len(self._pool_slots) and ((self._pool_slots // self.half) == half).any():
+            return
+        chunks = order[:self.chunks_per_block] if epoch != self.epoch else self._block_chunks(b)
+        self._loading = (epoch, [self._pool.submit(self._decode, c, half * self.half + j * self.ct)
+                                 for j, c in enumerate(chunks)])
+
+    def _wait_loading(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._loading is None:
+            return None
+        _, futures = self._loading
+        self._loading = None
+        parts = [f.result() for f in futures]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _add_block(self) -> bool:
+        """Append the next block, permuted, to the pool; False when the epoch has no more blocks."""
+        if self._next_block >= self._n_blocks:
+            return False
+        self._start_loading()
+        ids, slots = self._wait_loading()
+        perm = self._rng.permutation(len(ids))
+        self._pool_rows = np.concatenate([self._pool_rows, ids[perm]])
+        self._pool_slots = np.concatenate([self._pool_slots, slots[perm]])
+        self._next_block += 1
+        return True
+
+    # -- iteration -----------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        """The next batch; epochs follow one another for as long as the consumer asks."""
+        b = self.cfg.batch_size
+        while len(self._pool_rows) < b and self._add_block():
+            pass
+        n = min(b, len(self._pool_rows))
+        if n == 0 or (n < b and self.cfg.drop_last):
+            self._reset_epoch(self.epoch + 1)
+            return next(self)
+        out = self._serve(n)
+        self._start_loading()  # the next block decompresses while this batch is consumed
+        return out
+
+    def _serve(self, n: int) -> dict[str, torch.Tensor]:
+        rows, slots = self._pool_rows[:n], self._pool_slots[:n]
+        self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
+        self.last_rows = rows
+        k = self.batches_this_epoch % 2
+        self.batches_this_epoch += 1
+        if self._events[k] is not None:
+            self._events[k].synchronize()  # the copy that last used this pinned batch buffer is done
+        out = {}
+        for j, name in enumerate(self.names):
+            # numpy's gather runs on this thread alone: torch's would spread over OpenMP threads that
+            # then wait on the cores the decompression threads are using.
+            if self.device.type == "cpu":
+                out[name] = self._as_torch(np.take(self._np[j], slots, axis=0)).to(self.dtype)
+                continue
+            d = self._batch_bufs[k][j][:n]
+            np.take(self._np[j], slots, axis=0, out=self._as_numpy(d))
+            out[name] = d.to(self.device, non_blocking=True).to(self.dtype)
+        if self.device.type == "cuda":
+            self._events[k] = torch.cuda.Event()
+            self._events[k].record()
+        return out
+
+    def _as_torch(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t.view(torch.bfloat16) if self.storage_dtype == "bfloat16" else t
+
+    def _as_numpy(self, t: torch.Tensor) -> np.ndarray:
+        return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
     # -- cursor --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -271,36 +288,42 @@ class ShuffledReader:
         return {
             "fingerprint": self.cache.fingerprint, "arrays": list(self.names), "split": self.cfg.split,
             "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
-            "epoch": self.epoch, "next_chunk": self._next_chunk, "batches_this_epoch": self.batches_this_epoch,
-            "pool_rows": self._pool_rows.copy(), "ready": list(self._ready),
+            "buffer_tokens": self.cfg.buffer_tokens, "epoch": self.epoch, "epoch_base": self._epoch_base,
+            "next_block": self._next_block,
+            "batches_this_epoch": self.batches_this_epoch, "pool_rows": self._pool_rows.copy(),
             "rng": self._rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = {"fingerprint": self.cache.fingerprint, "arrays": list(self.names), "split": self.cfg.split,
-                "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size}
+                "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
+                "buffer_tokens": self.cfg.buffer_tokens}
         for k, v in mine.items():
             if state[k] != v:
                 raise CacheError(f"reader cursor: saved {k} {state[k]!r} differs from this reader's {v!r}")
+        self._wait_loading()
+        self.epoch = -1
+        self._epoch_base = int(state["epoch_base"])
         self._reset_epoch(int(state["epoch"]))
-        self._next_chunk = int(state["next_chunk"])
+        self._next_block = int(state["next_block"])
         self.batches_this_epoch = int(state["batches_this_epoch"])
         self._rng.bit_generator.state = state["rng"]
         rows = np.asarray(state["pool_rows"], dtype=np.int64)
-        ct = self.cache.chunk_tokens
-        # Reload the waiting rows chunk by chunk, then restore their serving order.
-        chunks = rows // ct
-        futures = [(c, self._pool.submit(self._load, int(c), np.sort(rows[chunks == c]))) for c in np.unique(chunks)]
-        for _, f in futures:
-            self._pour(*f.result())
-        order = {r: i for i, r in enumerate(self._pool_rows.tolist())}
-        perm = np.asarray([order[r] for r in rows.tolist()], dtype=np.int64)
-        self._pool_rows, self._pool_slots = self._pool_rows[perm], self._pool_slots[perm]
-        self._ready = [int(n) for n in state["ready"]]
+        # Decompress the chunks of the waiting rows back into the places an unbroken run had them in.
+        where = {c: (p // self.chunks_per_block, p % self.chunks_per_block) for p, c in enumerate(self._order)}
+        chunks = np.unique(rows // self.ct)
+        futures = [self._pool.submit(self._decode, int(c), self._base(*where[int(c)])) for c in chunks]
+        slot_of: dict[int, int] = {}
+        for f in futures:
+            ids, slots = f.result()
+            slot_of.update(zip(ids.tolist(), slots.tolist()))
+        self._pool_rows = rows
+        self._pool_slots = np.asarray([slot_of[r] for r in rows.tolist()], dtype=np.int64)
 
     def close(self) -> None:
-        for f in self._inflight.values():
-            f.cancel()
+        if self._loading is not None:
+            for f in self._loading[1]:
+                f.cancel()
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> "ShuffledReader":

@@ -126,6 +126,19 @@ class Cache:
     def chunk_rows(self, chunk: int) -> range:
         return range(chunk * self.chunk_tokens, min((chunk + 1) * self.chunk_tokens, self.manifest["n_tokens"]))
 
+    def chunk_bytes(self, name: str, chunk: int) -> bytes:
+        """The stored bytes of one chunk (``name`` is an array or ``tokens``), read without zarr."""
+        from .format import chunk_key
+
+        key = chunk_key(name, chunk)
+        if "://" in self.path:
+            import fsspec
+
+            with fsspec.open(f"{self.path.rstrip('/')}/{key}", "rb") as f:
+                return f.read()
+        with open(Path(self.path) / key, "rb") as f:
+            return f.read()
+
     def stats(self, name: str) -> ArrayStats:
         """Final statistics of a complete cache, or running ones of the committed prefix."""
         self.array(name)

@@ -1,0 +1,231 @@
+"""Shuffled-reader throughput against the page-cache read and the codec's decode ceiling.
+
+Builds, in a temporary directory, a GPT-2-size cache through the real writer (``fixtures.write_cache``):
+two arrays ``8.resid_mid`` and ``8.mlp_out`` of width 768, bf16 storage, blosc lz4 + bitshuffle (the
+default codec), context 128, 21 sequences per chunk (2,688 rows, ~4 MiB per array chunk). The data is
+activation-like (low rank plus noise, per-token norm and per-dimension scale spread, a few outlier
+dimensions), not iid noise; its measured compression ratio is printed. The whole cache fits in the page
+cache, so every row measures CPU work (read syscalls, decode, crc, copies), not the disk.
+
+Rows, all on the same cache in one run: plain ``open().read()`` of every chunk file on all cores (after a
+warm-up pass); zarr's own ``a[r0:r1]`` per chunk, for reference; the decode ceiling, every chunk read,
+crc-checked and decompressed by the codec on a thread pool of one worker per core (best of two passes);
+one epoch of ``ShuffledReader`` for one array (SAE), for the pair (transcoder)
+and with float32 output; each reader runs a warm-up epoch, then a timed one, in a fresh process, whose peak RSS growth is sampled.
+
+    python benchmarks/reader.py            # 2 x ~590 MiB raw bf16 (150 chunks), buffer 2**18 (~1 min on 2 CPUs)
+    python benchmarks/reader.py --quick    # 2 x ~100 MiB raw (25 chunks), buffer 2**16 (~20 s), a smoke run
+    python benchmarks/reader.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+import numcodecs
+import numpy as np
+import psutil
+import torch
+import zarr
+
+from matryoshka.cache.format import chunk_key, decode_chunk
+from matryoshka.cache.reader import ReaderConfig, ShuffledReader
+from matryoshka.cache.store import Cache
+from matryoshka.fixtures import write_cache
+
+D, CONTEXT, SPC, BOS = 768, 128, 21, 0
+SAE, PAIR = ["8.resid_mid"], ["8.resid_mid", "8.mlp_out"]
+GPU_STEP = {"seed training step, GPT-2 size, fp32 (H200)": 262e3, "same, TF32 matmuls (H200)": 532e3}
+
+
+def activations(n: int, seed: int) -> torch.Tensor:
+    """``[n, D]`` bf16 rows: rank-64 signal with per-token norm spread, noise, per-dim scales, 4 outlier dims."""
+    g = torch.Generator().manual_seed(seed)
+    basis, scale = torch.randn(64, D, generator=g) / 8, torch.exp(0.2 * torch.randn(D, generator=g))
+    scale[:4] *= 20
+    out = torch.empty(n, D, dtype=torch.bfloat16)
+    for i in range(0, n, 2**15):
+        m = min(2**15, n - i)
+        z = torch.randn(m, 64, generator=g) * torch.exp(0.6 * torch.randn(m, 1, generator=g))
+        out[i:i + m] = ((z @ basis + 0.3 * torch.randn(m, D, generator=g)) * scale).to(torch.bfloat16)
+    return out
+
+
+def build(path: Path, n_chunks: int) -> None:
+    n = n_chunks * SPC * CONTEXT
+    tokens = np.random.default_rng(0).integers(1, 50257, n, dtype=np.int32)
+    tokens[::CONTEXT] = BOS  # BOS at position 0 of every context
+    write_cache(path, {name: activations(n, seed) for seed, name in enumerate(PAIR)}, tokens, CONTEXT, SPC,
+                dtype="bfloat16", codec="lz4", bos_policy="context", bos_id=BOS, fingerprint="bench-reader")
+
+
+def timed_pool(fn: Callable[[Any], object], items: list, workers: int) -> float:
+    """Seconds to map ``fn`` over ``items`` on a thread pool (pool start-up excluded)."""
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda _: None, range(workers)))
+        t0 = time.perf_counter()
+        list(pool.map(fn, items))
+        return time.perf_counter() - t0
+
+
+def raw_read(cache: Cache, workers: int) -> tuple[float, int]:
+    """Best-of-two seconds to read every chunk file of the SAE array from the page cache, and their bytes."""
+    files = [Path(cache.path) / chunk_key(SAE[0], i) for i in range(cache.n_chunks)]
+
+    def read(f: Path) -> int:
+        with open(f, "rb") as fh:
+            return len(fh.read())
+    timed_pool(read, files, workers)  # warm-up: bring the files into the page cache
+    return min(timed_pool(read, files, workers) for _ in range(2)), sum(f.stat().st_size for f in files)
+
+
+def decode_ceiling(cache: Cache, names: list[str], workers: int) -> float:
+    """Best-of-two seconds to read, crc-check and decompress every chunk of ``names`` with the codec itself
+    (one reused output buffer per thread): the most any reader of these chunks can deliver."""
+    scratch = threading.local()
+
+    def load(i: int) -> None:
+        for n in names:
+            if not hasattr(scratch, "out"):
+                scratch.out = np.empty((cache.chunk_tokens, D), np.uint16)
+            decode_chunk(cache.chunk_bytes(n, i), "lz4", scratch.out)
+    return min(timed_pool(load, list(range(cache.n_chunks)), workers) for _ in range(2))
+
+
+def zarr_reads(cache: Cache, workers: int) -> float:
+    """Best-of-two seconds to read every chunk of one array through zarr (``a[r0:r1]``), for reference."""
+    a = cache.array(SAE[0])
+
+    def load(i: int) -> None:
+        r = cache.chunk_rows(i)
+        a[r.start:r.stop]
+    return min(timed_pool(load, list(range(cache.n_chunks)), workers) for _ in range(2))
+
+
+def reader_epoch(path: str, names: list[str], buffer_tokens: int, device: str, dtype: torch.dtype | None
+                 ) -> tuple[float, int, int, int, int]:
+    """In a fresh process: seconds for one epoch, rows delivered, peak RSS growth, the stated budget and the
+    number of decode threads the reader started."""
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+    cfg = ReaderConfig(batch_size=4096, buffer_tokens=buffer_tokens, exclude_bos=True)
+    base = proc.memory_info().rss
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with ShuffledReader(names, path, cfg, device=device, dtype=dtype) as reader:
+        out_bytes = torch.empty(0, dtype=reader.dtype).element_size()
+        row = sum(reader.widths) * 2  # storage bytes per row, all arrays
+        threads = reader._pool._max_workers
+        budget = cfg.buffer_tokens * row + 2 * cfg.batch_size * sum(reader.widths) * out_bytes
+        for _ in range(reader.batches_per_epoch):  # warm-up epoch: threads, first block, page cache
+            next(reader)
+        n, t0 = 0, time.perf_counter()
+        for _ in range(reader.batches_per_epoch):
+            n += len(next(reader)[names[0]])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    return seconds, n, peak[0] - base, budget, threads
+
+
+def machine(device: str) -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
+    return (f"machine: {os.cpu_count()} CPUs ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch "
+            f"{torch.__version__}, zarr {zarr.__version__}, numcodecs {numcodecs.__version__}, device {device}{gpu}")
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A markdown table: first column left-aligned, the others right-aligned."""
+    w = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
+    for k, r in enumerate([header, *rows]):
+        print("| " + " | ".join(c.ljust(w[0]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(r)) + " |")
+        if k == 0:
+            print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 x ~100 MiB cache, buffer 2**16: a smoke run")
+    ap.add_argument("--device", default="cpu", help="where the reader delivers batches: cpu or cuda")
+    ap.add_argument("--chunks", type=int, default=None, help="chunks per array (default 150, --quick 25)")
+    args = ap.parse_args()
+    n_chunks = args.chunks or (25 if args.quick else 150)
+    buffer_tokens = 2**16 if args.quick else 2**18
+    workers, start = os.cpu_count() or 1, time.perf_counter()
+    print(machine(args.device))
+    with tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp:
+        path = Path(tmp) / "cache"
+        t0 = time.perf_counter()
+        build(path, n_chunks)
+        cache, build_s = Cache(path), time.perf_counter() - t0
+        n_rows = cache.manifest["n_tokens"]
+        raw_mib = n_rows * D * 2 / 2**20
+        stored = {a: sum((path / chunk_key(a, i)).stat().st_size for i in range(n_chunks)) for a in PAIR}
+        ratios = ", ".join(f"{a} {n_rows * D * 2 / s:.3f}" for a, s in stored.items())
+        print(f"cache: {n_rows:,} rows x {D} per array, {len(PAIR)} arrays, bf16, lz4 + bitshuffle, {n_chunks} chunks "
+              f"of {cache.chunk_tokens:,} rows ({cache.chunk_tokens * D * 2 / 2**20:.2f} MiB raw per array), "
+              f"{raw_mib:,.0f} MiB raw per array, written in {build_s:.0f}s")
+        print(f"compression ratio (raw / stored bytes): {ratios}; whole cache in page cache "
+              f"({sum(stored.values()) / 2**20:,.0f} MiB on disk, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM)")
+
+        raw_s, raw_bytes = raw_read(cache, workers)
+        ceil = {len(names): decode_ceiling(cache, names, workers) for names in (SAE, PAIR)}
+        rows: list[tuple[str, float, int, int, int | None]] = [  # what, seconds, rows, bytes per row, arrays
+            (f"raw open().read() of chunk files, {workers} threads (file bytes {raw_bytes / raw_s / 1e9:.2f} GB/s)",
+             raw_s, n_rows, D * 2, None),
+            (f"zarr a[r0:r1] per chunk, {workers} threads, 1 array (for reference)", zarr_reads(cache, workers),
+             n_rows, D * 2, None),
+            (f"decode ceiling: read + crc32c + lz4 per chunk, {workers} threads, 1 array", ceil[1], n_rows, D * 2, None),
+            (f"decode ceiling: read + crc32c + lz4 per chunk, {workers} threads, 2 arrays", ceil[2], n_rows,
+             2 * D * 2, None)]
+        runs = [("ShuffledReader SAE, 1 array, out bf16", SAE, None),
+                ("ShuffledReader transcoder, 2 arrays, out bf16", PAIR, None),
+                ("ShuffledReader SAE, 1 array, out float32", SAE, torch.float32)]
+        mem = []
+        ctx = mp.get_context("spawn")
+        for what, names, dtype in runs:
+            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                job = pool.submit(reader_epoch, str(path), names, buffer_tokens, args.device, dtype)
+                s, n, rss, budget, threads = job.result()
+            rows.append((what, s, n, len(names) * D * 2, len(names)))
+            mem.append((what, rss, budget))
+
+    print(f"\nReader throughput, the second epoch of each (steady state), batch 4096, buffer_tokens {buffer_tokens:,}, "
+          f"threads 0 (the reader started {threads} decode threads), exclude_bos, device {args.device}")
+    print("   GB/s = delivered activation bytes in storage dtype (bf16, all arrays); readers deliver 127/128 of the "
+          "rows (BOS dropped); vs ceiling = GB/s / the decode ceiling with the same number of arrays")
+    table = []
+    for what, s, n, row, k in rows:
+        vs = f"{n * row / s / (n_rows * row / ceil[k]):.2f}x" if k else "-"
+        table.append([what, f"{n / s:,.0f}", f"{n * row / s / 1e9:.2f}", vs])
+    print_table(["what", "tok/s", "GB/s", "vs ceiling"], table)
+    print("   target (issue): ShuffledReader >= 0.80x the decode ceiling")
+
+    print("\nReader peak RSS growth (sampled every 2 ms) against its stated budget "
+          "(the buffer's two halves and 2 batches)")
+    print_table(["reader", "peak RSS growth MiB", "budget MiB", "growth / budget"],
+                [[w, f"{r / 2**20:,.0f}", f"{b / 2**20:,.0f}", f"{r / b:.2f}"] for w, r, b in mem])
+
+    sae = rows[4][2] / rows[4][1]
+    print(f"\nContext (design.md section 9; GPU figures from an H200, reader figure from this {workers}-CPU machine):")
+    print_table(["training step", "tok/s", "reader SAE tok/s / step"],
+                [[k, f"{v:,.0f}", f"{sae / v:.2f}x"] for k, v in GPU_STEP.items()])
+    print(f"\ntotal {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

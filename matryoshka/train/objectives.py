@@ -1,0 +1,143 @@
+"""Training objectives: the seed's Matryoshka BatchTopK math (``reference``) and its repaired ``default``.
+
+Both compute, for a batch x (source) and y (target; y = x for an SAE), with G groups::
+
+    loss = (mse(b_dec, y) + sum_g mse(prefix_g, y)) / (G + 1) + aux
+
+every mse a mean over all B * d elements. They differ where the seed is faulty (README, "reference
+vs default"):
+
+===================  ==========================================  ============================================
+                     reference (the seed, exactly)               default
+===================  ==========================================  ============================================
+aux residual         y - y_hat, not detached                     detached: aux trains dead latents only
+aux latents k_aux    min(512, n_dead)                            min(d_out, n_dead)
+dead latent          20 *steps* in a row without firing          ``dead_tokens`` tokens without firing
+threshold            EMA from 0 (biased low for ~100s of steps)  EMA started at the first batch's value
+decoder unit norm    renormalised *before* the optimiser step    renormalised *after* it: always unit norm
+===================  ==========================================  ============================================
+
+The state each objective keeps (threshold, dead counters) lives in the dictionary's buffers and the
+objective's own tensors, and is saved in checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .dictionary import Dictionary
+from .sparse import Code, group_partials, row_topk
+
+OBJECTIVES = ("default", "reference")
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.float() - b.float()).pow(2).mean()
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    main: torch.Tensor
+    aux: torch.Tensor
+    code: Code
+    recon: torch.Tensor  # [B, d_out], all groups
+    prefix_mse: torch.Tensor  # [G]
+
+
+class Objective:
+    """Loss and bookkeeping of one dictionary. ``reference`` reproduces the seed point by point."""
+
+    def __init__(self, dic: Dictionary, kind: str = "default", aux_penalty: float = 1 / 32,
+                 dead_steps: int = 20, dead_tokens: int = 10_000_000, ema: float = 0.01) -> None:
+        if kind not in OBJECTIVES:
+            raise ValueError(f"objective: {kind!r} is not one of {', '.join(OBJECTIVES)}")
+        self.dic, self.kind = dic, kind
+        self.aux_penalty, self.dead_steps, self.dead_tokens, self.ema = aux_penalty, dead_steps, dead_tokens, ema
+        # reference: batches in a row without firing; default: tokens since last fired
+        self.inactive = torch.zeros(dic.width, dtype=torch.long, device=dic.W_dec.device)
+        self.started = torch.zeros((), dtype=torch.bool, device=dic.W_dec.device)
+
+    @property
+    def reference(self) -> bool:
+        return self.kind == "reference"
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.inactive >= (self.dead_steps if self.reference else self.dead_tokens)
+
+    def k_aux(self) -> int:
+        return 512 if self.reference else self.dic.d_out
+
+    # -- the step ------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
+        dic = self.dic
+        acts = dic.pre_acts(x)
+        code = dic.select(acts, training=True)
+        self._update_threshold(code)
+        self._update_inactive(code, x.shape[0])
+        prefixes = dic.prefixes(code, x)
+        prefix_mse = (prefixes.float() - y.float().unsqueeze(1)).pow(2).mean(dim=(0, 2))
+        main = (mse(dic.b_dec.expand_as(y), y) + prefix_mse.sum()) / (dic.n_groups + 1)
+        recon = prefixes[:, -1]
+        aux = self._aux(acts, y, recon)
+        return StepOutput(main + aux, main, aux, code, recon, prefix_mse.detach())
+
+    @torch.no_grad()
+    def _update_threshold(self, code: Code) -> None:
+        if self.dic.arch == "topk" or len(code.values) == 0:
+            return
+        low = code.values.min().float()
+        t = self.dic.threshold
+        if self.reference or bool(self.started):
+            t.mul_(1 - self.ema).add_(self.ema * low)
+        else:
+            t.copy_(low)  # warm start: the EMA begins at the first batch's value, not at 0
+        self.started.fill_(True)
+
+    @torch.no_grad()
+    def _update_inactive(self, code: Code, batch: int) -> None:
+        fired = torch.zeros_like(self.inactive, dtype=torch.bool)
+        fired[code.latents] = True
+        self.inactive.add_(1 if self.reference else batch)
+        self.inactive[fired] = 0
+
+    def _aux(self, acts: torch.Tensor, y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Dead latents' top activations per row, decoded without bias, fit to the residual."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return torch.zeros((), device=y.device)
+        residual = y.float() - recon.float()
+        if not self.reference:
+            residual = residual.detach()
+        idx = torch.nonzero(dead).squeeze(1)
+        code = row_topk(acts[:, idx], min(self.k_aux(), n_dead))
+        partial = group_partials(code, self.dic.W_dec[idx], torch.tensor([n_dead], device=y.device))
+        return self.aux_penalty * mse(partial[:, 0], residual)
+
+    # -- the decoder's unit norm ---------------------------------------------------------------------
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """Remove the gradient's radial component; the reference also renormalises the rows here."""
+        W = self.dic.W_dec
+        if W.grad is None:
+            return
+        unit = W / W.norm(dim=-1, keepdim=True)
+        W.grad -= (W.grad * unit).sum(-1, keepdim=True) * unit
+        if self.reference:
+            W.copy_(unit)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if not self.reference:
+            W = self.dic.W_dec
+            W.div_(W.norm(dim=-1, keepdim=True))
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"inactive": self.inactive.clone(), "started": self.started.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inactive.copy_(state["inactive"])
+        self.started.copy_(state["started"])

@@ -1,0 +1,75 @@
+"""Sparse latent codes and the sparse decoder.
+
+A batch's code is a list of (row, latent, value) triples, never a dense batch x latents matrix. The
+decoder sums ``value * W_dec[latent]`` per (row, group) bag with ``F.embedding_bag``, so one call gives
+every Matryoshka group's partial sum, and a cumulative sum over groups gives every prefix
+reconstruction: the work is proportional to the active latents, not to the dictionary's width.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Code:
+    """Active latents of a batch of ``batch`` rows, sorted by row then latent."""
+
+    rows: torch.Tensor     # [n] int64
+    latents: torch.Tensor  # [n] int64
+    values: torch.Tensor   # [n] float, carries the gradient
+    batch: int
+    width: int
+
+    def dense(self) -> torch.Tensor:
+        """[batch, width]: for users, tests and small batches, never for training."""
+        out = torch.zeros(self.batch, self.width, dtype=self.values.dtype, device=self.values.device)
+        return out.index_put((self.rows, self.latents), self.values)
+
+    def l0(self) -> torch.Tensor:
+        return torch.tensor(len(self.values) / self.batch)
+
+
+def _sorted(flat: torch.Tensor, values: torch.Tensor, batch: int, width: int) -> Code:
+    order = torch.argsort(flat)
+    flat, values = flat[order], values[order]
+    return Code(flat // width, flat % width, values, batch, width)
+
+
+def batch_topk(acts: torch.Tensor, k: int) -> Code:
+    """The ``k * batch`` largest activations of the whole batch (one selection shared by all groups)."""
+    b, m = acts.shape
+    vals, flat = torch.topk(acts.reshape(-1), k * b, sorted=False)
+    keep = vals > 0
+    return _sorted(flat[keep], vals[keep], b, m)
+
+
+def row_topk(acts: torch.Tensor, k: int) -> Code:
+    """The ``k`` largest activations of each row."""
+    b, m = acts.shape
+    vals, idx = torch.topk(acts, k, dim=-1, sorted=False)
+    flat = (idx + torch.arange(b, device=acts.device)[:, None] * m).reshape(-1)
+    vals = vals.reshape(-1)
+    keep = vals > 0
+    return _sorted(flat[keep], vals[keep], b, m)
+
+
+def above(acts: torch.Tensor, threshold: torch.Tensor | float) -> Code:
+    """Every activation above ``threshold`` (inference for BatchTopK-trained dictionaries: a JumpReLU)."""
+    b, m = acts.shape
+    rows, lats = torch.nonzero(acts > threshold, as_tuple=True)
+    return Code(rows, lats, acts[rows, lats], b, m)
+
+
+def group_partials(code: Code, W_dec: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """[batch, groups, d_out]: each group's decoded partial sum, no bias. ``bounds`` are the group ends."""
+    n_groups = len(bounds)
+    group = torch.bucketize(code.latents, bounds, right=True)
+    bag = code.rows * n_groups + group
+    # embedding_bag wants bags as offsets into an input sorted by bag; (row, latent) order is (row, group) order.
+    counts = torch.bincount(bag, minlength=code.batch * n_groups)
+    offsets = torch.cumsum(counts, 0) - counts
+    out = F.embedding_bag(code.latents, W_dec, offsets, mode="sum", per_sample_weights=code.values.to(W_dec.dtype))
+    return out.view(code.batch, n_groups, -1)
