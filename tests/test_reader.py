@@ -151,8 +151,8 @@ def test_memory_stays_bounded_on_a_cache_much_larger_than_the_buffer(tmp_path):
             peak[0] = max(peak[0], proc.memory_info().rss)
             done.wait(0.005)
 
+    base = proc.memory_info().rss
     with ShuffledReader(["x"], str(path), cfg) as r:
-        base = proc.memory_info().rss
         t = threading.Thread(target=sample)
         t.start()
         served = sum(next(r)["x"].shape[0] for _ in range(2 * r.batches_per_epoch)) // 2
