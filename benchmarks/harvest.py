@@ -32,10 +32,10 @@ import numcodecs
 import numpy as np
 import torch
 import transformers
-import zarr
 from numcodecs import Blosc, Zstd
 from numcodecs.blosc import BITSHUFFLE, SHUFFLE
 
+from common import machine, print_table
 from matryoshka.cache.format import to_storage
 from matryoshka.config import HarvestConfig, parse_count
 from matryoshka.fixtures import build_model, build_tokenizer, write_corpus
@@ -181,22 +181,6 @@ def codec_table(f32: np.ndarray) -> list[tuple[str, tuple[float, ...]]]:
     bits = to_storage(torch.from_numpy(f32), "bfloat16").numpy().view(np.uint16)
     data = {"bf16": bits, "fp16": f32.astype(np.float16), "fp32": f32}
     return [(name, codec_row(codec, data, os.cpu_count() or 1)) for name, codec in CODECS.items()]
-
-
-def machine(device: str) -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    gpu = f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
-    return (f"machine: {os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"zarr {zarr.__version__}, numcodecs {numcodecs.__version__}, device {device}{gpu}")
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """A markdown table: first column left-aligned, the others right-aligned."""
-    w = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-    for k, r in enumerate([header, *rows]):
-        print("| " + " | ".join(c.ljust(w[0]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(r)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (x + 2) for x in w) + "|")
 
 
 def main() -> None:

@@ -29,12 +29,11 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-import numcodecs
 import numpy as np
 import psutil
 import torch
-import zarr
 
+from common import machine, print_table
 from matryoshka.cache.format import chunk_key, decode_chunk
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
 from matryoshka.cache.store import Cache
@@ -139,22 +138,6 @@ def reader_epoch(path: str, names: list[str], buffer_tokens: int, device: str, d
     done.set()
     sampler.join()
     return seconds, n, peak[0] - base, budget, threads
-
-
-def machine(device: str) -> str:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    gpu = f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
-    return (f"machine: {os.cpu_count()} CPUs ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch "
-            f"{torch.__version__}, zarr {zarr.__version__}, numcodecs {numcodecs.__version__}, device {device}{gpu}")
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """A markdown table: first column left-aligned, the others right-aligned."""
-    w = [max(len(r[j]) for r in [header, *rows]) for j in range(len(header))]
-    for k, r in enumerate([header, *rows]):
-        print("| " + " | ".join(c.ljust(w[0]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(r)) + " |")
-        if k == 0:
-            print("|" + "|".join("-" * (x + 2) for x in w) + "|")
 
 
 def main() -> None:

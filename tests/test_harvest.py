@@ -7,7 +7,6 @@ import torch
 
 from conftest import harvest_config
 from matryoshka.cache import Cache
-from matryoshka.cache.format import decode
 from matryoshka.harvest import harvest
 from matryoshka.models import Capture, load_model, model_info
 

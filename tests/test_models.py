@@ -13,6 +13,15 @@ def _tokens(n_batch=2, n_ctx=24, vocab=300, seed=0):
     return torch.randint(4, vocab, (n_batch, n_ctx), generator=g)
 
 
+def _capture_all(info, model, toks):
+    """Every site of every layer, in one forward pass."""
+    cap = Capture(model, info.arch, [(l, s) for l in range(info.n_layers) for s in SITES])
+    try:
+        return cap(toks)
+    finally:
+        cap.close()
+
+
 @pytest.fixture(scope="module")
 def loaded(model_dir):
     info = model_info(str(model_dir))
@@ -31,10 +40,7 @@ def test_capture_equals_plain_hf_forward(loaded, model_dir):
 
     info, model = loaded
     toks = _tokens()
-    sites = [(l, s) for l in range(info.n_layers) for s in SITES]
-    cap = Capture(model, info.arch, sites)
-    got = cap(toks)
-    cap.close()
+    got = _capture_all(info, model, toks)
     raw = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation="eager").eval()
     with torch.no_grad():
         hs = raw(toks, output_hidden_states=True).hidden_states
@@ -46,9 +52,7 @@ def test_capture_equals_plain_hf_forward(loaded, model_dir):
 
 def test_residual_identities(loaded):
     info, model = loaded
-    cap = Capture(model, info.arch, [(l, s) for l in range(info.n_layers) for s in SITES])
-    got = cap(_tokens())
-    cap.close()
+    got = _capture_all(info, model, _tokens())
     for l in range(info.n_layers):
         torch.testing.assert_close(got[(l, "resid_pre")] + got[(l, "attn_out")], got[(l, "resid_mid")])
         torch.testing.assert_close(got[(l, "resid_mid")] + got[(l, "mlp_out")], got[(l, "resid_post")])
@@ -62,14 +66,11 @@ def test_hook_names_match_a_fresh_bridge(loaded, model_dir):
 
     info, model = loaded
     toks = _tokens()
-    sites = [(l, s) for l in range(info.n_layers) for s in SITES]
-    cap = Capture(model, info.arch, sites)
-    got = cap(toks)
-    cap.close()
+    got = _capture_all(info, model, toks)
     bridge = TransformerBridge.boot_transformers(str(model_dir), device="cpu", dtype=torch.float32)
     _, cache = bridge.run_with_cache(toks)
-    for l, s in sites:
-        torch.testing.assert_close(got[(l, s)], cache[hook_name(l, s)], rtol=1e-4, atol=1e-5,
+    for (l, s), value in got.items():
+        torch.testing.assert_close(value, cache[hook_name(l, s)], rtol=1e-4, atol=1e-5,
                                    msg=f"{hook_name(l, s)} differs from the bridge")
 
 
