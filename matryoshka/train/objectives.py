@@ -32,8 +32,13 @@ from .sparse import Code, group_partials, row_topk
 OBJECTIVES = ("default", "reference")
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: losses of bf16 activations are computed in float32, float64 stays float64."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.float() - b.float()).pow(2).mean()
+    return (wide(a) - wide(b)).pow(2).mean()
 
 
 @dataclass
@@ -77,7 +82,7 @@ class Objective:
         self._update_threshold(code)
         self._update_inactive(code, x.shape[0])
         prefixes = dic.prefixes(code, x)
-        prefix_mse = (prefixes.float() - y.float().unsqueeze(1)).pow(2).mean(dim=(0, 2))
+        prefix_mse = (wide(prefixes) - wide(y).unsqueeze(1)).pow(2).mean(dim=(0, 2))
         main = (mse(dic.b_dec.expand_as(y), y) + prefix_mse.sum()) / (dic.n_groups + 1)
         recon = prefixes[:, -1]
         aux = self._aux(acts, y, recon)
@@ -87,7 +92,7 @@ class Objective:
     def _update_threshold(self, code: Code) -> None:
         if self.dic.arch == "topk" or len(code.values) == 0:
             return
-        low = code.values.min().float()
+        low = code.values.min()
         t = self.dic.threshold
         if self.reference or bool(self.started):
             t.mul_(1 - self.ema).add_(self.ema * low)
@@ -108,7 +113,7 @@ class Objective:
         n_dead = int(dead.sum())
         if n_dead == 0:
             return torch.zeros((), device=y.device)
-        residual = y.float() - recon.float()
+        residual = wide(y) - wide(recon)
         if not self.reference:
             residual = residual.detach()
         idx = torch.nonzero(dead).squeeze(1)
