@@ -159,6 +159,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
             create_arrays(group, manifest)
             state = {"chunks": 0}
         else:
+            for stray in path.rglob("*.partial"):  # a write a killed writer left half done (never renamed)
+                stray.unlink()
             group = zarr.open_group(str(path), mode="r+")
         threads = cfg.writer_threads or os.cpu_count() or 1
         writer = CacheWriter(group, manifest, state, threads=threads, batch_seqs=cfg.batch_size)
