@@ -60,6 +60,8 @@ def test_sigkill_then_resume_is_byte_identical(gpt2_dir, corpus, tmp_path):
     again = subprocess.run(_args(gpt2_dir, corpus, killed), env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "pass --resume" in again.stderr
 
+    # What a write cut short by the kill would leave: zarr's temporary file, never renamed into place.
+    (killed / "acts" / "1.mlp_out" / "c" / "0" / "0.0123abcd.partial").write_bytes(b"half a chunk")
     subprocess.run(_args(gpt2_dir, corpus, killed, "--resume"), check=True, env=env, capture_output=True)
     a, b = Cache(whole), Cache(killed)
     assert b.complete and a.fingerprint == b.fingerprint
