@@ -1,7 +1,8 @@
-"""The `pipeline` command: harvest, and cache ls|info|verify.
+"""The `pipeline` command: harvest, train, and cache ls|info|verify.
 
-Harvest's flags are generated from :class:`~matryoshka.config.HarvestConfig`, so every flag is a key
-of pipeline.yaml's ``harvest`` section and the two can never drift apart. A flag given on the
+Each stage's flags are generated from its config dataclass (:class:`~matryoshka.config.HarvestConfig`,
+:class:`~matryoshka.config.TrainConfig`), so every flag is a key of the stage's pipeline.yaml section
+and the two can never drift apart. A flag given on the
 command line overrides the same key from ``--config``.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .config import ConfigError, HarvestConfig, from_dict, load_pipeline
+from .config import ConfigError, HarvestConfig, TrainConfig, from_dict, load_pipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
@@ -111,6 +112,21 @@ def _with_signature(fn: Callable, extra: list[inspect.Parameter]) -> Callable:
 
 app.command("harvest", help="Run the LM once over a dataset and write source/target activations to a zarr cache.")(
     _with_signature(_harvest, _flags_from(HarvestConfig)))
+
+
+def _train(config: Optional[Path] = None, quiet: bool = False, **flags: Any) -> None:
+    from .train.trainer import train
+
+    def go() -> None:
+        cfg = _config_from(TrainConfig, "train", config, flags)
+        for path in train(cfg, progress=not quiet):
+            typer.echo(str(path))
+
+    _run_guarded(go)
+
+
+app.command("train", help="Train every run listed in the config from one shuffled read of a cache.")(
+    _with_signature(_train, _flags_from(TrainConfig, skip=("runs",))))
 
 
 @cache_app.command("ls")

@@ -114,7 +114,7 @@ class HarvestConfig:
     dataset_revision: str | None = opt(None, "Dataset revision on the Hub.")
     text_column: str = opt("text", "Column holding the documents' text.")
     token_column: str | None = opt(None, 'Read pre-tokenized ids from this column instead of tokenizing ``text_column``.')
-    layers: str | list[int] | int | None = opt(None, "Layers for sites given without one: 8 or 6,8.")
+    layers: str | list[int] | int | None = opt(8, "Layers for sites given without one: 8 or 6,8.")
     sites: str | list[str] = opt("resid_mid,mlp_out", "Sites to capture: resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post, or LAYER.SITE.")
     tokens: int | str = opt("10M", "Tokens to harvest (suffixes K, M, B), rounded up to whole contexts.")
     context_size: int = opt(128, "Tokens per context (sequence).")
@@ -193,11 +193,102 @@ def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
         raise ConfigError(f"{path}: {e}") from None
 
 
+ARCHS = ("matryoshka", "batchtopk", "topk")
+OBJECTIVES = ("default", "reference")
+
+
+@dataclass
+class RunConfig:
+    """One dictionary to train: an SAE (no ``target``) or a transcoder (``target`` is another array)."""
+
+    name: str = opt("", "Run name: the folder under runs/<cache fingerprint>/.")
+    source: str = opt("", "Cache array the dictionary reads, e.g. 8.resid_mid.")
+    target: str | None = opt(None, "Cache array it reconstructs (a transcoder); none for an SAE.")
+    arch: str = opt("matryoshka", "matryoshka (BatchTopK with nested groups), batchtopk or topk.")
+    width: int = opt(0, "Latents; 0 means 16x the source width (the seed's default).")
+    group_sizes: list[int] | None = opt(None, "Matryoshka groups; none means the seed's [1x, 2x, 4x, 9x] of width/16.")
+    k: int = opt(0, "Active latents per token; 0 means width / 200 (the seed's suggestion).")
+    objective: str = opt("default", "default (the seed's method with its faults fixed) or reference (the seed, exactly).")
+    lr: float = opt(3e-4, "Adam learning rate.")
+    tokens: int | str = opt("10M", "Training tokens.")
+    skip: bool = opt(False, "A transcoder's linear skip connection.")
+    aux_penalty: float = opt(1 / 32, "Weight of the dead-latent auxiliary loss.")
+    dead_tokens: int | str = opt("10M", "default objective: a latent is dead after this many tokens without firing.")
+    warmup_steps: int = opt(100, "default objective: linear learning-rate warm-up steps.")
+    decay_fraction: float = opt(0.2, "default objective: linear decay to 0 over this last fraction of steps.")
+    grad_clip: float = opt(1.0, "default objective: clip the gradient's norm (0: off).")
+    seed: int = opt(0, "Initialisation seed.")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("name: every run needs a name")
+        if not self.source:
+            raise ConfigError(f"source: run {self.name!r} names no source array (e.g. 8.resid_mid)")
+        _choice("arch", self.arch, ARCHS)
+        _choice("objective", self.objective, OBJECTIVES)
+        self.tokens = parse_count(self.tokens, "tokens")
+        self.dead_tokens = parse_count(self.dead_tokens, "dead_tokens")
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ConfigError(f"lr: {self.lr!r} must be positive")
+        if self.objective == "reference" and self.arch != "matryoshka":
+            raise ConfigError(f"objective: 'reference' reproduces the seed's Matryoshka BatchTopK; arch is {self.arch!r}")
+
+    def resolve(self, d_in: int) -> "RunConfig":
+        """Fill width, groups and k from the source width, and check them."""
+        width = self.width or 16 * d_in
+        groups = self.group_sizes
+        if self.arch == "matryoshka" and groups is None:
+            unit = width // 16
+            groups = [unit, 2 * unit, 4 * unit, width - 7 * unit]
+        k = self.k or max(1, width // 200)
+        if self.arch == "matryoshka":
+            if any(not isinstance(g, int) or g <= 0 for g in groups) or sum(groups) != width:
+                raise ConfigError(f"group_sizes: {groups} must be positive and sum to the width {width} "
+                                  f"(run {self.name!r})")
+        elif groups is not None:
+            raise ConfigError(f"group_sizes: only a matryoshka run has groups (run {self.name!r} is {self.arch})")
+        if not 0 < k < width:
+            raise ConfigError(f"k: {k} must be positive and below the width {width} (run {self.name!r})")
+        return dataclasses.replace(self, width=width, group_sizes=groups, k=k)
+
+
+@dataclass
+class TrainConfig:
+    """`pipeline train`: every run below trains from one shuffled read of one cache."""
+
+    cache: str = opt("", "The cache to train from.")
+    runs: list[RunConfig] = field(default_factory=list, metadata={"help": "The dictionaries to train."})
+    runs_dir: str = opt("runs", "Runs land in RUNS_DIR/<cache fingerprint>/<run name>/.")
+    batch_size: int = opt(4096, "Tokens per step, shared by every run.")
+    buffer_tokens: int = opt(2**18, "Reader buffer: two blocks of half this size.")
+    seed: int = opt(0, "Data order seed.")
+    device: str | None = opt(None, "Default: cuda if available, else cpu.")
+    autocast: bool = opt(True, "bf16 autocast on a GPU, with float32 master weights and optimiser state.")
+    checkpoint_every: int = opt(1000, "Steps between checkpoints.")
+    log_every: int = opt(10, "Steps between metrics lines.")
+    wandb: str | None = opt(None, "W&B project to log to (offline mode works without an account).")
+
+    def __post_init__(self) -> None:
+        runs = []
+        for i, r in enumerate(self.runs):
+            runs.append(r if isinstance(r, RunConfig) else from_dict(RunConfig, r, f"train.runs[{i}]"))
+        names = [r.name for r in runs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"train.runs: run name {dup[0]!r} is used twice")
+        self.runs = runs
+        for name in ("batch_size", "buffer_tokens", "checkpoint_every", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name}: {v!r} must be a positive integer")
+
+
 @dataclass
 class PipelineConfig:
     """The whole of pipeline.yaml. Later stages add their sections here."""
 
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
@@ -214,4 +305,5 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; valid sections are {', '.join(sorted(known))}")
-    return PipelineConfig(harvest=from_dict(HarvestConfig, data.get("harvest") or {}, "harvest"))
+    return PipelineConfig(harvest=from_dict(HarvestConfig, data.get("harvest") or {}, "harvest"),
+                          train=from_dict(TrainConfig, data.get("train") or {}, "train"))

@@ -1,0 +1,191 @@
+"""`pipeline train`: every run of a config trains from one shuffled read of one cache.
+
+Each batch is read once and fed to every run still training (SAEs and transcoders, any widths and
+sites), so K configs cost one read. Each run keeps its own dictionary, objective, optimiser and
+schedule, writes metrics to ``metrics.jsonl``, and checkpoints to ``checkpoint/`` together with the
+reader's cursor, so a resumed run continues the very stream it was on.
+
+Inputs are scaled by constants from the cache's statistics so every array has E||x||^2 = d (the
+scales are saved with the run); FVU is reported against the cache's total variance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..cache import Cache, CacheError
+from ..cache.reader import ReaderConfig, ShuffledReader
+from ..config import ConfigError, RunConfig, TrainConfig
+from .dictionary import Dictionary
+from .objectives import Objective
+
+
+class Run:
+    """One dictionary in training: model, objective, optimiser, schedule, counters, files."""
+
+    def __init__(self, cfg: RunConfig, cache: Cache, root: Path, batch_size: int, device: torch.device) -> None:
+        self.source, self.target = cfg.source, cfg.target or cfg.source
+        for name in (self.source, self.target):
+            if name not in cache.array_names:
+                raise ConfigError(f"train.runs.{cfg.name}: array {name!r} is not in the cache; it has "
+                                  f"{', '.join(cache.array_names)}")
+        d_in = cache.manifest["arrays"][self.source]["width"]
+        d_out = cache.manifest["arrays"][self.target]["width"]
+        self.cfg = cfg.resolve(d_in)
+        self.dir = root / cfg.name
+        self.total_steps = -(-self.cfg.tokens // batch_size)
+        torch.manual_seed(self.cfg.seed)
+        self.dic = Dictionary(d_in, d_out, self.cfg.width, self.cfg.k, self.cfg.arch, self.cfg.group_sizes,
+                              transcoder=cfg.target is not None, skip=self.cfg.skip).to(device)
+        self.objective = Objective(self.dic, self.cfg.objective, aux_penalty=self.cfg.aux_penalty,
+                                   dead_tokens=self.cfg.dead_tokens)
+        self.opt = torch.optim.Adam(self.dic.parameters(), lr=self.cfg.lr, betas=(0.9, 0.99))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        src, tgt = cache.stats(self.source), cache.stats(self.target)
+        self.scale_in = math.sqrt(d_in / src.mean_sq_norm)
+        self.scale_out = math.sqrt(d_out / tgt.mean_sq_norm)
+        self.variance = tgt.total_variance * self.scale_out**2  # FVU denominator, in scaled units
+        self.step = 0
+
+    def _lr_factor(self, step: int) -> float:
+        """Warm-up, constant, linear decay to 0 (default); constant (reference, as the seed)."""
+        if self.cfg.objective == "reference":
+            return 1.0
+        warm = min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        decay_steps = int(self.total_steps * self.cfg.decay_fraction)
+        left = self.total_steps - step
+        return warm * (min(1.0, left / decay_steps) if decay_steps else 1.0)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def train_step(self, batch: dict[str, torch.Tensor], autocast) -> dict[str, float]:
+        x = batch[self.source] * self.scale_in
+        y = batch[self.target] * self.scale_out if self.target != self.source else x
+        with autocast:
+            out = self.objective(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.objective.before_step()
+        if self.cfg.objective == "default" and self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.dic.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.objective.after_step()
+        self.step += 1
+        err = (out.recon.float() - y.float()).pow(2).sum(-1).mean()
+        return {"loss": out.loss, "aux": out.aux, "l0": len(out.code.values) / x.shape[0],
+                "l2": err / y.shape[-1], "fvu": err / self.variance,
+                "dead": self.objective.dead_mask().sum(), "prefix_fvu": out.prefix_mse * y.shape[-1] / self.variance}
+
+    # -- files ---------------------------------------------------------------------------------------
+    def save(self, cursor: dict[str, Any], tokens: int) -> None:
+        """Write the checkpoint atomically: a new folder, renamed over the old one."""
+        tmp = self.dir / "checkpoint.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.dic.state_dict().items()}
+        save_file(tensors, tmp / "model.safetensors")
+        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "objective": self.objective.state_dict(), "step": self.step, "tokens": tokens,
+                    "cursor": cursor, "rng": torch.get_rng_state()}, tmp / "state.pt")
+        (tmp / "config.json").write_text(json.dumps(self.describe(), indent=2))
+        final = self.dir / "checkpoint"
+        old = self.dir / "checkpoint.old"
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load(self) -> dict[str, Any] | None:
+        ck = self.dir / "checkpoint"
+        if not (ck / "state.pt").exists():
+            return None
+        self.dic.load_state_dict(load_file(ck / "model.safetensors", device=str(self.dic.W_dec.device)))
+        state = torch.load(ck / "state.pt", weights_only=False, map_location=self.dic.W_dec.device)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.objective.load_state_dict(state["objective"])
+        self.step = state["step"]
+        return state
+
+    def describe(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.cfg), "d_in": self.dic.d_in, "d_out": self.dic.d_out,
+                "transcoder": self.dic.transcoder, "scale_in": self.scale_in, "scale_out": self.scale_out,
+                "total_steps": self.total_steps, "step": self.step}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
+    """Train every run of ``cfg`` from one read of its cache; resume runs that have checkpoints."""
+    if not cfg.runs:
+        raise ConfigError("train.runs: no runs to train; list at least one under train.runs")
+    cache = Cache(cfg.cache)
+    cache.require_complete()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    root = Path(cfg.runs_dir) / cache.fingerprint
+    runs = [Run(r, cache, root, cfg.batch_size, device) for r in cfg.runs]
+    states = [r.load() for r in runs]
+    active = [r for r in runs if not r.done]
+    if not active:
+        return [r.dir for r in runs]
+    resumed = {s["step"]: s for r, s in zip(runs, states) if s is not None and not r.done}
+    if len(resumed) > 1 or (resumed and any(s is None for r, s in zip(runs, states) if not r.done)):
+        raise CacheError("train: the unfinished runs stopped at different steps of the stream; "
+                         "resume them with separate configs")
+    state = next(iter(resumed.values()), None)
+    if state is not None:
+        torch.set_rng_state(state["rng"])
+    tokens = state["tokens"] if state else 0
+    arrays = sorted({a for r in active for a in (r.source, r.target)})
+    reader = ShuffledReader(arrays, cache, ReaderConfig(batch_size=cfg.batch_size, buffer_tokens=cfg.buffer_tokens,
+                                                        seed=cfg.seed, drop_last=True),
+                            device=device, dtype=torch.float32, state=state["cursor"] if state else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and device.type == "cuda"
+                else nullcontext())
+    for r in active:
+        r.dir.mkdir(parents=True, exist_ok=True)
+        (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
+    logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a") for r in active}
+    bars = {r.cfg.name: tqdm(total=r.total_steps, initial=r.step, desc=r.cfg.name, position=i, leave=True,
+                             disable=not progress, dynamic_ncols=True) for i, r in enumerate(active)}
+    try:
+        while active:
+            batch = next(reader)
+            tokens += cfg.batch_size
+            for r in active:
+                m = r.train_step(batch, autocast)
+                if r.step % cfg.log_every == 0 or r.done:
+                    row = {k: (v.tolist() if torch.is_tensor(v) and v.ndim else float(v)) for k, v in m.items()}
+                    row.update(step=r.step, tokens=r.step * cfg.batch_size, lr=r.sched.get_last_lr()[0],
+                               time=time.time())
+                    logs[r.cfg.name].write(json.dumps(row) + "\n")
+                    bars[r.cfg.name].set_postfix_str(
+                        f"Loss: {row['loss']:.4g}, L0: {row['l0']:.1f}, L2: {row['l2']:.4g}, "
+                        f"FVU: {row['fvu']:.3f}, Dead: {int(row['dead'])}", refresh=False)
+                bars[r.cfg.name].update(1)
+            finished = [r for r in active if r.done]
+            if finished or any(r.step % cfg.checkpoint_every == 0 for r in active):
+                cursor = reader.state_dict()
+                for r in active:
+                    r.save(cursor, tokens)
+                    logs[r.cfg.name].flush()
+            active = [r for r in active if not r.done]
+    finally:
+        for f in logs.values():
+            f.close()
+        for b in bars.values():
+            b.close()
+        reader.close()
+    return [r.dir for r in runs]
