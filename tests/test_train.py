@@ -1,0 +1,124 @@
+"""Training from a harvested cache: it learns, many configs equal each alone, resume is exact."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import harvest_config
+from matryoshka.cache import Cache
+from matryoshka.config import ConfigError, RunConfig, TrainConfig
+from matryoshka.harvest import harvest
+from matryoshka.train.trainer import train
+
+RUNS = [
+    {"name": "sae", "source": "1.resid_mid", "width": 256, "k": 8, "lr": 0.003, "tokens": "40K",
+     "group_sizes": [16, 32, 64, 144], "dead_tokens": "5K"},
+    {"name": "tc", "source": "1.resid_mid", "target": "1.mlp_out", "width": 128, "k": 8, "lr": 0.003,
+     "tokens": "40K", "dead_tokens": "5K", "skip": True},
+    {"name": "ref", "source": "1.resid_mid", "width": 256, "k": 8, "lr": 0.003, "tokens": "20K", "objective": "reference",
+     "group_sizes": [16, 32, 64, 144]},
+]
+
+
+@pytest.fixture(scope="module")
+def cache(gpt2_dir, corpus, tmp_path_factory) -> Path:
+    cfg = harvest_config(gpt2_dir, corpus, tmp_path_factory.mktemp("t") / "cache", sites="1.resid_mid,1.mlp_out",
+                         tokens="24K", batch_size=16, layers=None)
+    return harvest(cfg, progress=False)
+
+
+def _cfg(cache: Path, runs_dir: Path, runs=RUNS, **kw) -> TrainConfig:
+    return TrainConfig(cache=str(cache), runs=[dict(r) for r in runs], runs_dir=str(runs_dir), batch_size=256,
+                       buffer_tokens=2048, checkpoint_every=kw.pop("checkpoint_every", 40), log_every=5, **kw)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "checkpoint" / "model.safetensors")
+
+
+def _last(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_training_lowers_fvu_for_sae_and_transcoder(cache, tmp_path):
+    dirs = {p.name: p for p in train(_cfg(cache, tmp_path), progress=False)}
+    assert set(dirs) == {"sae", "tc", "ref"} and dirs["sae"].parent.name == Cache(cache).fingerprint
+    for name, bound in (("sae", 0.2), ("tc", 0.3), ("ref", 0.5)):
+        last = _last(dirs[name])
+        first = json.loads((dirs[name] / "metrics.jsonl").read_text().splitlines()[0])
+        assert last["fvu"] < bound < first["fvu"], (name, first["fvu"], last["fvu"])
+        assert last["l0"] == pytest.approx(8, abs=0.01)
+    prefix = _last(dirs["sae"])["prefix_fvu"]
+    assert prefix == sorted(prefix, reverse=True)  # each Matryoshka prefix reconstructs better than the last
+    again = train(_cfg(cache, tmp_path), progress=False)  # finished runs are not trained again
+    assert [p.name for p in again] == ["sae", "tc", "ref"]
+    assert len((dirs["sae"] / "metrics.jsonl").read_text().splitlines()) == 32
+
+
+def test_many_configs_from_one_read_equal_each_alone(cache, tmp_path):
+    together = {p.name: _weights(p) for p in train(_cfg(cache, tmp_path / "all", runs=RUNS[:2]), progress=False)}
+    for run in RUNS[:2]:
+        (alone,) = train(_cfg(cache, tmp_path / run["name"], runs=[run]), progress=False)
+        w = _weights(alone)
+        assert w.keys() == together[run["name"]].keys()
+        for k in w:
+            assert torch.equal(w[k], together[run["name"]][k]), (run["name"], k)
+
+
+def test_killed_training_resumes_bitwise(cache, tmp_path):
+    whole = {p.name: _weights(p) for p in train(_cfg(cache, tmp_path / "whole", runs=RUNS[:2], checkpoint_every=20),
+                                                progress=False)}
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"train": {"runs": RUNS[:2], "batch_size": 256, "buffer_tokens": 2048,
+                                                "checkpoint_every": 20, "log_every": 5}}))
+    args = [sys.executable, "-m", "matryoshka.cli", "train", "--cache", str(cache), "--config", str(config),
+            "--runs-dir", str(tmp_path / "killed"), "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    state = tmp_path / "killed" / Cache(cache).fingerprint / "tc" / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(state, weights_only=False)["step"]
+    assert 0 < step < 157
+    subprocess.run(args, env=env, check=True, capture_output=True)
+    for name, w in whole.items():
+        resumed = _weights(tmp_path / "killed" / Cache(cache).fingerprint / name)
+        for k in w:
+            assert torch.equal(w[k], resumed[k]), (name, k)
+
+
+@pytest.mark.parametrize("run, message", [
+    ({"group_sizes": [16, 32]}, r"group_sizes: \[16, 32\] must be positive and sum to the width 256"),
+    ({"k": 256}, "k: 256 must be positive and below the width 256"),
+    ({"source": "9.resid_mid"}, "array '9.resid_mid' is not in the cache; it has 1.resid_mid, 1.mlp_out"),
+    ({"target": "1.attn_out"}, "array '1.attn_out' is not in the cache"),
+    ({"arch": "batchtopk", "group_sizes": [128, 128]}, "only a matryoshka run has groups"),
+])
+def test_config_errors_before_training(cache, tmp_path, run, message):
+    with pytest.raises(ConfigError, match=message):
+        train(_cfg(cache, tmp_path, runs=[{**RUNS[0], **run}]), progress=False)
+    assert not (tmp_path / Cache(cache).fingerprint).exists()
+
+
+def test_config_errors_in_the_yaml():
+    with pytest.raises(ConfigError, match=r"train\.runs\[0\]\.arch: 'jumprelu' is not one of matryoshka"):
+        TrainConfig(cache="x", runs=[{"name": "a", "source": "s", "arch": "jumprelu"}])
+    with pytest.raises(ConfigError, match="run name 'a' is used twice"):
+        TrainConfig(cache="x", runs=[{"name": "a", "source": "s"}, {"name": "a", "source": "s"}])
+    with pytest.raises(ConfigError, match="reference' reproduces the seed's Matryoshka BatchTopK"):
+        RunConfig(name="a", source="s", arch="topk", objective="reference")
+    assert RunConfig(name="a", source="s").resolve(768).group_sizes == [768, 1536, 3072, 6912]
