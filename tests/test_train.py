@@ -122,3 +122,13 @@ def test_config_errors_in_the_yaml():
     with pytest.raises(ConfigError, match="reference' reproduces the seed's Matryoshka BatchTopK"):
         RunConfig(name="a", source="s", arch="topk", objective="reference")
     assert RunConfig(name="a", source="s").resolve(768).group_sizes == [768, 1536, 3072, 6912]
+
+
+def test_wandb_offline_logs_every_run(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = [{**RUNS[0], "tokens": "5K"}, {**RUNS[1], "tokens": "5K"}]
+    for d in train(_cfg(cache, tmp_path, runs=runs, wandb="matryoshka-tests"), progress=False):
+        offline = list((d / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1 and f"{Cache(cache).fingerprint}-{d.name}" in offline[0].name
+        assert list(offline[0].glob("*.wandb"))  # the run's history, ready for `wandb sync`

@@ -158,6 +158,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
         r.dir.mkdir(parents=True, exist_ok=True)
         (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
     logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a") for r in active}
+    wandb_runs = _wandb_runs(cfg, active, cache)
     bars = {r.cfg.name: tqdm(total=r.total_steps, initial=r.step, desc=r.cfg.name, position=i, leave=True,
                              disable=not progress, dynamic_ncols=True) for i, r in enumerate(active)}
     try:
@@ -171,6 +172,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
                     row.update(step=r.step, tokens=r.step * cfg.batch_size, lr=r.sched.get_last_lr()[0],
                                time=time.time())
                     logs[r.cfg.name].write(json.dumps(row) + "\n")
+                    if r.cfg.name in wandb_runs:
+                        wandb_runs[r.cfg.name].log(row, step=r.step)
                     bars[r.cfg.name].set_postfix_str(
                         f"Loss: {row['loss']:.4g}, L0: {row['l0']:.1f}, L2: {row['l2']:.4g}, "
                         f"FVU: {row['fvu']:.3f}, Dead: {int(row['dead'])}", refresh=False)
@@ -185,7 +188,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     finally:
         for f in logs.values():
             f.close()
+        for w in wandb_runs.values():
+            w.finish()
         for b in bars.values():
             b.close()
         reader.close()
     return [r.dir for r in runs]
+
+
+def _wandb_runs(cfg: TrainConfig, runs: list[Run], cache: Cache) -> dict[str, Any]:
+    """One W&B run per dictionary when ``cfg.wandb`` names a project. ``WANDB_MODE=offline`` logs to
+    ``<run>/wandb/`` without an account (``wandb sync`` uploads it later)."""
+    if not cfg.wandb:
+        return {}
+    import wandb
+
+    return {r.cfg.name: wandb.init(project=cfg.wandb, name=r.cfg.name, dir=str(r.dir), reinit="create_new",
+                                   config={**r.describe(), "cache": cache.path, "fingerprint": cache.fingerprint},
+                                   id=f"{cache.fingerprint}-{r.cfg.name}", resume="allow")
+            for r in runs}
