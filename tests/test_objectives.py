@@ -6,7 +6,7 @@ import torch
 
 from matryoshka.train.dictionary import Dictionary
 from matryoshka.train.objectives import Objective
-from matryoshka.train.sparse import Code, batch_topk, group_partials, row_topk
+from matryoshka.train.sparse import Code, batch_topk, row_topk
 
 GROUPS = [4, 8, 20]  # width 32
 

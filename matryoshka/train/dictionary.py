@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ARCHS
 from .sparse import Code, above, batch_topk, group_partials, row_topk
-
-ARCHS = ("matryoshka", "batchtopk", "topk")
 
 
 class Dictionary(nn.Module):

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import OBJECTIVES
 from .dictionary import Dictionary
 from .sparse import Code, group_partials, row_topk
-
-OBJECTIVES = ("default", "reference")
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
