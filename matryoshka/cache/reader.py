@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .format import STORAGE, decode_chunk
+from .format import STORAGE, decode_chunk, to_torch
 from .store import Cache, CacheError
 
 
@@ -265,7 +265,7 @@ class ShuffledReader:
             # numpy's gather runs on this thread alone: torch's would spread over OpenMP threads that
             # then wait on the cores the decompression threads are using.
             if self.device.type == "cpu":
-                out[name] = self._as_torch(np.take(self._np[j], slots, axis=0)).to(self.dtype)
+                out[name] = to_torch(np.take(self._np[j], slots, axis=0), self.storage_dtype).to(self.dtype)
                 continue
             d = self._batch_bufs[k][j][:n]
             np.take(self._np[j], slots, axis=0, out=self._as_numpy(d))
@@ -274,10 +274,6 @@ class ShuffledReader:
             self._events[k] = torch.cuda.Event()
             self._events[k].record()
         return out
-
-    def _as_torch(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        return t.view(torch.bfloat16) if self.storage_dtype == "bfloat16" else t
 
     def _as_numpy(self, t: torch.Tensor) -> np.ndarray:
         return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()

@@ -28,9 +28,6 @@ class Code:
         out = torch.zeros(self.batch, self.width, dtype=self.values.dtype, device=self.values.device)
         return out.index_put((self.rows, self.latents), self.values)
 
-    def l0(self) -> torch.Tensor:
-        return torch.tensor(len(self.values) / self.batch)
-
 
 def _sorted(flat: torch.Tensor, values: torch.Tensor, batch: int, width: int) -> Code:
     order = torch.argsort(flat)
