@@ -190,3 +190,27 @@ def test_transcoder_and_skip():
     with pytest.raises(ValueError, match="skip connection"):
         dic.decode(acts)
     assert acts.shape == (16, 32)
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_sparse_encoder_backward_equals_dense_autograd(transcoder):
+    """The encoder's backward touches only selected entries, yet gives dense autograd's gradients."""
+    dic = _dic(transcoder=transcoder, d_out=12)
+    with torch.no_grad():
+        dic.b_dec.normal_()
+        if dic.b_enc is not None:
+            dic.b_enc.normal_(0, 0.1)
+    x = _x()
+    code = batch_topk(dic.pre_acts(x), 3)
+    weights = torch.randn(len(code.values))
+    sparse = (dic.attach(x, code.rows, code.latents, code.values) * weights).sum()
+    params = [p for p in (dic.W_enc, dic.b_enc, dic.b_dec) if p is not None]
+    got = torch.autograd.grad(sparse, params, allow_unused=True)
+    h = (x if transcoder else x - dic.b_dec) @ dic.W_enc + (dic.b_enc if transcoder else 0)
+    dense = (torch.relu(h)[code.rows, code.latents] * weights).sum()
+    want = torch.autograd.grad(dense, params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or not g.abs().any()
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

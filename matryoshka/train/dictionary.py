@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ARCHS
+from .encode import selected
 from .sparse import Code, above, batch_topk, group_partials, row_topk
 
 
@@ -49,14 +50,26 @@ class Dictionary(nn.Module):
     def n_groups(self) -> int:
         return len(self.group_sizes)
 
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input: x for a transcoder, x - b_dec for an SAE (b_dec's gradient through
+        this path is added by :func:`~matryoshka.train.encode.selected`)."""
+        return x if self.transcoder else x - self.b_dec.detach()
+
+    @torch.no_grad()
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense [B, width] activations before selection (the encoder matmul)."""
-        h = x @ self.W_enc if self.transcoder else (x - self.b_dec) @ self.W_enc
+        """Dense [B, width] activations before selection (the encoder matmul), without autograd."""
+        h = self.centred(x) @ self.W_enc
         if self.b_enc is not None:
             h = h + self.b_enc
         return F.relu(h)
 
+    def attach(self, x: torch.Tensor, rows: torch.Tensor, latents: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Make selected activations differentiable, with the encoder's sparse backward."""
+        return selected(values, self.centred(x), self.W_enc, self.b_enc, None if self.transcoder else self.b_dec,
+                        rows, latents)
+
     def select(self, acts: torch.Tensor, training: bool) -> Code:
+        """Active latents (values without autograd: see :meth:`attach`)."""
         if self.arch == "topk":
             return row_topk(acts, self.k)
         return batch_topk(acts, self.k) if training else above(acts, self.threshold)

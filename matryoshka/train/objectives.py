@@ -78,13 +78,14 @@ class Objective:
         dic = self.dic
         acts = dic.pre_acts(x)
         code = dic.select(acts, training=True)
+        code.values = dic.attach(x, code.rows, code.latents, code.values)
         self._update_threshold(code)
         self._update_inactive(code, x.shape[0])
         prefixes = dic.prefixes(code, x)
         prefix_mse = (wide(prefixes) - wide(y).unsqueeze(1)).pow(2).mean(dim=(0, 2))
         main = (mse(dic.b_dec.expand_as(y), y) + prefix_mse.sum()) / (dic.n_groups + 1)
         recon = prefixes[:, -1]
-        aux = self._aux(acts, y, recon)
+        aux = self._aux(x, acts, y, recon)
         return StepOutput(main + aux, main, aux, code, recon, prefix_mse.detach())
 
     @torch.no_grad()
@@ -106,7 +107,7 @@ class Objective:
         self.inactive.add_(1 if self.reference else batch)
         self.inactive[fired] = 0
 
-    def _aux(self, acts: torch.Tensor, y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    def _aux(self, x: torch.Tensor, acts: torch.Tensor, y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Dead latents' top activations per row, decoded without bias, fit to the residual."""
         dead = self.dead_mask()
         n_dead = int(dead.sum())
@@ -117,6 +118,7 @@ class Objective:
             residual = residual.detach()
         idx = torch.nonzero(dead).squeeze(1)
         code = row_topk(acts[:, idx], min(self.k_aux(), n_dead))
+        code.values = self.dic.attach(x, code.rows, idx[code.latents], code.values)
         partial = group_partials(code, self.dic.W_dec[idx], torch.tensor([n_dead], device=y.device))
         return self.aux_penalty * mse(partial[:, 0], residual)
 
