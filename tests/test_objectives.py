@@ -214,3 +214,13 @@ def test_sparse_encoder_backward_equals_dense_autograd(transcoder):
             assert g is None or not g.abs().any()
         else:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, k", [((256, 512), 4), ((64, 96), 1), ((32, 1024), 16), ((4, 8), 2)])
+def test_batch_topk_prefilter_is_exact(shape, k):
+    acts = torch.relu(torch.randn(*shape, generator=torch.Generator().manual_seed(k)))
+    code = batch_topk(acts, k)
+    vals, idx = torch.topk(acts.flatten(), k * shape[0])
+    want = torch.sort(idx[vals > 0]).values
+    assert torch.equal(code.rows * shape[1] + code.latents, want)
+    assert torch.equal(code.values, acts.flatten()[want])  # (no ties in Gaussian data: the same set)

@@ -38,7 +38,7 @@ class Dictionary(nn.Module):
         if transcoder:
             W_dec = nn.init.kaiming_uniform_(torch.empty(width, d_out))
         else:
-            W_dec = self.W_enc.detach().t().clone()
+            W_dec = self.W_enc.detach().t().contiguous()  # row-major: embedding_bag's fast path
         self.W_dec = nn.Parameter(W_dec / W_dec.norm(dim=-1, keepdim=True))
         self.b_dec = nn.Parameter(torch.zeros(d_out))
         self.b_enc = nn.Parameter(torch.zeros(width)) if transcoder else None

@@ -7,6 +7,7 @@ reconstruction: the work is proportional to the active latents, not to the dicti
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +37,30 @@ def _sorted(flat: torch.Tensor, values: torch.Tensor, batch: int, width: int) ->
 
 
 def batch_topk(acts: torch.Tensor, k: int) -> Code:
-    """The ``k * batch`` largest activations of the whole batch (one selection shared by all groups)."""
+    """The ``k * batch`` largest activations of the whole batch (one selection shared by all groups).
+
+    A top-k over all B x M values is slow; so a threshold a little below the (k*B)-th largest value,
+    estimated from a strided sample, keeps a few more candidates than needed, and the exact top-k runs
+    on those alone (if too few pass, on everything). The sample is a fixed function of ``acts``, so
+    equal inputs give equal selections, ties included.
+    """
     b, m = acts.shape
-    vals, flat = torch.topk(acts.reshape(-1), k * b, sorted=False)
+    flat = acts.reshape(-1)
+    n = k * b
+    if n * 8 < flat.numel():
+        stride = max(1, flat.numel() // (1 << 16))
+        while math.gcd(stride, m) != 1:  # a stride sharing a factor with M would sample few latents
+            stride += 1
+        t = torch.quantile(flat[::stride].float(), 1 - 2 * n / flat.numel())
+        idx = torch.nonzero(flat > t).squeeze(1)
+        if len(idx) >= n:
+            vals, pick = torch.topk(flat[idx], n, sorted=False)
+            flat_idx = idx[pick]
+            keep = vals > 0
+            return _sorted(flat_idx[keep], vals[keep], b, m)
+    vals, flat_idx = torch.topk(flat, n, sorted=False)
     keep = vals > 0
-    return _sorted(flat[keep], vals[keep], b, m)
+    return _sorted(flat_idx[keep], vals[keep], b, m)
 
 
 def row_topk(acts: torch.Tensor, k: int) -> Code:

@@ -49,7 +49,7 @@ class Run:
                               transcoder=cfg.target is not None, skip=self.cfg.skip).to(device)
         self.objective = Objective(self.dic, self.cfg.objective, aux_penalty=self.cfg.aux_penalty,
                                    dead_tokens=self.cfg.dead_tokens)
-        self.opt = torch.optim.Adam(self.dic.parameters(), lr=self.cfg.lr, betas=(0.9, 0.99))
+        self.opt = torch.optim.Adam(self.dic.parameters(), lr=self.cfg.lr, betas=(0.9, 0.99), fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         src, tgt = cache.stats(self.source), cache.stats(self.target)
         self.scale_in = math.sqrt(d_in / src.mean_sq_norm)
