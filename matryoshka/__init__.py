@@ -4,3 +4,10 @@ Stages, in the one direction data flows: ``harvest`` (LM -> cache), ``cache`` (t
 ``train`` (cache -> runs), ``evaluate`` (runs + cache -> metrics).
 """
 __version__ = "0.1.0"
+
+
+def load(path, device="cpu"):
+    """A trained run as a dictionary with stateless ``encode``/``decode`` in the cache's units."""
+    from .train.load import load as _load
+
+    return _load(path, device)

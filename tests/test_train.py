@@ -132,3 +132,24 @@ def test_wandb_offline_logs_every_run(cache, tmp_path, monkeypatch):
         offline = list((d / "wandb").glob("offline-run-*"))
         assert len(offline) == 1 and f"{Cache(cache).fingerprint}-{d.name}" in offline[0].name
         assert list(offline[0].glob("*.wandb"))  # the run's history, ready for `wandb sync`
+
+
+def test_load_folds_the_input_scales(cache, tmp_path):
+    import matryoshka
+    from matryoshka.train.trainer import Run
+
+    runs = [{**RUNS[0], "tokens": "5K"}, {**RUNS[1], "tokens": "5K"}]
+    dirs = {p.name: p for p in train(_cfg(cache, tmp_path, runs=runs), progress=False)}
+    c = Cache(cache)
+    x_raw = torch.from_numpy(c.read("1.resid_mid", 0, 256))
+    for cfg in runs:
+        run = Run(RunConfig(**cfg), c, tmp_path / Cache(cache).fingerprint, 256, torch.device("cpu"))
+        run.load()  # the trained dictionary, in training (scaled) units
+        loaded = matryoshka.load(dirs[cfg["name"]])
+        acts = loaded.encode(x_raw)
+        torch.testing.assert_close(acts, run.dic.encode(x_raw * run.scale_in))  # the same latents
+        assert (acts > 0).sum(1).float().mean() > 0
+        want = run.dic.decode(acts, x_raw * run.scale_in) / run.scale_out
+        torch.testing.assert_close(loaded.decode(acts, x_raw), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="holds no trained run"):
+        matryoshka.load(tmp_path)

@@ -1,0 +1,40 @@
+"""Load a trained run as a plain dictionary in the cache's own units.
+
+Training sees inputs scaled so that E||x||^2 = d. Loading folds those constants into the weights, so
+``encode`` takes raw activations and ``decode`` returns raw activations, with no state to carry::
+
+    SAE         W_enc' = s W_enc     b_dec' = b_dec / s      W_dec' = W_dec / s       (s = s_in = s_out)
+    transcoder  W_enc' = s_in W_enc  b_dec' = b_dec / s_out  W_dec' = W_dec / s_out   W_skip' = W_skip s_in / s_out
+
+The latent activations (and so the threshold) are unchanged.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .dictionary import Dictionary
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
+    """A run folder (``runs/<cache>/<run>``) or its ``checkpoint/`` folder, as a :class:`Dictionary` in eval mode."""
+    path = Path(path)
+    ck = path / "checkpoint" if (path / "checkpoint").is_dir() else path
+    if not (ck / "model.safetensors").is_file():
+        raise FileNotFoundError(f"load: {str(path)!r} holds no trained run (no checkpoint/model.safetensors)")
+    cfg = json.loads((ck / "config.json").read_text())
+    dic = Dictionary(cfg["d_in"], cfg["d_out"], cfg["width"], cfg["k"], cfg["arch"], cfg["group_sizes"],
+                     transcoder=cfg["transcoder"], skip=cfg["skip"])
+    dic.load_state_dict(load_file(ck / "model.safetensors"))
+    s_in, s_out = cfg["scale_in"], cfg["scale_out"]
+    with torch.no_grad():
+        dic.W_enc.mul_(s_in)
+        dic.W_dec.div_(s_out)
+        dic.b_dec.div_(s_out)
+        if dic.W_skip is not None:
+            dic.W_skip.mul_(s_in / s_out)
+    dic.config = cfg
+    return dic.to(device).eval().requires_grad_(False)
