@@ -27,6 +27,7 @@ from ..cache import Cache, CacheError
 from ..cache.reader import ReaderConfig, ShuffledReader
 from ..config import ConfigError, RunConfig, TrainConfig
 from .dictionary import Dictionary
+from .export import export_saelens
 from .objectives import Objective
 
 
@@ -183,6 +184,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
                 for r in active:
                     r.save(cursor, tokens)
                     logs[r.cfg.name].flush()
+            for r in finished:
+                export_saelens(r.dir, r.dir / "saelens", cache.manifest)
             active = [r for r in active if not r.done]
     finally:
         for f in logs.values():
