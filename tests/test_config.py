@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from matryoshka.cli import _flags_from, _config_from
-from matryoshka.config import ConfigError, HarvestConfig, load_pipeline, parse_count, parse_sites
+from matryoshka.config import ConfigError, HarvestConfig, TrainConfig, load_pipeline, parse_count, parse_sites
 
 
 @pytest.mark.parametrize("text, n", [("4096", 4096), (4096, 4096), ("64K", 64_000), ("200M", 200_000_000),
@@ -61,6 +61,8 @@ def test_yaml_round_trip_and_key_paths(tmp_path: Path):
 def test_every_config_key_is_a_flag_and_flags_override_yaml(tmp_path: Path):
     flags = {p.name for p in _flags_from(HarvestConfig)}
     assert flags == {f.name for f in dataclasses.fields(HarvestConfig)}
+    train_flags = {p.name for p in _flags_from(TrainConfig, skip=("runs",))}
+    assert train_flags == {f.name for f in dataclasses.fields(TrainConfig)} - {"runs"}
     p = tmp_path / "pipeline.yaml"
     p.write_text(yaml.safe_dump({"harvest": {"layers": 8, "tokens": "1M", "dtype": "float16"}}))
     cfg = _config_from(HarvestConfig, "harvest", p, {"tokens": "2M", "dtype": None})
