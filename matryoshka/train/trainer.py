@@ -91,7 +91,7 @@ class Run:
                 "dead": self.objective.dead_mask().sum(), "prefix_fvu": out.prefix_mse * y.shape[-1] / self.variance}
 
     # -- files ---------------------------------------------------------------------------------------
-    def save(self, cursor: dict[str, Any], tokens: int) -> None:
+    def save(self, cursor: dict[str, Any]) -> None:
         """Write the checkpoint atomically: a new folder, renamed over the old one."""
         tmp = self.dir / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,7 +99,7 @@ class Run:
         tensors = {k: v.detach().contiguous() for k, v in self.dic.state_dict().items()}
         save_file(tensors, tmp / "model.safetensors")
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "objective": self.objective.state_dict(), "step": self.step, "tokens": tokens,
+                    "objective": self.objective.state_dict(), "step": self.step,
                     "cursor": cursor, "rng": torch.get_rng_state()}, tmp / "state.pt")
         (tmp / "config.json").write_text(json.dumps(self.describe(), indent=2))
         final = self.dir / "checkpoint"
@@ -147,7 +147,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     state = next(iter(resumed.values()), None)
     if state is not None:
         torch.set_rng_state(state["rng"])
-    tokens = state["tokens"] if state else 0
     arrays = sorted({a for r in active for a in (r.source, r.target)})
     reader = ShuffledReader(arrays, cache, ReaderConfig(batch_size=cfg.batch_size, buffer_tokens=cfg.buffer_tokens,
                                                         seed=cfg.seed, drop_last=True),
@@ -164,7 +163,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     try:
         while active:
             batch = next(reader)
-            tokens += cfg.batch_size
             for r in active:
                 m = r.train_step(batch, autocast)
                 if r.step % cfg.log_every == 0 or r.done:
@@ -182,7 +180,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
             if finished or any(r.step % cfg.checkpoint_every == 0 for r in active):
                 cursor = reader.state_dict()
                 for r in active:
-                    r.save(cursor, tokens)
+                    r.save(cursor)
                     logs[r.cfg.name].flush()
             for r in finished:
                 export_saelens(r.dir, r.dir / "saelens", cache.manifest)
