@@ -105,7 +105,8 @@ class ShuffledReader:
         self.chunks = self.cache.split_chunks(self.cfg.split)
         self.bos_id = m["bos"]["token_id"] if self.cfg.exclude_bos else None
         self.bos_at_starts = self.bos_id is not None and m["bos"]["policy"] == "context"
-        self.split_tokens = sum(self._chunk_tokens(c) for c in self.chunks)
+        self._counts = {c: self._chunk_tokens(c) for c in self.chunks}  # rows each chunk serves
+        self.split_tokens = sum(self._counts.values())
         if self.cfg.batch_size > self.split_tokens:
             raise CacheError(f"batch_size: {self.cfg.batch_size} is larger than the {self.cfg.split} split "
                              f"({self.split_tokens} tokens{' without BOS' if self.bos_id is not None else ''})")
@@ -145,7 +146,7 @@ class ShuffledReader:
     @property
     def batches_per_epoch(self) -> int:
         """Batches this rank serves per epoch (all epochs are the same size)."""
-        n = sum(self._chunk_tokens(c) for c in self._chunk_order(0))
+        n = sum(self._counts[c] for c in self._chunk_order(0))
         return n // self.cfg.batch_size if self.cfg.drop_last else -(-n // self.cfg.batch_size)
 
     # -- the epoch's plan ----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Opening a cache for reading: manifest, committed extent, statistics and arrays."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +95,12 @@ class Cache:
     def array_names(self) -> list[str]:
         return list(self.manifest["arrays"])
 
-    def array(self, name: str) -> zarr.Array:
+    def _check_array(self, name: str) -> None:
         if name not in self.manifest["arrays"]:
             raise CacheError(f"site: cache {self.path!r} has no array {name!r}; it has {', '.join(self.array_names)}")
+
+    def array(self, name: str) -> zarr.Array:
+        self._check_array(name)
         return self.group[f"acts/{name}"]
 
     @property
@@ -141,7 +145,7 @@ class Cache:
 
     def stats(self, name: str) -> ArrayStats:
         """Final statistics of a complete cache, or running ones of the committed prefix."""
-        self.array(name)
+        self._check_array(name)
         if self._stats is not None:
             return ArrayStats.from_json(self._stats[name])
         s = self.progress.get("sums", {}).get(name)
@@ -157,7 +161,6 @@ class Cache:
 
 def is_cache(path: Path) -> bool:
     try:
-        import json
         meta = json.loads((Path(path) / "zarr.json").read_text())
         return meta.get("node_type") == "group" and "manifest" in meta.get("attributes", {})
     except (OSError, ValueError):
