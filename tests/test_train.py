@@ -131,7 +131,9 @@ def test_wandb_offline_logs_every_run(cache, tmp_path, monkeypatch):
     for d in train(_cfg(cache, tmp_path, runs=runs, wandb="matryoshka-tests"), progress=False):
         offline = list((d / "wandb").glob("offline-run-*"))
         assert len(offline) == 1 and f"{Cache(cache).fingerprint}-{d.name}" in offline[0].name
-        assert list(offline[0].glob("*.wandb"))  # the run's history, ready for `wandb sync`
+        history = list(offline[0].glob("*.wandb"))  # the run's history, ready for `wandb sync`
+        assert len(history) == 1
+        assert d.name.encode() in history[0].read_bytes() and b"saelens/cfg.json" in history[0].read_bytes()
 
 
 def test_load_folds_the_input_scales(cache, tmp_path):

@@ -20,7 +20,13 @@ from .dictionary import Dictionary
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """A run folder (``runs/<cache>/<run>``) or its ``checkpoint/`` folder, as a :class:`Dictionary` in eval mode."""
+    """A run folder (``runs/<cache>/<run>``), its ``checkpoint/`` folder, or a W&B artifact reference
+    ``wandb:ENTITY/PROJECT/NAME:VERSION`` (downloaded first; needs the network), as a :class:`Dictionary`
+    in eval mode."""
+    if str(path).startswith("wandb:"):
+        import wandb
+
+        path = Path(wandb.Api().artifact(str(path)[len("wandb:"):], type="model").download())
     path = Path(path)
     ck = path / "checkpoint" if (path / "checkpoint").is_dir() else path
     if not (ck / "model.safetensors").is_file():

@@ -184,6 +184,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
                     logs[r.cfg.name].flush()
             for r in finished:
                 export_saelens(r.dir, r.dir / "saelens", cache.manifest)
+                if r.cfg.name in wandb_runs:
+                    _log_artifact(wandb_runs[r.cfg.name], r, cache)
             active = [r for r in active if not r.done]
     finally:
         for f in logs.values():
@@ -207,3 +209,14 @@ def _wandb_runs(cfg: TrainConfig, runs: list[Run], cache: Cache) -> dict[str, An
                                    config={**r.describe(), "cache": cache.path, "fingerprint": cache.fingerprint},
                                    id=f"{cache.fingerprint}-{r.cfg.name}", resume="allow")
             for r in runs}
+
+
+def _log_artifact(wandb_run: Any, run: Run, cache: Cache) -> None:
+    """The finished run (checkpoint and SAELens export) as a W&B model artifact named after the run,
+    loadable with ``matryoshka.load("wandb:ENTITY/PROJECT/NAME:latest")``."""
+    import wandb
+
+    art = wandb.Artifact(run.cfg.name, type="model", metadata={**run.describe(), "fingerprint": cache.fingerprint})
+    art.add_dir(str(run.dir / "checkpoint"), name="checkpoint")
+    art.add_dir(str(run.dir / "saelens"), name="saelens")
+    wandb_run.log_artifact(art)
