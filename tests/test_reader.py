@@ -187,3 +187,9 @@ def test_bad_input(cache, tmp_path):
     zarr.open_group(str(partial), mode="r+").attrs.update({"complete": False, "progress": {"chunks": 1}})
     with pytest.raises(CacheError, match=r"unfinished harvest \(1 of 2 chunks\); finish it with `pipeline harvest --resume`"):
         ShuffledReader(["src"], str(partial))
+
+
+def test_an_fsspec_url_serves_the_same_stream(cache):
+    with _reader(cache) as local, _reader(f"file://{cache}") as url:
+        assert url.cache.path.startswith("file://")
+        assert _epoch(local) == _epoch(url)
