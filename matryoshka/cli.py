@@ -1,4 +1,4 @@
-"""The `pipeline` command: harvest, train, and cache ls|info|verify.
+"""The `pipeline` command: harvest, train, evaluate, and cache ls|info|verify.
 
 Each stage's flags are generated from its config dataclass (:class:`~matryoshka.config.HarvestConfig`,
 :class:`~matryoshka.config.TrainConfig`), so every flag is a key of the stage's pipeline.yaml section
@@ -127,6 +127,17 @@ def _train(config: Optional[Path] = None, quiet: bool = False, **flags: Any) -> 
 
 app.command("train", help="Train every run listed in the config from one shuffled read of a cache.")(
     _with_signature(_train, _flags_from(TrainConfig, skip=("runs",))))
+
+
+@app.command("evaluate")
+def evaluate_cmd(run: Optional[Path] = typer.Argument(None, help="A run folder; default: the most recent run."),
+                 cache: Optional[str] = typer.Option(None, "--cache", help="Evaluate every run trained on this cache."),
+                 runs_dir: str = typer.Option("runs", "--runs-dir", help="Where runs are."),
+                 batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per evaluation batch.")) -> None:
+    """Reconstruction metrics on the cache's held-out split; writes eval.json per run, prints one table."""
+    from .evaluate.run import evaluate, table
+
+    _run_guarded(lambda: typer.echo(table(evaluate(str(run) if run else None, cache, runs_dir, batch_size))))
 
 
 @cache_app.command("ls")

@@ -176,3 +176,35 @@ def test_exported_folder_loads_in_saelens(cache, tmp_path):
         acts = ours.encode(x)
         torch.testing.assert_close(theirs.encode(x), acts, rtol=1e-5, atol=1e-5, msg=name)
         torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-5, msg=name)  # skip included
+
+
+def test_evaluate_runs_of_a_cache(cache, tmp_path):
+    from typer.testing import CliRunner
+
+    from matryoshka.cli import app
+    from matryoshka.evaluate.run import evaluate
+
+    runs = [{**RUNS[0], "tokens": "20K"}, {**RUNS[1], "tokens": "20K"}]
+    train(_cfg(cache, tmp_path, runs=runs), progress=False)
+    results = {r["run"]: r for r in evaluate(cache=str(cache), runs_dir=str(tmp_path))}
+    assert set(results) == {"sae", "tc"}
+    held = Cache(cache).split["heldout"]
+    for r in results.values():
+        assert r["tokens"] == (held[1] - held[0]) * 31 // 32  # every held-out non-BOS token once
+        assert 0 < r["fvu"] < 0.5 and r["l0"] > 0
+        assert json.loads((Path(r["path"]) / "eval.json").read_text())["fvu"] == r["fvu"]
+    out = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path)])
+    assert out.exit_code == 0 and "sae" in out.output and "FVU seed" in out.output
+    latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path)])
+    assert latest.exit_code == 0 and len(latest.output.strip().splitlines()) == 2  # header + the newest run
+    missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "is not a trained run" in missing.output
+    import numpy as np
+
+    from matryoshka.fixtures import write_cache
+
+    n = 8 * 32
+    other = write_cache(tmp_path / "other", {"1.resid_mid": np.ones((n, 64), np.float32)}, np.zeros(n, int), 32, 2,
+                        heldout_seqs=2, fingerprint="another")
+    wrong = CliRunner().invoke(app, ["evaluate", results["sae"]["path"], "--cache", str(other)])
+    assert wrong.exit_code == 2 and f"was trained on cache {Cache(cache).fingerprint}" in wrong.output

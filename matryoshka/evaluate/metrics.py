@@ -44,6 +44,8 @@ def reconstruction(dic: Dictionary, cache: Cache, source: str, target: str | Non
     target = target or source
     mu = torch.as_tensor(cache.stats(target).mean, dtype=torch.float64)
     arrays = list(dict.fromkeys([source, target]))
+    a, b = cache.split["heldout"]
+    batch_size = min(batch_size, max(1, (b - a) // 2))  # a small held-out split: smaller batches, same tokens
     cfg = ReaderConfig(batch_size=batch_size, buffer_tokens=2 * batch_size, split="heldout")
     sse = torch.zeros(dic.n_groups, dtype=torch.float64)
     sst = s1 = s2 = cos = 0.0

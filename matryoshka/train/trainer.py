@@ -56,6 +56,7 @@ class Run:
         self.scale_in = math.sqrt(d_in / src.mean_sq_norm)
         self.scale_out = math.sqrt(d_out / tgt.mean_sq_norm)
         self.variance = tgt.total_variance * self.scale_out**2  # FVU denominator, in scaled units
+        self.cache_path, self.fingerprint = cache.path, cache.fingerprint
         self.step = 0
 
     def _lr_factor(self, step: int) -> float:
@@ -124,6 +125,7 @@ class Run:
     def describe(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.cfg), "d_in": self.dic.d_in, "d_out": self.dic.d_out,
                 "transcoder": self.dic.transcoder, "scale_in": self.scale_in, "scale_out": self.scale_out,
+                "cache": self.cache_path, "fingerprint": self.fingerprint,
                 "total_steps": self.total_steps, "step": self.step}
 
 
