@@ -96,7 +96,7 @@ class CacheWriter:
         self._watermark = self.committed
         self._lock = threading.Lock()
         self._last_commit = 0.0
-        self.error: BaseException | None = None
+        self._errors: dict[float, BaseException] = {}  # by chunk index (inf: not a chunk's)
         self.stats = WriteStats()
         self._current: _Chunk | None = None
         self._next_chunk = self.committed
@@ -160,14 +160,17 @@ class CacheWriter:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
+        """Raise the failure of the earliest chunk, once the writes already started have ended, so the
+        error does not depend on which thread happened to finish first."""
+        if self._errors:
+            self._pool.shutdown(wait=True)
+            raise self._errors[min(self._errors)]
 
     # -- assembling batches into chunks ---------------------------------------------------------
     def _assemble_loop(self) -> None:
         try:
             while (item := self._incoming.get()) is not None:
-                if self.error is not None:
+                if self._errors:
                     continue
                 tokens, host, event = item
                 if event is not None:
@@ -175,7 +178,7 @@ class CacheWriter:
                 self._assemble(tokens.reshape(-1).numpy(), {n: host_view(t, self.dtype).reshape(-1, t.shape[-1])
                                                             for n, t in host.items()})
         except BaseException as e:  # noqa: BLE001 - handed to the producer thread
-            self.error = self.error or e
+            self._errors.setdefault(math.inf, e)
 
     def _assemble(self, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
         pos = 0
@@ -223,7 +226,7 @@ class CacheWriter:
             stored = sum(self._stored_size(chunk_key(n, c.index)) for n in self.names)
             self._chunk_done(c, sums, stored)
         except BaseException as e:  # noqa: BLE001 - handed to the producer thread
-            self.error = self.error or e
+            self._errors[c.index] = e
 
     def _stored_size(self, key: str) -> int:
         root = Path(str(self.group.store.root)) if hasattr(self.group.store, "root") else None
