@@ -42,6 +42,11 @@ def host_view(t: torch.Tensor, dtype: str) -> np.ndarray:
     return a.view(np.uint16) if dtype == "bfloat16" else a
 
 
+def numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's memory as numpy, bf16 as its uint16 bits (no copy)."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
 def decode(a: np.ndarray, dtype: str) -> np.ndarray:
     """Stored values as float32 numpy (bf16 bits shifted into the high half of a float32)."""
     if dtype == "bfloat16":

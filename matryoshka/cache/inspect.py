@@ -8,7 +8,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from .format import chunk_key
+from .format import STORAGE, chunk_key
 from .store import Cache, CacheError, is_cache
 
 
@@ -44,7 +44,7 @@ def describe(cache: Cache) -> dict:
 
 def info_lines(cache: Cache) -> list[str]:
     m = cache.manifest
-    raw = sum(a["width"] for a in m["arrays"].values()) * cache.tokens_committed * (4 if cache.storage_dtype == "float32" else 2)
+    raw = sum(a["width"] for a in m["arrays"].values()) * cache.tokens_committed * STORAGE[cache.storage_dtype][2]
     size = stored_bytes(Path(cache.path))
     lines = [
         f"cache        {cache.path}",

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .format import STORAGE, decode_chunk, to_torch
+from .format import STORAGE, decode_chunk, numpy_view, to_torch
 from .store import Cache, CacheError
 
 
@@ -119,7 +119,7 @@ class ShuffledReader:
         st = STORAGE[self.storage_dtype][1]
         # zeros, not empty: the pages are touched once here rather than on the first epoch's writes
         self._buf = [torch.zeros((2 * self.half, w), dtype=st, pin_memory=pin) for w in self.widths]
-        self._np = [self._as_numpy(b) for b in self._buf]
+        self._np = [numpy_view(b) for b in self._buf]
         self._batch_bufs = [[torch.empty((self.cfg.batch_size, w), dtype=st, pin_memory=True) for w in self.widths]
                             for _ in range(2)] if pin else [[], []]
         self._events: list[torch.cuda.Event | None] = [None, None]
@@ -269,15 +269,12 @@ class ShuffledReader:
                 out[name] = to_torch(np.take(self._np[j], slots, axis=0), self.storage_dtype).to(self.dtype)
                 continue
             d = self._batch_bufs[k][j][:n]
-            np.take(self._np[j], slots, axis=0, out=self._as_numpy(d))
+            np.take(self._np[j], slots, axis=0, out=numpy_view(d))
             out[name] = d.to(self.device, non_blocking=True).to(self.dtype)
         if self.device.type == "cuda":
             self._events[k] = torch.cuda.Event()
             self._events[k].record()
         return out
-
-    def _as_numpy(self, t: torch.Tensor) -> np.ndarray:
-        return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
     # -- cursor --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -80,10 +80,15 @@ def default_path(cfg: HarvestConfig, manifest: dict[str, Any]) -> Path:
     return Path(cfg.cache_root) / model / manifest["fingerprint"]
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` itself, or its nearest ancestor that exists."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def _check_writable(path: Path) -> None:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    probe = _existing_ancestor(path)
     if not os.access(probe, os.W_OK) or not probe.is_dir():
         raise ConfigError(f"cache: cannot write to {str(path)!r} ({str(probe)!r} is not a writable directory)")
 
@@ -99,9 +104,7 @@ def _first_missing(path: Path) -> Path | None:
 def _check_space(path: Path, manifest: dict[str, Any], start_row: int) -> None:
     per_token = sum(a["width"] for a in manifest["arrays"].values()) * STORAGE[manifest["storage"]["dtype"]][2] + 4
     need = (manifest["n_tokens"] - start_row) * per_token
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
+    probe = _existing_ancestor(path)
     free = shutil.disk_usage(probe).free
     if need > free:
         raise ConfigError(f"cache: {need / 1e9:.2f} GB needed (uncompressed) but only {free / 1e9:.2f} GB free "

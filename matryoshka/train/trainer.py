@@ -86,10 +86,10 @@ class Run:
         self.sched.step()
         self.objective.after_step()
         self.step += 1
-        err = (out.recon.float() - y.float()).pow(2).sum(-1).mean()
+        prefix_fvu = out.prefix_mse * y.shape[-1] / self.variance  # the last prefix is the full reconstruction
         return {"loss": out.loss, "aux": out.aux, "l0": len(out.code.values) / x.shape[0],
-                "l2": err / y.shape[-1], "fvu": err / self.variance,
-                "dead": self.objective.dead_mask().sum(), "prefix_fvu": out.prefix_mse * y.shape[-1] / self.variance}
+                "l2": out.prefix_mse[-1], "fvu": prefix_fvu[-1],
+                "dead": self.objective.dead_mask().sum(), "prefix_fvu": prefix_fvu}
 
     # -- files ---------------------------------------------------------------------------------------
     def save(self, cursor: dict[str, Any]) -> None:
