@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .config import ConfigError, HarvestConfig, TrainConfig, from_dict, load_pipeline
+from .config import ConfigError, EvaluateConfig, HarvestConfig, TrainConfig, from_dict, load_pipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
@@ -129,15 +129,21 @@ app.command("train", help="Train every run listed in the config from one shuffle
     _with_signature(_train, _flags_from(TrainConfig, skip=("runs",))))
 
 
-@app.command("evaluate")
-def evaluate_cmd(run: Optional[Path] = typer.Argument(None, help="A run folder; default: the most recent run."),
-                 cache: Optional[str] = typer.Option(None, "--cache", help="Evaluate every run trained on this cache."),
-                 runs_dir: str = typer.Option("runs", "--runs-dir", help="Where runs are."),
-                 batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per evaluation batch.")) -> None:
-    """Reconstruction metrics on the cache's held-out split; writes eval.json per run, prints one table."""
+def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[str] = None, **flags: Any) -> None:
     from .evaluate.run import evaluate, table
 
-    _run_guarded(lambda: typer.echo(table(evaluate(str(run) if run else None, cache, runs_dir, batch_size))))
+    def go() -> None:
+        cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run})
+        typer.echo(table(evaluate(cfg, progress=not quiet)))
+
+    _run_guarded(go)
+
+
+app.command("evaluate", help="Metrics of trained runs on their cache's held-out split; eval.json per run, one table.")(
+    _with_signature(_evaluate, [inspect.Parameter(
+        "run", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+        default=typer.Argument(None, help="A run folder; default: every run of --cache, or the most recent run."))]
+        + _flags_from(EvaluateConfig, skip=("run",))))
 
 
 @cache_app.command("ls")

@@ -284,11 +284,29 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """`pipeline evaluate`: which runs, on how much of the held-out split, and which metric families."""
+
+    run: str | None = opt(None, "A run folder; default: every run of ``cache``, or the most recent run.")
+    cache: str | None = opt(None, "Evaluate every run trained on this cache.")
+    runs_dir: str = opt("runs", "Where runs are.")
+    batch_size: int = opt(4096, "Tokens per evaluation batch.")
+    dense_above: float = opt(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
+            raise ConfigError(f"batch_size: {self.batch_size!r} must be a positive integer")
+        if not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above < 1:
+            raise ConfigError(f"dense_above: {self.dense_above!r} must be between 0 and 1")
+
+
+@dataclass
 class PipelineConfig:
     """The whole of pipeline.yaml. Later stages add their sections here."""
 
     harvest: HarvestConfig = field(default_factory=HarvestConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
@@ -306,4 +324,5 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; valid sections are {', '.join(sorted(known))}")
     return PipelineConfig(harvest=from_dict(HarvestConfig, data.get("harvest") or {}, "harvest"),
-                          train=from_dict(TrainConfig, data.get("train") or {}, "train"))
+                          train=from_dict(TrainConfig, data.get("train") or {}, "train"),
+                          evaluate=from_dict(EvaluateConfig, data.get("evaluate") or {}, "evaluate"))

@@ -183,10 +183,11 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
 
     from matryoshka.cli import app
     from matryoshka.evaluate.run import evaluate
+    from matryoshka.config import EvaluateConfig
 
     runs = [{**RUNS[0], "tokens": "20K"}, {**RUNS[1], "tokens": "20K"}]
     train(_cfg(cache, tmp_path, runs=runs), progress=False)
-    results = {r["run"]: r for r in evaluate(cache=str(cache), runs_dir=str(tmp_path))}
+    results = {r["run"]: r for r in evaluate(EvaluateConfig(cache=str(cache), runs_dir=str(tmp_path)))}
     assert set(results) == {"sae", "tc"}
     held = Cache(cache).split["heldout"]
     for r in results.values():

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import Cache, CacheError
+from ..config import EvaluateConfig
 from ..train.load import load
 from .metrics import reconstruction
-
-DENSE_ABOVE = 0.1
-
 
 def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Path]:
     if run is not None:
@@ -39,21 +37,21 @@ def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> lis
     return runs
 
 
-def evaluate(run: str | None = None, cache: str | None = None, runs_dir: str = "runs",
-             batch_size: int = 4096) -> list[dict[str, Any]]:
+def evaluate(cfg: EvaluateConfig, progress: bool = False) -> list[dict[str, Any]]:
     """Evaluate runs (see the module docstring), write their eval.json, return the results."""
+    cache, batch_size, dense_above = cfg.cache, cfg.batch_size, cfg.dense_above
     results = []
-    for path in find_runs(run, cache, runs_dir):
+    for path in find_runs(cfg.run, cache, cfg.runs_dir):
         dic = load(path)
         cfg = dic.config
         c = Cache(cache or cfg["cache"])
         if c.fingerprint != cfg["fingerprint"]:
             raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "
                              f"{c.path!r} ({c.fingerprint})")
-        r = reconstruction(dic, c, cfg["source"], cfg["target"], batch_size=batch_size, dense_above=DENSE_ABOVE)
+        r = reconstruction(dic, c, cfg["source"], cfg["target"], batch_size=batch_size, dense_above=dense_above)
         out = {"run": cfg["name"], "path": str(path), "fingerprint": c.fingerprint,
                **{k: v for k, v in dataclasses.asdict(r).items() if k != "density"},
-               "dense_above": DENSE_ABOVE, "config": cfg}
+               "dense_above": dense_above, "config": cfg}
         (path / "eval.json").write_text(json.dumps(out, indent=2))
         results.append(out)
     return results
