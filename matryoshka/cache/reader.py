@@ -9,8 +9,13 @@ the other half. A batch that straddles two blocks takes the old block's last row
 of the split is served exactly once per epoch, each epoch in a new order, and a batch is a uniform
 sample of one block: ``buffer_tokens / 2`` rows from ``buffer_tokens / (2 * chunk_tokens)`` chunks.
 
-Memory is the buffer (``buffer_tokens`` rows in two halves, pinned on a GPU host) and two batches,
-whatever the size of the cache: a chunk is decompressed in place, never copied into the buffer.
+Memory is the buffer (``buffer_tokens`` rows in two halves) and two batches, whatever the size of the
+cache: a chunk is decompressed in place, never copied into the buffer. On a GPU the buffer is pinned
+and mirrored on the device (``buffer_tokens`` rows there too): each block crosses to the device once,
+in one asynchronous copy, and batches are gathered on the device, so the host's cores only decompress.
+From object storage, an I/O thread fetches the next block's chunks in one concurrent request (plus
+that block's compressed bytes in memory) while the current block is served: the read-ahead that keeps
+a remote cache near local speed.
 
 Resume. :meth:`ShuffledReader.state_dict` is the cursor: epoch, blocks begun, the row ids waiting to
 be served in their order, and the RNG state. A reader given that cursor decompresses the chunks of
@@ -120,10 +125,16 @@ class ShuffledReader:
         # zeros, not empty: the pages are touched once here rather than on the first epoch's writes
         self._buf = [torch.zeros((2 * self.half, w), dtype=st, pin_memory=pin) for w in self.widths]
         self._np = [numpy_view(b) for b in self._buf]
-        self._batch_bufs = [[torch.empty((self.cfg.batch_size, w), dtype=st, pin_memory=True) for w in self.widths]
-                            for _ in range(2)] if pin else [[], []]
-        self._events: list[torch.cuda.Event | None] = [None, None]
+        # On a GPU, each block is copied to the device once and batches are gathered there: the host
+        # does no per-batch copy at all, so its cores are left to decompression.
+        self._dev = [torch.empty((2 * self.half, w), dtype=st, device=self.device) for w in self.widths] if pin else []
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]  # a half's host->device copy is done
+        # batch row indices travel in two alternating pinned buffers, so no copy waits for the GPU
+        self._index = [torch.empty(self.cfg.batch_size, dtype=torch.int64, pin_memory=True) for _ in range(2)] if pin else []
+        self._index_sent: list[torch.cuda.Event | None] = [None, None]
         self._pool = ThreadPoolExecutor(self.cfg.threads or os.cpu_count() or 1, thread_name_prefix="cache-read")
+        remote = any(c.remote for c, _ in self.sources)
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="cache-fetch") if remote else None
         self._loading: tuple[int, list[Future]] | None = None  # (epoch, decodes) of the block being decompressed
         self._epoch_base = 0  # blocks begun in earlier epochs: blocks alternate halves across epochs too
         self.epoch = -1
@@ -183,8 +194,21 @@ class ShuffledReader:
         self.batches_this_epoch = 0
 
     # -- decompression (background threads) ----------------------------------------------------------
-    def _decode(self, chunk: int, base: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decompress a chunk into buffer rows ``base ..``; return its served row ids and their slots."""
+    def _fetch(self, chunks: list[int]) -> dict[tuple[int, int], bytes]:
+        """A block's stored chunks of every array, one concurrent request per cache: object storage
+        answers many requests at once far faster than one after another."""
+        out: dict[tuple[int, int], bytes] = {}
+        by_cache: dict[int, tuple[Cache, list[tuple[int, str]]]] = {}
+        for j, (c, name) in enumerate(self.sources):
+            by_cache.setdefault(id(c), (c, []))[1].append((j, name))
+        for c, items in by_cache.values():
+            got = c.chunk_bytes_many([(name, ch) for _, name in items for ch in chunks])
+            out.update({(j, ch): got[(name, ch)] for j, name in items for ch in chunks})
+        return out
+
+    def _decode(self, chunk: int, base: int, fetched: Future | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Decompress a chunk into buffer rows ``base ..``; return its served row ids and their slots.
+        ``fetched``: the block's bytes being fetched from object storage (else each chunk is read here)."""
         r = self.cache.chunk_rows(chunk)
         ids = np.arange(r.start, r.stop, dtype=np.int64)
         if self.bos_at_starts:
@@ -193,9 +217,10 @@ class ShuffledReader:
             tokens = decode_chunk(self.cache.chunk_bytes("tokens", chunk), "zstd" if self.codec != "none" else "none",
                                   np.empty(self.ct, np.int32))[: len(r)]
             ids = ids[tokens != self.bos_id]
-        for (c, name), out in zip(self.sources, self._np):
+        for j, ((c, name), out) in enumerate(zip(self.sources, self._np)):
             try:
-                decode_chunk(c.chunk_bytes(name, chunk), self.codec, out[base:base + self.ct])
+                raw = fetched.result()[(j, chunk)] if fetched is not None else c.chunk_bytes(name, chunk)
+                decode_chunk(raw, self.codec, out[base:base + self.ct])
             except (OSError, ValueError) as e:
                 raise CacheError(f"cache: chunk {chunk} of {name} in {c.path!r} is unreadable ({e}); "
                                  "run `pipeline cache verify`") from None
@@ -213,7 +238,10 @@ class ShuffledReader:
         if len(self._pool_slots) and ((self._pool_slots // self.half) == half).any():
             return
         chunks = order[:self.chunks_per_block] if epoch != self.epoch else self._block_chunks(b)
-        self._loading = (epoch, [self._pool.submit(self._decode, c, half * self.half + j * self.ct)
+        if self._uploaded[half] is not None:
+            self._uploaded[half].synchronize()  # the half's last block has reached the device
+        fetched = self._io.submit(self._fetch, chunks) if self._io is not None else None
+        self._loading = (epoch, [self._pool.submit(self._decode, c, half * self.half + j * self.ct, fetched)
                                  for j, c in enumerate(chunks)])
 
     def _wait_loading(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -230,11 +258,22 @@ class ShuffledReader:
             return False
         self._start_loading()
         ids, slots = self._wait_loading()
+        self._upload(self._half(self._next_block))
         perm = self._rng.permutation(len(ids))
         self._pool_rows = np.concatenate([self._pool_rows, ids[perm]])
         self._pool_slots = np.concatenate([self._pool_slots, slots[perm]])
         self._next_block += 1
         return True
+
+    def _upload(self, half: int) -> None:
+        """Copy a decompressed half of the pinned buffer to its device mirror (asynchronously)."""
+        if not self._dev:
+            return
+        rows = slice(half * self.half, (half + 1) * self.half)
+        for host, dev in zip(self._buf, self._dev):
+            dev[rows].copy_(host[rows], non_blocking=True)
+        self._uploaded[half] = torch.cuda.Event()
+        self._uploaded[half].record()
 
     # -- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -257,24 +296,21 @@ class ShuffledReader:
         rows, slots = self._pool_rows[:n], self._pool_slots[:n]
         self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
         self.last_rows = rows
-        k = self.batches_this_epoch % 2
         self.batches_this_epoch += 1
-        if self._events[k] is not None:
-            self._events[k].synchronize()  # the copy that last used this pinned batch buffer is done
-        out = {}
-        for j, name in enumerate(self.names):
-            # numpy's gather runs on this thread alone: torch's would spread over OpenMP threads that
-            # then wait on the cores the decompression threads are using.
-            if self.device.type == "cpu":
-                out[name] = to_torch(np.take(self._np[j], slots, axis=0), self.storage_dtype).to(self.dtype)
-                continue
-            d = self._batch_bufs[k][j][:n]
-            np.take(self._np[j], slots, axis=0, out=numpy_view(d))
-            out[name] = d.to(self.device, non_blocking=True).to(self.dtype)
-        if self.device.type == "cuda":
-            self._events[k] = torch.cuda.Event()
-            self._events[k].record()
-        return out
+        if self._dev:
+            k = self.batches_this_epoch % 2
+            if self._index_sent[k] is not None:
+                self._index_sent[k].synchronize()  # the copy that last used this index buffer is done
+            host = self._index[k][:n]
+            host.numpy()[:] = slots
+            index = host.to(self.device, non_blocking=True)
+            self._index_sent[k] = torch.cuda.Event()
+            self._index_sent[k].record()
+            return {name: dev.index_select(0, index).to(self.dtype) for name, dev in zip(self.names, self._dev)}
+        # numpy's gather runs on this thread alone: torch's would spread over OpenMP threads that
+        # then wait on the cores the decompression threads are using.
+        return {name: to_torch(np.take(host, slots, axis=0), self.storage_dtype).to(self.dtype)
+                for name, host in zip(self.names, self._np)}
 
     # -- cursor --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -313,12 +349,16 @@ class ShuffledReader:
             slot_of.update(zip(ids.tolist(), slots.tolist()))
         self._pool_rows = rows
         self._pool_slots = np.asarray([slot_of[r] for r in rows.tolist()], dtype=np.int64)
+        for half in (0, 1):
+            self._upload(half)
 
     def close(self) -> None:
         if self._loading is not None:
             for f in self._loading[1]:
                 f.cancel()
         self._pool.shutdown(wait=True)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
 
     def __enter__(self) -> "ShuffledReader":
         return self

@@ -1,0 +1,123 @@
+"""The GPU path against the CPU path it must reproduce. Skipped where CUDA is absent (as in CI): these run
+on a lent GPU machine (see README, "Benchmarks")."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_objectives import GROUPS, _dic, _x, seed_step
+from test_reader import cache  # noqa: F401  (the module-scoped reader cache fixture)
+from test_train import RUNS, _cfg, _weights
+from test_train import cache as harvested  # noqa: F401
+
+from matryoshka.train.objectives import Objective
+from matryoshka.train.sparse import batch_topk
+from matryoshka.train.trainer import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    """TF32 would change float32 results in the 4th digit; these tests compare against the CPU."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def test_reader_on_the_gpu_serves_the_cpu_stream(cache):  # noqa: F811
+    """Blocks uploaded once and gathered on the device: the same rows, in the same order, over epochs."""
+    with _reader(cache) as cpu, _reader(cache, device="cuda") as gpu:
+        n = 2 * cpu.batches_per_epoch + 3
+        for _ in range(n):
+            a, b = next(cpu), next(gpu)
+            assert b["src"].device.type == "cuda"
+            for name in a:
+                assert torch.equal(a[name], b[name].cpu())
+        state = gpu.state_dict()
+        want = [next(gpu)["src"].cpu() for _ in range(5)]
+    with _reader(cache, device="cuda", state=state) as resumed:
+        for w in want:
+            assert torch.equal(next(resumed)["src"].cpu(), w)
+
+
+def _reader(cache, device="cpu", **kw):
+    from matryoshka.cache.reader import ReaderConfig, ShuffledReader
+
+    cfg = ReaderConfig(batch_size=32, buffer_tokens=256)
+    return ShuffledReader(["src", "tgt"], str(cache), cfg, device=device, **kw)
+
+
+def test_batch_topk_on_the_gpu_selects_the_cpu_entries():
+    acts = torch.relu(torch.randn(512, 4096, generator=torch.Generator().manual_seed(0)))
+    a, b = batch_topk(acts, 16), batch_topk(acts.cuda(), 16)
+    assert torch.equal(a.rows, b.rows.cpu()) and torch.equal(a.latents, b.latents.cpu())
+    assert torch.equal(a.values, b.values.cpu())
+
+
+@pytest.mark.parametrize("n_dead", [0, 10])
+def test_reference_step_on_the_gpu_equals_the_seed(n_dead):
+    """The seed's step restated densely, on the GPU, in float64: the same loss and updated weights."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        dic = _dic().cuda()
+        with torch.no_grad():
+            dic.b_dec.normal_(0, 0.1)
+        dic.threshold.fill_(0.05)
+        obj = Objective(dic, "reference")
+        obj.inactive[:n_dead] = 25
+        x = _x().cuda()
+        loss, W_enc, W_dec, b_dec, inactive, threshold = seed_step(dic, x, obj.inactive.clone(), 0.05, k=3)
+        opt = torch.optim.Adam([dic.W_enc, dic.W_dec, dic.b_dec], lr=3e-4, betas=(0.9, 0.99))
+        out = obj(x, x)
+        out.loss.backward()
+        obj.before_step()
+        opt.step()
+        obj.after_step()
+        torch.testing.assert_close(out.loss, loss)
+        torch.testing.assert_close(dic.W_enc.detach(), W_enc)
+        torch.testing.assert_close(dic.W_dec.detach(), W_dec)
+        torch.testing.assert_close(dic.b_dec.detach(), b_dec)
+        assert dic.threshold.item() == pytest.approx(threshold)
+        assert len(GROUPS) == dic.n_groups
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("transcoder", [False, True])
+def test_sparse_encoder_backward_on_the_gpu(transcoder):
+    dic = _dic(transcoder=transcoder).cuda()
+    with torch.no_grad():
+        dic.b_dec.normal_()
+    x = _x().cuda()
+    code = batch_topk(dic.pre_acts(x), 3)
+    weights = torch.randn(len(code.values), device="cuda")
+    sparse = (dic.attach(x, code.rows, code.latents, code.values) * weights).sum()
+    params = [p for p in (dic.W_enc, dic.b_enc, dic.b_dec) if p is not None]
+    got = torch.autograd.grad(sparse, params, allow_unused=True)
+    h = (x if transcoder else x - dic.b_dec) @ dic.W_enc + (dic.b_enc if transcoder else 0)
+    want = torch.autograd.grad((torch.relu(h)[code.rows, code.latents] * weights).sum(), params, allow_unused=True)
+    for g, w in zip(got, want):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_training_fp32_tracks_the_cpu(harvested, tmp_path):  # noqa: F811
+    """Same stream, same init, float32 on both: the first checkpoints agree to float32 rounding. (Later,
+    a rounding difference can flip one batch top-k entry at the threshold, so the runs drift apart.)"""
+    runs = [{**RUNS[0], "tokens": "2560"}, {**RUNS[1], "tokens": "2560"}]  # 10 steps
+    cpu = {p.name: _weights(p) for p in train(_cfg(harvested, tmp_path / "cpu", runs=runs, device="cpu"), progress=False)}
+    gpu = {p.name: _weights(p) for p in train(_cfg(harvested, tmp_path / "gpu", runs=runs, device="cuda",
+                                                   autocast=False), progress=False)}
+    for name in cpu:
+        for k in cpu[name]:
+            torch.testing.assert_close(gpu[name][k], cpu[name][k], rtol=2e-3, atol=2e-4, msg=f"{name} {k}")
+
+
+def test_gpu_bf16_autocast_training_learns(harvested, tmp_path):  # noqa: F811
+    (path, _) = train(_cfg(harvested, tmp_path, runs=RUNS[:2], device="cuda", autocast=True), progress=False)
+    lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["fvu"] < 0.2 < lines[0]["fvu"]
+    assert all(v.dtype == torch.float32 for v in _weights(path).values() if v.is_floating_point())  # master weights
+    assert np.isfinite([x["loss"] for x in lines]).all()
