@@ -10,8 +10,8 @@ import torch
 from test_objectives import GROUPS, _dic, _x, seed_step
 from test_reader import cache  # noqa: F401  (the module-scoped reader cache fixture)
 from test_train import RUNS, _cfg, _weights
-from test_train import cache as harvested  # noqa: F401
 
+from matryoshka.fixtures import write_cache
 from matryoshka.train.objectives import Objective
 from matryoshka.train.sparse import batch_topk
 from matryoshka.train.trainer import train
@@ -24,6 +24,22 @@ def exact_matmuls():
     """TF32 would change float32 results in the 4th digit; these tests compare against the CPU."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture(scope="module")
+def harvested(tmp_path_factory):
+    """A cache with the test_train runs' arrays, of sparse sums of 512 directions (no LM needed, so this
+    file runs where TransformerLens is not installed)."""
+    rng = np.random.default_rng(0)
+    n, d = 24 * 1024, 64
+    dirs = rng.standard_normal((512, d)).astype(np.float32)
+    codes = rng.random((n, 512)) < 8 / 512
+    x = (codes * rng.exponential(1.0, (n, 512))).astype(np.float32) @ dirs
+    y = x @ rng.standard_normal((d, d)).astype(np.float32) / np.sqrt(d)
+    tokens = rng.integers(1, 100, n)
+    tokens[::128] = 0
+    return write_cache(tmp_path_factory.mktemp("g") / "cache", {"1.resid_mid": x, "1.mlp_out": y}, tokens, 128, 8,
+                       heldout_seqs=16)
 
 
 def test_reader_on_the_gpu_serves_the_cpu_stream(cache):  # noqa: F811
@@ -118,6 +134,6 @@ def test_gpu_training_fp32_tracks_the_cpu(harvested, tmp_path):  # noqa: F811
 def test_gpu_bf16_autocast_training_learns(harvested, tmp_path):  # noqa: F811
     (path, _) = train(_cfg(harvested, tmp_path, runs=RUNS[:2], device="cuda", autocast=True), progress=False)
     lines = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["fvu"] < 0.2 < lines[0]["fvu"]
+    assert lines[-1]["fvu"] < min(0.6, lines[0]["fvu"] / 2)  # float32 on the CPU reaches 0.45
     assert all(v.dtype == torch.float32 for v in _weights(path).values() if v.is_floating_point())  # master weights
     assert np.isfinite([x["loss"] for x in lines]).all()
