@@ -1,4 +1,4 @@
-"""The `pipeline` command: harvest, train, evaluate, and cache ls|info|verify.
+"""The `pipeline` command: run (all stages), harvest, train, evaluate, models, and cache ls|info|verify.
 
 Each stage's flags are generated from its config dataclass (:class:`~matryoshka.config.HarvestConfig`,
 :class:`~matryoshka.config.TrainConfig`), so every flag is a key of the stage's pipeline.yaml section
@@ -134,7 +134,10 @@ def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[
 
     def go() -> None:
         cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run})
-        typer.echo(table(evaluate(cfg, progress=not quiet)))
+        results = evaluate(cfg, progress=not quiet)
+        typer.echo(table(results))
+        for report in dict.fromkeys(r["report"] for r in results if "report" in r):
+            typer.echo(f"report: {report}")
 
     _run_guarded(go)
 
@@ -146,8 +149,32 @@ app.command("evaluate", help="Metrics of trained runs on their cache's held-out 
         + _flags_from(EvaluateConfig, skip=("run",))))
 
 
+@app.command("run")
+def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.yaml to run."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+    """Harvest, train and evaluate everything CONFIG describes, doing only what is missing; resumable."""
+    from .pipeline import run_pipeline
+
+    def go() -> None:
+        out = run_pipeline(load_pipeline(config), progress=not quiet, echo=typer.echo)
+        typer.echo(out.table)
+        if out.report is not None:
+            typer.echo(f"report: {out.report}")
+
+    _run_guarded(go)
+
+
+@app.command("models")
+def models(names: Optional[list[str]] = typer.Argument(
+        None, help="Model names (gpt2, google/gemma-2-2b) or local directories; none: the seed's table.")) -> None:
+    """Width, layers and the seed's suggested sizes (16x dictionary, groups [1x, 2x, 4x, 9x], k = width/200)."""
+    from .suggest import format_table, from_config, seed_table
+
+    _run_guarded(lambda: typer.echo(format_table([from_config(n) for n in names] if names else seed_table())))
+
+
 @cache_app.command("ls")
-def cache_ls(root: Path = typer.Argument(Path("cache"), help="Directory to search for caches.")) -> None:
+def cache_ls(root: str = typer.Argument("cache", help="Directory or URL prefix (s3://bucket/prefix) to search.")) -> None:
     """List the caches under ROOT with model, sites, tokens and size."""
     from .cache import Cache
     from .cache.inspect import describe, find_caches
@@ -166,7 +193,7 @@ def cache_ls(root: Path = typer.Argument(Path("cache"), help="Directory to searc
 
 
 @cache_app.command("info")
-def cache_info(path: Path = typer.Argument(..., help="The cache directory.")) -> None:
+def cache_info(path: str = typer.Argument(..., help="The cache directory or URL.")) -> None:
     """Print a cache's manifest, sizes and statistics."""
     from .cache import Cache
     from .cache.inspect import info_lines
@@ -175,7 +202,7 @@ def cache_info(path: Path = typer.Argument(..., help="The cache directory.")) ->
 
 
 @cache_app.command("verify")
-def cache_verify(path: Path = typer.Argument(..., help="The cache directory."),
+def cache_verify(path: str = typer.Argument(..., help="The cache directory or URL."),
                  quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
     """Check shapes, completeness and every chunk's checksum; name each damaged chunk."""
     from .cache import Cache

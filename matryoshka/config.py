@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,14 @@ def parse_sites(sites: str | list[str], layers: str | list[int] | int | None) ->
     return sorted(out, key=lambda ls: (ls[0], SITES.index(ls[1])))
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> (1, 4): shard index (from 0) and shard count."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"shard: {text!r} is not I/N with 0 <= I < N (e.g. 0/2 and 1/2 for two workers)")
+    return int(m.group(1)), int(m.group(2))
+
+
 def site_name(layer: int, site: str) -> str:
     """The array name of a captured site inside a cache: ``8.resid_mid``."""
     return f"{layer}.{site}"
@@ -102,10 +112,56 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+SOURCES = ("model", "synthetic")
+
+
+@dataclass
+class SyntheticConfig:
+    """``harvest.synthetic``: activations built from a known dictionary of hierarchical sparse features,
+    so that evaluation can score dictionaries against the truth (see ``matryoshka/harvest/synthetic.py``).
+    A nested mapping rather than flat harvest keys: these settings mean nothing to a model harvest, and a
+    nested mapping keeps them apart and names each one by its path (``harvest.synthetic.n_parents``)."""
+
+    d_model: int = opt(64, "Width of the source array x (the first site).")
+    d_target: int = opt(0, "Width of the target array (the second site, if any); 0 means d_model.")
+    n_parents: int = opt(16, "Parent features.")
+    children: int = opt(4, "Child features per parent.")
+    parent_rate: float = opt(0.08, "Probability that a parent fires on a token (independently of the others).")
+    child_rate: float = opt(0.8, "Probability that, when a parent fires, one of its children fires too (which one is "
+                                 "uniform; siblings never fire together, a child never fires without its parent).")
+    magnitude_std: float = opt(0.15, "A firing feature's magnitude is 1 + magnitude_std * N(0, 1), at least 0.1.")
+    noise: float = opt(0.01, "Standard deviation of the Gaussian noise added to every coordinate of x.")
+    target_noise: float = opt(0.01, "Standard deviation of the Gaussian noise added to every coordinate of the target.")
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_parents", "children"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name}: {v!r} must be a positive integer")
+        if not isinstance(self.d_target, int) or isinstance(self.d_target, bool) or self.d_target < 0:
+            raise ConfigError(f"d_target: {self.d_target!r} must be 0 (d_model) or a positive integer")
+        for name, low, high in (("parent_rate", 0, 1), ("child_rate", 0, 1)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not low < v <= high:
+                raise ConfigError(f"{name}: {v!r} must be a probability in ({low}, {high}]")
+        for name in ("magnitude_std", "noise", "target_noise"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{name}: {v!r} must be a number >= 0")
+
+    @property
+    def n_features(self) -> int:
+        return self.n_parents * (1 + self.children)
+
+
 @dataclass
 class HarvestConfig:
     """What `pipeline harvest` captures, from which model and text, and how it is stored."""
 
+    source: str = opt("model", "``model``: run the LM; ``synthetic``: generate activations with a known ground truth "
+                               "(settings in ``synthetic``; no model, dataset or tokenizer is used).")
+    synthetic: SyntheticConfig | str | None = opt(None, "``source: synthetic`` settings, a mapping (README, "
+                                                        "\"Synthetic ground truth\"); on the command line a YAML mapping that replaces the config's.")
     model: str = opt("gpt2", 'HF model name (``gpt2``, ``google/gemma-2-2b``) or a local directory saved with save_pretrained.')
     revision: str | None = opt(None, "Model revision (branch, tag or commit) on the Hub.")
     dataset: str = opt("Skylion007/openwebtext", 'HF dataset name (streamed) or a local .txt (one document per line), .jsonl or .parquet file.')
@@ -126,10 +182,13 @@ class HarvestConfig:
     cache: str | None = opt(None, 'Where the store goes; default ``cache/<model>/<fingerprint>``.')
     cache_root: str = opt("cache", "Root of default cache paths.")
     resume: bool = opt(False, "Continue an unfinished harvest of the same config.")
+    break_lock: bool = opt(False, "Take over the stale writer lock of a dead writer on object storage (a live lock is never broken).")
+    shard: str | None = opt(None, 'Write only shard ``I/N`` of the cache (workers on separate machines, same ``cache``); under torchrun the rank and world size are used.')
     codec: str = opt("lz4", "Compression: lz4 (blosc lz4 + bitshuffle), zstd (blosc zstd-1 + bitshuffle) or none.")
     chunk_mb: float = opt(4.0, 'Target uncompressed chunk size of the widest array, in MiB.')
     holdout: int | str = opt("1%", 'Held-out split: the first sequences of the cache, as tokens (``100K``) or a percentage.')
-    seed: int | None = opt(0, "Document-order seed (a streaming shuffle buffer); ``null`` keeps the dataset's order.")
+    seed: int | None = opt(0, "Document-order seed (a streaming shuffle buffer); ``null`` keeps the dataset's order. "
+                              "For the synthetic source, the generator's seed.")
     shuffle_buffer: int = opt(10_000, "Documents in the seeded streaming shuffle buffer.")
     bos: str = opt("context", '``context``: every context starts with BOS; ``document``: every document does; ``none``.')
     writer_threads: int = opt(0, 'Compression/write threads; 0 means one per CPU core.')
@@ -149,6 +208,30 @@ class HarvestConfig:
         _choice("codec", self.codec, CODECS)
         _choice("bos", self.bos, BOS_POLICIES)
         self.site_list = parse_sites(self.sites, self.layers)
+        if self.shard is not None:
+            parse_shard(self.shard)
+        _choice("source", self.source, SOURCES)
+        if self.source == "synthetic":
+            self._synthetic_settings()
+        elif self.synthetic is not None:
+            raise ConfigError("synthetic: settings given but source is 'model'; set source: synthetic or drop them")
+
+    def _synthetic_settings(self) -> None:
+        """Validate ``synthetic`` (a mapping, or YAML text from the command line) and what it needs."""
+        s = self.synthetic
+        if isinstance(s, str):
+            try:
+                s = yaml.safe_load(s)
+            except yaml.YAMLError:
+                raise ConfigError(f"synthetic: {s!r} is not a YAML mapping (e.g. '{{n_parents: 32}}')") from None
+        if not isinstance(s, SyntheticConfig):
+            s = from_dict(SyntheticConfig, s or {}, "synthetic")
+        self.synthetic = s
+        if len(self.site_list) > 2:
+            raise ConfigError(f"sites: the synthetic source writes one array (x) and optionally a second (the "
+                              f"target); {len(self.site_list)} sites were given")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed: {self.seed!r}; the synthetic source needs an integer seed (its generator's)")
 
     @property
     def n_sequences(self) -> int:
@@ -186,11 +269,53 @@ def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     if unknown:
         raise ConfigError(f"{path}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(names))}")
     try:
-        return cls(**data)
-    except ConfigError as e:
-        raise ConfigError(f"{path}.{e}") from None
-    except TypeError as e:
+        built = cls(**data)
+    except ConfigError as e:  # the dataclass's own check: the most specific message
+        raise ConfigError(str(e) if str(e).startswith(f"{path}.") else f"{path}.{e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        _check_types(cls, data, path)
         raise ConfigError(f"{path}: {e}") from None
+    _check_types(cls, data, path)
+    return built
+
+
+def _check_types(cls: type, data: dict[str, Any], path: str) -> None:
+    """Name the first value whose YAML type does not fit its field (``width: big``)."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _fits(value, hints[key]):
+            raise ConfigError(f"{path}.{key}: {value!r} is a {type(value).__name__}; expected {_type_name(hints[key])}")
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, (dict, tp))
+    return True  # a type this check does not know: the dataclass validates it
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0]).removeprefix('an ').removeprefix('a ')}s" if args else "a list"
+    names = {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 ARCHS = ("matryoshka", "batchtopk", "topk")
@@ -262,13 +387,18 @@ class TrainConfig:
     batch_size: int = opt(4096, "Tokens per step, shared by every run.")
     buffer_tokens: int = opt(2**18, "Reader buffer: two blocks of half this size.")
     seed: int = opt(0, "Data order seed.")
+    data_ranks: int = opt(0, "Disjoint reader streams whose batches make each global batch; 0: one per torchrun process. One process with N reproduces an N-process job's data exactly.")
     device: str | None = opt(None, "Default: cuda if available, else cpu.")
     autocast: bool = opt(True, "bf16 autocast on a GPU, with float32 master weights and optimiser state.")
     checkpoint_every: int = opt(1000, "Steps between checkpoints.")
     log_every: int = opt(10, "Steps between metrics lines.")
     wandb: str | None = opt(None, "W&B project to log to (offline mode works without an account).")
+    local_cache_dir: str | None = opt(None, "For a cache on object storage: keep a local copy of every chunk read here.")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.runs, list):
+            raise ConfigError(f"train.runs: expected a list of runs (- {{name: ..., source: ...}}), "
+                              f"got {type(self.runs).__name__}")
         runs = []
         for i, r in enumerate(self.runs):
             runs.append(r if isinstance(r, RunConfig) else from_dict(RunConfig, r, f"train.runs[{i}]"))
@@ -277,6 +407,8 @@ class TrainConfig:
         if dup:
             raise ConfigError(f"train.runs: run name {dup[0]!r} is used twice")
         self.runs = runs
+        if not isinstance(self.data_ranks, int) or isinstance(self.data_ranks, bool) or self.data_ranks < 0:
+            raise ConfigError(f"data_ranks: {self.data_ranks!r} must be 0 (one per process) or a positive integer")
         for name in ("batch_size", "buffer_tokens", "checkpoint_every", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -292,12 +424,38 @@ class EvaluateConfig:
     runs_dir: str = opt("runs", "Where runs are.")
     batch_size: int = opt(4096, "Tokens per evaluation batch.")
     dense_above: float = opt(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
+    features: bool = opt(True, "Feature metrics: absorption, splitting, monosemanticity, hierarchy per group.")
+    feature_tokens: int = opt(131072, "Held-out tokens the co-activation, monosemanticity and hierarchy statistics use (bounds their time and memory).")
+    absorption_above: float = opt(0.9, "Absorption: decoder-row pairs with cosine above this.")
+    split_above: float = opt(0.5, "Splitting: latent pairs co-active above this rate.")
+    rare_below: int = opt(50, "Latents firing on fewer of the feature tokens are rare: not scored for monosemanticity.")
+    block_mb: float = opt(64.0, "Memory of one block of the pairwise feature statistics, in MiB.")
+    contexts: int = opt(10, "Top-activating contexts kept per latent (0: none).")
+    report: bool = opt(True, "Write the cache's report: RUNS_DIR/<fingerprint>/report.md with PNG plots.")
+    local_cache_dir: str | None = opt(None, "For a cache on object storage: keep a local copy of every chunk read here.")
+    lm: bool = opt(True, "Downstream metrics: splice each dictionary into the cache's LM (CE, CE recovered, KL); --no-lm when the LM is not at hand.")
+    lm_tokens: int | str = opt("64K", "Held-out tokens the downstream metrics run the LM on: whole contexts from the start of the split, at most all of it.")
+    lm_batch_size: int = opt(8, "Contexts per LM forward pass (its memory grows with this times the context size times the vocabulary).")
+    device: str | None = opt(None, "Device for the LM and the spliced dictionaries (default: cuda if available, else cpu).")
 
     def __post_init__(self) -> None:
+        self.lm_tokens = parse_count(self.lm_tokens, "lm_tokens")
+        if not isinstance(self.lm_batch_size, int) or isinstance(self.lm_batch_size, bool) or self.lm_batch_size <= 0:
+            raise ConfigError(f"lm_batch_size: {self.lm_batch_size!r} must be a positive integer")
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
             raise ConfigError(f"batch_size: {self.batch_size!r} must be a positive integer")
         if not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above < 1:
             raise ConfigError(f"dense_above: {self.dense_above!r} must be between 0 and 1")
+        for name in ("absorption_above", "split_above"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
+                raise ConfigError(f"{name}: {v!r} must be between 0 and 1")
+        for name, low in (("feature_tokens", 1), ("rare_below", 1), ("contexts", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"{name}: {v!r} must be an integer >= {low}")
+        if not isinstance(self.block_mb, (int, float)) or isinstance(self.block_mb, bool) or self.block_mb <= 0:
+            raise ConfigError(f"block_mb: {self.block_mb!r} must be a positive number of MiB")
 
 
 @dataclass
@@ -323,6 +481,52 @@ def load_pipeline(path: str | Path) -> PipelineConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; valid sections are {', '.join(sorted(known))}")
-    return PipelineConfig(harvest=from_dict(HarvestConfig, data.get("harvest") or {}, "harvest"),
-                          train=from_dict(TrainConfig, data.get("train") or {}, "train"),
-                          evaluate=from_dict(EvaluateConfig, data.get("evaluate") or {}, "evaluate"))
+    cfg = PipelineConfig(harvest=from_dict(HarvestConfig, data.get("harvest") or {}, "harvest"),
+                         train=from_dict(TrainConfig, data.get("train") or {}, "train"),
+                         evaluate=from_dict(EvaluateConfig, data.get("evaluate") or {}, "evaluate"))
+    if "harvest" in data:  # one pipeline: its runs read what its harvest writes
+        check_pipeline(cfg)
+    return cfg
+
+
+def harvested_arrays(h: HarvestConfig) -> list[str]:
+    """The cache arrays a harvest section writes, in the order the model computes them."""
+    return [site_name(layer, site) for layer, site in h.site_list]
+
+
+def harvested_width(h: HarvestConfig) -> int:
+    """The width of the harvested arrays, from the model's config (no weights are loaded); for the synthetic
+    source, the width of x."""
+    if h.source == "synthetic":
+        return h.synthetic.d_model
+    from .models import model_info
+
+    return model_info(h.model, h.revision).d_model
+
+
+def check_pipeline(cfg: PipelineConfig) -> None:
+    """Cross-section checks, before anything runs: every run reads arrays the harvest writes, and its
+    width, groups and k fit. A run whose width follows the model (``width: 0``) is checked against the
+    model's config only when it sets groups or k (the defaults always fit) and the config can be read
+    (a local directory, the HF cache, or the network); otherwise the trainer checks it against the cache."""
+    arrays = harvested_arrays(cfg.harvest)
+    width: list[int | None] = []  # the model's width, read at most once (None: its config is unreachable)
+    for i, run in enumerate(cfg.train.runs):
+        for key in ("source", "target"):
+            name = getattr(run, key)
+            if name is not None and name not in arrays:
+                raise ConfigError(f"train.runs[{i}].{key}: {name} is not harvested; the harvest writes "
+                                  f"{', '.join(arrays)}")
+        if not run.width and run.group_sizes is None and not run.k:
+            continue
+        if not run.width and not width:
+            try:
+                width.append(harvested_width(cfg.harvest))
+            except ConfigError:  # the harvest reports it; train checks the run against the cache's widths
+                width.append(None)
+        if not run.width and width[0] is None:
+            continue
+        try:
+            run.resolve(1 if run.width else width[0])  # an explicit width does not use the model's
+        except ConfigError as e:
+            raise ConfigError(f"train.runs[{i}].{e}") from None

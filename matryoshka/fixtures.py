@@ -68,7 +68,8 @@ def write_cache(path: Path, arrays: dict, tokens, context_size: int, seqs_per_ch
     import torch
     import zarr
 
-    from .cache.format import FORMAT_VERSION, to_storage
+    from .cache.format import to_storage
+    from .cache.manifest import build_manifest
     from .cache.writer import CacheWriter, create_arrays
 
     tokens = np.asarray(tokens, dtype=np.int32)
@@ -77,21 +78,17 @@ def write_cache(path: Path, arrays: dict, tokens, context_size: int, seqs_per_ch
         raise ValueError(f"{n} tokens are not whole contexts of {context_size}")
     n_seqs = n // context_size
     chunk = seqs_per_chunk * context_size
-    manifest = {
-        "format_version": FORMAT_VERSION, "tool_version": "fixtures", "fingerprint": fingerprint, "identity": {},
-        "model": {"name": "synthetic", "resolved": "synthetic", "revision": None, "arch": "none",
-                  "d_model": max(a.shape[1] for a in arrays.values()), "n_layers": 0, "dtype": "float32"},
-        "tokenizer": {"name": "synthetic", "vocab_size": int(tokens.max()) + 1},
-        "dataset": {"id": "synthetic", "config": None, "split": "train", "revision": None, "text_column": "text",
-                    "token_column": None, "seed": None, "shuffle_buffer": 0},
-        "context_size": context_size, "bos": {"policy": bos_policy, "token_id": bos_id},
-        "storage": {"dtype": dtype, "codec": codec, "seqs_per_chunk": seqs_per_chunk, "chunk_tokens": chunk,
-                    "checksum": "crc32c"},
-        "arrays": {name: {"layer": 0, "site": name, "hook_name": name, "width": int(a.shape[1])}
-                   for name, a in arrays.items()},
-        "n_tokens": n, "n_sequences": n_seqs, "batch_size": seqs_per_chunk,
-        "split": {"heldout": [0, heldout_seqs * context_size], "train": [heldout_seqs * context_size, n]},
-    }
+    manifest = build_manifest(
+        source="fixture", identity={}, fingerprint_override=fingerprint,
+        model={"name": "synthetic", "resolved": "synthetic", "revision": None, "arch": "none",
+               "d_model": max(a.shape[1] for a in arrays.values()), "n_layers": 0, "dtype": "float32"},
+        tokenizer={"name": "synthetic", "vocab_size": int(tokens.max()) + 1},
+        dataset={"id": "synthetic", "config": None, "split": "train", "revision": None, "text_column": "text",
+                 "token_column": None, "seed": None, "shuffle_buffer": 0},
+        context_size=context_size, bos={"policy": bos_policy, "token_id": bos_id}, dtype=dtype, codec=codec,
+        seqs_per_chunk=seqs_per_chunk, arrays={name: {"layer": 0, "site": name, "hook_name": name,
+                                                       "width": int(a.shape[1])} for name, a in arrays.items()},
+        n_sequences=n_seqs, batch_size=seqs_per_chunk, heldout_seqs=heldout_seqs)
     group = zarr.create_group(str(path), attributes={"manifest": manifest, "progress": {"chunks": 0}})
     create_arrays(group, manifest)
     writer = CacheWriter(group, manifest, {"chunks": 0}, threads=2, batch_seqs=seqs_per_chunk)

@@ -193,6 +193,58 @@ class _StopForward(Exception):
     """Raised by the deepest capture hook: the layers after it are never run."""
 
 
+SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""Called with a site's value [batch, seq, d] where the block computes it; a returned tensor replaces it."""
+
+
+def hook_site(model: nn.Module, arch: str, layer: int, site: str, fn: SiteFn) -> list:
+    """Hook one site of an HF model: the one mechanism behind capturing (``fn`` returns None) and
+    splicing (``fn`` returns the replacement, which everything downstream then sees).
+
+    resid_mid is the input of the pre-MLP norm, but the block also carries it, as a plain local
+    variable, to its final residual add (``resid_post = resid_mid + mlp_out``), which no hook sees. So a
+    replaced resid_mid also redoes that add at the block's output with the replacement, exactly as the
+    block would have computed it. Returns the hook handles (``.remove()`` them when done).
+    """
+    recipe = _RECIPES[arch]
+    block = model.get_submodule(recipe["blocks"])[layer]
+    path, where = recipe["sites"][site]
+    mod = block.get_submodule(path) if path else block
+    state: dict[str, torch.Tensor] = {}  # a replaced resid_mid and the MLP branch added to it
+    if site == "resid_mid":
+        inner = fn
+
+        def fn(t: torch.Tensor) -> torch.Tensor | None:  # records the replacement
+            r = inner(t)
+            if r is not None:
+                state["x"] = r
+            return r
+
+    if where == "in":
+        def pre(m, args, kwargs):
+            r = fn(args[0] if args else kwargs["hidden_states"])
+            if r is None:
+                return None
+            return ((r, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": r})
+        handles = [mod.register_forward_pre_hook(pre, with_kwargs=True)]
+    else:
+        def post(m, args, out):
+            r = fn(out[0] if isinstance(out, tuple) else out)
+            if r is None:
+                return None
+            return (r, *out[1:]) if isinstance(out, tuple) else r
+        handles = [mod.register_forward_hook(post)]
+    if site == "resid_mid":
+        def keep_branch(t: torch.Tensor) -> None:
+            if "x" in state:
+                state["branch"] = t
+
+        handles += hook_site(model, arch, layer, "mlp_out", keep_branch)
+        handles += hook_site(model, arch, layer, "resid_post",
+                             lambda t: state.pop("x") + state.pop("branch") if "x" in state else None)
+    return handles
+
+
 class Capture:
     """Forward hooks that capture sites of an HF model and cut the forward short after the last one.
 
@@ -203,8 +255,6 @@ class Capture:
 
     def __init__(self, model: nn.Module, arch: str, sites: list[tuple[int, str]],
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        recipe = _RECIPES[arch]
-        blocks = model.get_submodule(recipe["blocks"])
         self.model = model
         self.sites = list(sites)
         self._out: dict[tuple[int, str], torch.Tensor] = {}
@@ -212,23 +262,11 @@ class Capture:
         last = max(self.sites, key=lambda ls: (ls[0], SITES.index(ls[1])))
         transform = transform or (lambda t: t)
         for layer, site in self.sites:
-            path, where = recipe["sites"][site]
-            mod = blocks[layer].get_submodule(path) if path else blocks[layer]
-            stop = (layer, site) == last
-
-            def store(t: torch.Tensor, key=(layer, site), stop=stop) -> None:
+            def store(t: torch.Tensor, key=(layer, site), stop=(layer, site) == last) -> None:
                 self._out[key] = transform(t.detach())
                 if stop:
                     raise _StopForward
-
-            if where == "in":
-                def pre(m, args, kwargs, store=store):
-                    store(args[0] if args else kwargs["hidden_states"])
-                self._handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
-            else:
-                def post(m, args, out, store=store):
-                    store(out[0] if isinstance(out, tuple) else out)
-                self._handles.append(mod.register_forward_hook(post))
+            self._handles += hook_site(model, arch, layer, site, store)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:

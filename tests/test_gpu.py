@@ -58,7 +58,7 @@ def test_reader_on_the_gpu_serves_the_cpu_stream(cache):  # noqa: F811
             assert torch.equal(next(resumed)["src"].cpu(), w)
 
 
-def _reader(cache, device="cpu", **kw):
+def _reader(cache, device="cpu", **kw):  # noqa: F811
     from matryoshka.cache.reader import ReaderConfig, ShuffledReader
 
     cfg = ReaderConfig(batch_size=32, buffer_tokens=256)

@@ -196,8 +196,9 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
         assert json.loads((Path(r["path"]) / "eval.json").read_text())["fvu"] == r["fvu"]
     out = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path)])
     assert out.exit_code == 0 and "sae" in out.output and "FVU seed" in out.output
-    latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path)])
-    assert latest.exit_code == 0 and len(latest.output.strip().splitlines()) == 2  # header + the newest run
+    latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path), "--quiet"])
+    lines = latest.output.strip().splitlines()
+    assert latest.exit_code == 0 and len(lines) == 3 and lines[2].startswith("report: ")  # header, newest run, report
     missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "is not a trained run" in missing.output
     import numpy as np

@@ -8,16 +8,22 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
+from . import remote
 from .format import STORAGE, chunk_key
 from .store import Cache, CacheError, is_cache
 
 
-def stored_bytes(path: Path) -> int:
+def stored_bytes(path: Path | str) -> int:
+    if remote.is_url(path):
+        return remote.total_bytes(str(path))
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def find_caches(root: str | Path, max_depth: int = 4) -> Iterator[Path]:
-    """Caches under ``root``: directories whose zarr.json carries a matryoshka manifest."""
+def find_caches(root: str | Path, max_depth: int = 4) -> Iterator[Path | str]:
+    """Caches under ``root`` (a directory or a URL prefix): those whose zarr.json carries a matryoshka manifest."""
+    if remote.is_url(root):
+        yield from remote.find_caches(str(root), max_depth)
+        return
     root = Path(root)
     if not root.is_dir():
         raise CacheError(f"cache ls: {str(root)!r} is not a directory")
@@ -37,15 +43,31 @@ def describe(cache: Cache) -> dict:
     return {
         "path": cache.path, "fingerprint": cache.fingerprint, "model": m["model"]["name"],
         "sites": ",".join(cache.array_names), "tokens": cache.tokens_committed, "planned": m["n_tokens"],
-        "status": "complete" if cache.complete else f"partial {cache.tokens_committed / m['n_tokens']:.0%}",
-        "bytes": stored_bytes(Path(cache.path)),
+        "status": "complete" if cache.complete else (f"{len(shard_lines(cache))} shards, unfinished" if
+                                                      "shards" in cache.group else
+                                                      f"partial {cache.tokens_committed / m['n_tokens']:.0%}"),
+        "bytes": stored_bytes(cache.path),
     }
+
+
+def shard_lines(cache: Cache) -> list[str]:
+    """One line per shard of a multi-worker harvest (harvest/shards.py): its chunks and its progress."""
+    if "shards" not in cache.group:
+        return []
+    shards = cache.group["shards"]
+    lines = []
+    for i in range(shards.attrs["count"]):
+        r = shards[str(i)].attrs.asdict()
+        a, b = r["chunks"]
+        state = "done" if r["done"] else f"{r['progress']['chunks'] - a} of {b - a} chunks committed"
+        lines.append(f"shard {i}/{shards.attrs['count']:<4} chunks {a}..{b - 1}: {state}")
+    return lines
 
 
 def info_lines(cache: Cache) -> list[str]:
     m = cache.manifest
     raw = sum(a["width"] for a in m["arrays"].values()) * cache.tokens_committed * STORAGE[cache.storage_dtype][2]
-    size = stored_bytes(Path(cache.path))
+    size = stored_bytes(cache.path)
     lines = [
         f"cache        {cache.path}",
         f"fingerprint  {cache.fingerprint}   format v{m['format_version']}, written by matryoshka {m['tool_version']}",
@@ -61,6 +83,7 @@ def info_lines(cache: Cache) -> list[str]:
         f"size         {size / 1e9:.3f} GB on disk, {raw / 1e9:.3f} GB raw, ratio {raw / max(size, 1):.2f}",
         f"split        held-out tokens {m['split']['heldout'][0]:,}..{m['split']['heldout'][1]:,}, "
         f"train {m['split']['train'][0]:,}..{m['split']['train'][1]:,}",
+        *shard_lines(cache),
         "arrays:",
     ]
     for name, a in m["arrays"].items():
@@ -91,12 +114,13 @@ def verify(cache: Cache, progress: bool = True) -> list[Damage]:
         damage.append(Damage("zarr.json", f"unfinished: {cache.chunks_committed} of {cache.n_chunks} chunks committed"))
     names = cache.array_names + ["tokens"]
     ct = cache.chunk_tokens
+    present = remote.keys(cache.path) if cache.remote else None  # one listing, not a request per chunk
     root = Path(cache.path)
     for i in tqdm(range(cache.chunks_committed), desc="verify", unit="chunk", disable=not progress):
         r0, r1 = i * ct, min((i + 1) * ct, m["n_tokens"])
         for name in names:
             key = chunk_key(name, i)
-            if not (root / key).is_file():
+            if not (key in present if present is not None else (root / key).is_file()):
                 damage.append(Damage(key, "missing"))
                 continue
             try:

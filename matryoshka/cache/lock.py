@@ -1,7 +1,29 @@
-"""One writer per cache: an advisory lock the kernel releases when its holder dies.
+"""One writer per cache: ``flock`` on a local disk, a lock object with a heartbeat on object storage.
 
-``flock`` on ``<cache>/.writer.lock`` is released by the kernel on any exit, SIGKILL included, so a
-killed harvest never leaves a stale lock behind on a local disk.
+Local paths keep ``flock`` on ``<cache>/.writer.lock``: the kernel releases it on any exit, SIGKILL
+included, so a killed harvest never leaves a stale lock and ``--resume`` just works. A lock object
+cannot promise that (a dead writer's object stays behind), so it is used only where ``flock`` does not
+exist: object storage.
+
+On object storage the lock is the object ``<cache>/.writer.lock``, JSON with the owner's host, pid, a
+random id, and a heartbeat timestamp that a background thread rewrites every ``heartbeat_s`` seconds.
+
+* Acquiring creates it only if absent (S3 ``If-None-Match: *``, through fsspec's ``mode="create"``), so
+  of two writers starting at once exactly one wins; the other is refused with the owner and the age
+  of its heartbeat.
+* A lock whose heartbeat is older than ``stale_s`` belongs to a writer that died (or stalled): it is
+  refused too, unless ``--break-lock`` is given, which replaces it only if it is still that very object
+  (S3 ``If-Match`` on its ETag), so two writers breaking one stale lock cannot both win. A live lock is
+  never broken.
+* Heartbeats overwrite the lock only if it is still the object this writer wrote last (``If-Match``),
+  and the writer checks that before every commit, so a writer whose lock was broken stops before its
+  next commit. The race window is the time between that check and the commit's single PUT
+  (milliseconds); staleness compares the owner's clock with the reader's, so clocks must agree to well
+  within ``stale_s`` (NTP).
+
+Stores without conditional writes (fsspec backends other than S3 and local files) fall back to
+check-then-write, re-reading the object after writing it; two writers starting within one round trip
+of each other could then both proceed. The README says so.
 """
 from __future__ import annotations
 
@@ -9,10 +31,15 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 LOCK_NAME = ".writer.lock"
+HEARTBEAT_S = 10.0
+STALE_S = 60.0
 
 
 class CacheLockedError(RuntimeError):
@@ -20,6 +47,8 @@ class CacheLockedError(RuntimeError):
 
 
 class WriterLock:
+    """``flock`` on a local cache directory (released by the kernel when its holder dies)."""
+
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / LOCK_NAME
         self._fd: int | None = None
@@ -44,6 +73,9 @@ class WriterLock:
         self._fd = fd
         return self
 
+    def check(self) -> None:
+        """A kernel lock cannot be taken away from a live holder."""
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -55,3 +87,161 @@ class WriterLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class ObjectLock:
+    """A lock object with an owner and a heartbeat, for caches on object storage (module docstring)."""
+
+    def __init__(self, url: str, break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
+                 stale_s: float = STALE_S) -> None:
+        from .remote import filesystem
+
+        self.url = str(url).rstrip("/")
+        self.fs, root = filesystem(self.url)
+        self.key = f"{root.rstrip('/')}/{LOCK_NAME}"
+        self.break_lock, self.heartbeat_s, self.stale_s = break_lock, heartbeat_s, stale_s
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex,
+                      "since": time.time()}
+        self._etag: str | None = None
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conditional = "s3" in self.fs.protocol
+
+    # -- the object ----------------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        return json.dumps({**self.owner, "heartbeat": time.time()}).encode()
+
+    def _read(self) -> tuple[dict[str, Any], str | None] | None:
+        """The lock's content and ETag (ETag first: a change in between then fails the If-Match)."""
+        self.fs.invalidate_cache(self.key)
+        etag = None
+        try:
+            etag = self.fs.info(self.key).get("ETag") if self._conditional else None
+            return json.loads(self.fs.cat_file(self.key)), etag
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}, etag
+
+    def _put(self, if_absent: bool = False, if_match: str | None = None) -> None:
+        """Write the lock: only if absent, only over the object with ETag ``if_match``, or plainly.
+        Raises FileExistsError / PermissionError when the condition fails."""
+        body = self._body()
+        if self._conditional:
+            kw: dict[str, Any] = {"mode": "create"} if if_absent else ({"IfMatch": if_match} if if_match else {})
+            try:
+                out = self.fs.pipe_file(self.key, body, **kw)
+            except FileExistsError:
+                raise
+            except OSError as e:
+                if "condition" in str(e).lower():  # 412 PreconditionFailed, 409 ConditionalRequestConflict
+                    raise PermissionError(str(e)) from None
+                raise
+            self._etag = (out or {}).get("ETag")
+            return
+        if if_absent and self.fs.exists(self.key):
+            raise FileExistsError(self.key)
+        self.fs.pipe_file(self.key, body)
+        time.sleep(0.05)
+        mine = self._read()
+        if mine is None or mine[0].get("id") != self.owner["id"]:
+            raise FileExistsError(self.key)
+
+    def _describe(self, h: dict[str, Any]) -> tuple[str, float]:
+        age = time.time() - float(h.get("heartbeat", 0))
+        who = f"pid {h.get('pid')} on {h.get('host')} (lock {str(h.get('id', '?'))[:8]})"
+        return who, age
+
+    # -- protocol ------------------------------------------------------------------------------------
+    def acquire(self) -> "ObjectLock":
+        try:
+            self._put(if_absent=True)
+        except (FileExistsError, PermissionError):  # exists, or a concurrent create won
+            self._take_over()
+        self._thread = threading.Thread(target=self._beat, name="cache-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _take_over(self) -> None:
+        """The lock exists: refuse, naming its owner, unless it is stale and --break-lock was given."""
+        found = self._read()
+        if found is None:  # released between our attempt and now: one more try
+            try:
+                return self._put(if_absent=True)
+            except (FileExistsError, PermissionError):
+                found = self._read()
+            if found is None:
+                raise CacheLockedError(f"cache {self.url}: another writer is taking the lock right now; "
+                                       "try again (one writer per cache)")
+        h, etag = found
+        who, age = self._describe(h)
+        if age <= self.stale_s:
+            raise CacheLockedError(f"cache {self.url} is being written by {who}, last heartbeat {age:.0f}s ago; "
+                                   "wait for it to finish (one writer per cache)")
+        if not self.break_lock:
+            raise CacheLockedError(f"cache {self.url} has a stale writer lock of {who}: last heartbeat {age:.0f}s "
+                                   f"ago (stale after {self.stale_s:.0f}s), so that writer died or hung; if it is "
+                                   "gone, pass --break-lock to take the lock over (and --resume to continue)")
+        try:
+            if self._conditional:
+                if etag is None:
+                    raise PermissionError("no ETag to break the lock conditionally")
+                self._put(if_match=etag)
+            else:
+                self.fs.rm_file(self.key)
+                self._put(if_absent=True)
+        except (FileExistsError, PermissionError):
+            raise CacheLockedError(f"cache {self.url}: another writer broke the stale lock of {who} first") from None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                if self._conditional:
+                    self._put(if_match=self._etag)
+                else:
+                    self.check()
+                    self.fs.pipe_file(self.key, self._body())
+            except (PermissionError, CacheLockedError):
+                self._lost = "its lock was broken by another writer"
+                return
+            except Exception:  # noqa: BLE001 - a failed heartbeat is retried; check() tells the writer
+                continue
+
+    def check(self) -> None:
+        """Raise if this writer no longer holds the lock (called before every commit)."""
+        if self._lost is None:
+            try:
+                found = self._read()
+            except OSError as e:  # not knowing is not holding: stop, resumable, rather than risk a commit
+                raise CacheLockedError(f"cache {self.url}: cannot read this writer's lock before a commit "
+                                       f"({e}); nothing more was committed: resume with --resume") from None
+            h = found[0] if found else {}
+            if h.get("id") != self.owner["id"]:
+                who = self._describe(h)[0] if h else "nobody"
+                self._lost = f"its lock is now held by {who}"
+        if self._lost is not None:
+            raise CacheLockedError(f"cache {self.url}: this writer stopped because {self._lost} "
+                                   "(--break-lock elsewhere); nothing more was committed")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            found = self._read()
+            if found is not None and found[0].get("id") == self.owner["id"]:
+                self.fs.rm_file(self.key)
+
+    def __enter__(self) -> "ObjectLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def writer_lock(path: str | Path, break_lock: bool = False) -> WriterLock | ObjectLock:
+    """The lock for a cache path: ``flock`` for a directory, a lock object for an fsspec URL."""
+    from .remote import is_url
+
+    return ObjectLock(str(path), break_lock=break_lock) if is_url(path) else WriterLock(Path(path))

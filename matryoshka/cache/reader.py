@@ -240,7 +240,8 @@ class ShuffledReader:
         chunks = order[:self.chunks_per_block] if epoch != self.epoch else self._block_chunks(b)
         if self._uploaded[half] is not None:
             self._uploaded[half].synchronize()  # the half's last block has reached the device
-        fetched = self._io.submit(self._fetch, chunks) if self._io is not None else None
+        remote = self._io is not None and not all(c.is_local([(n, ch) for ch in chunks]) for c, n in self.sources)
+        fetched = self._io.submit(self._fetch, chunks) if remote else None  # else the decode threads read
         self._loading = (epoch, [self._pool.submit(self._decode, c, half * self.half + j * self.ct, fetched)
                                  for j, c in enumerate(chunks)])
 

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .format import FORMAT_VERSION, decode
+from .format import FORMAT_VERSION, chunk_key, decode
+from .remote import ChunkSource, is_url
 
 
 class CacheError(ValueError):
@@ -45,11 +46,12 @@ class ArrayStats:
 class Cache:
     """A harvested cache, opened read-only. Only committed chunks are visible."""
 
-    def __init__(self, path: str | Path) -> None:
-        """Open a local directory or an fsspec URL (``file://``, ``s3://``, ``gs://``)."""
+    def __init__(self, path: str | Path, local_cache_dir: str | Path | None = None) -> None:
+        """Open a local directory or an fsspec URL (``file://``, ``s3://``, ``gs://``). For a URL,
+        ``local_cache_dir`` keeps a local copy of every chunk read (see :mod:`.remote`)."""
         self.path = str(path)
-        local = "://" not in self.path
-        if local and not (Path(path) / "zarr.json").is_file():
+        self.remote = is_url(self.path)
+        if not self.remote and not (Path(path) / "zarr.json").is_file():
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr.json); run `pipeline harvest` "
                              "or list caches with `pipeline cache ls`")
         try:
@@ -66,6 +68,7 @@ class Cache:
         self.progress: dict[str, Any] = attrs.get("progress", {"chunks": 0})
         self.complete: bool = bool(attrs.get("complete", False))
         self._stats = attrs.get("stats")
+        self._chunks = ChunkSource(self.path, self.fingerprint, local_cache_dir) if self.remote else None
 
     @property
     def fingerprint(self) -> str:
@@ -132,16 +135,23 @@ class Cache:
 
     def chunk_bytes(self, name: str, chunk: int) -> bytes:
         """The stored bytes of one chunk (``name`` is an array or ``tokens``), read without zarr."""
-        from .format import chunk_key
+        return self.chunk_bytes_many([(name, chunk)])[(name, chunk)]
 
-        key = chunk_key(name, chunk)
-        if "://" in self.path:
-            import fsspec
+    def is_local(self, chunks: list[tuple[str, int]]) -> bool:
+        """Whether these ``(name, chunk)`` are read from local disk (a local cache, or local copies)."""
+        return self._chunks is None or self._chunks.has_local(chunk_key(*nc) for nc in chunks)
 
-            with fsspec.open(f"{self.path.rstrip('/')}/{key}", "rb") as f:
-                return f.read()
-        with open(Path(self.path) / key, "rb") as f:
-            return f.read()
+    def chunk_bytes_many(self, chunks: list[tuple[str, int]]) -> dict[tuple[str, int], bytes]:
+        """Stored bytes of many ``(name, chunk)``: from object storage in one concurrent request."""
+        keys = {nc: chunk_key(*nc) for nc in chunks}
+        if self._chunks is not None:
+            got = self._chunks.get_many(keys.values())
+            return {nc: got[k] for nc, k in keys.items()}
+        out = {}
+        for nc, k in keys.items():
+            with open(Path(self.path) / k, "rb") as f:
+                out[nc] = f.read()
+        return out
 
     def stats(self, name: str) -> ArrayStats:
         """Final statistics of a complete cache, or running ones of the committed prefix."""

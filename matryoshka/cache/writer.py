@@ -10,6 +10,9 @@ result is byte-identical to an uninterrupted run.
 
 The statistics are float64 sums added in chunk order, never in completion order, so they too are
 identical however the threads interleave.
+
+A shard of a multi-worker harvest (harvest/shards.py) uses the same protocol on its own chunk range,
+committing to its own record group; the last shard to finish adds the shards' sums in chunk order.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -73,9 +76,15 @@ class WriteStats:
 class CacheWriter:
     """Writes batches of whole sequences to a cache opened by :func:`create_or_resume`."""
 
+    guard: Callable[[], None] = staticmethod(lambda: None)
+    """Called before every commit; raises if this writer may no longer commit (its lock was broken)."""
+
     def __init__(self, group: zarr.Group, manifest: dict[str, Any], progress: dict[str, Any],
-                 threads: int, batch_seqs: int) -> None:
+                 threads: int, batch_seqs: int, chunks: range | None = None, record: zarr.Group | None = None) -> None:
+        """``chunks`` and ``record``: a shard of a multi-worker harvest writes only these chunks and keeps its
+        progress in its own ``record`` group (harvest/shards.py); by default, every chunk and the cache's group."""
         self.group = group
+        self.record = record if record is not None else group
         self.manifest = manifest
         st = manifest["storage"]
         self.dtype: str = st["dtype"]
@@ -83,14 +92,16 @@ class CacheWriter:
         self.chunk_rows: int = st["chunk_tokens"]
         self.n_rows: int = manifest["n_tokens"]
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
+        chunks = chunks if chunks is not None else range(self.n_chunks)
+        self.first, self.end = chunks.start, chunks.stop
         self.bos_id = manifest["bos"]["token_id"]
         self.names = list(manifest["arrays"])
         self.arrays = {n: group[f"acts/{n}"] for n in self.names}
         self.token_array = group["tokens"]
         # Commits land only where a resumed run restarts on the same LM batch boundaries.
         spc = st["seqs_per_chunk"]
-        self.align_chunks = math.lcm(spc, batch_seqs) // spc
-        self.committed = int(progress.get("chunks", 0))
+        self.align_chunks = self.align(spc, batch_seqs)
+        self.committed = int(progress.get("chunks", self.first))
         self._sums = {n: _Sums.from_json(progress["sums"][n]) if "sums" in progress else _Sums() for n in self.names}
         self._done: dict[int, dict[str, tuple[int, np.ndarray, float]]] = {}
         self._watermark = self.committed
@@ -106,9 +117,18 @@ class CacheWriter:
         self._assembler = threading.Thread(target=self._assemble_loop, name="cache-assemble", daemon=True)
         self._assembler.start()
 
+    @staticmethod
+    def align(seqs_per_chunk: int, batch_seqs: int) -> int:
+        """Chunks between resume points: whole chunks that are also whole LM batches."""
+        return math.lcm(seqs_per_chunk, batch_seqs) // seqs_per_chunk
+
     @property
     def start_row(self) -> int:
         return self.committed * self.chunk_rows
+
+    @property
+    def end_row(self) -> int:
+        return min(self.end * self.chunk_rows, self.n_rows)
 
     # -- producer side (the harvest loop) ------------------------------------------------------
     def write(self, tokens: torch.Tensor, acts: dict[str, torch.Tensor]) -> None:
@@ -145,11 +165,15 @@ class CacheWriter:
         self._raise_if_failed()
         if self._current is not None:
             raise CacheError(f"harvest ended mid-chunk at row {self.start_row}")
-        if self._watermark != self.n_chunks:
-            raise CacheError(f"only {self._watermark} of {self.n_chunks} chunks were written")
-        stats = {n: ArrayStats.from_sums(s.count, s.total, s.sq_norm).to_json() for n, s in self._sums.items()}
-        self.group.attrs.update({"progress": self._progress_json(self.n_chunks), "stats": stats, "complete": True})
-        self.committed = self.n_chunks
+        if self._watermark != self.end:
+            raise CacheError(f"only chunks {self.first}..{self._watermark - 1} of {self.first}..{self.end - 1} "
+                             "were written")
+        self.guard()
+        self.committed = self.end
+        if self.record is not self.group:  # a shard: the last shard to finish completes the cache
+            self.record.attrs.update({"progress": self._progress_json(self.end), "done": True})
+            return
+        self.group.attrs.update(complete_attrs(self._sums, self.n_chunks))
 
     def abort(self) -> None:
         """Stop the threads after an error; committed chunks stay readable."""
@@ -184,7 +208,7 @@ class CacheWriter:
         pos = 0
         while pos < len(tokens):
             if self._current is None:
-                if self._next_chunk >= self.n_chunks:
+                if self._next_chunk >= self.end:
                     raise CacheError("more tokens were written than the cache holds")
                 i = self._next_chunk
                 rows = min(self.chunk_rows, self.n_rows - i * self.chunk_rows)
@@ -249,13 +273,32 @@ class CacheWriter:
                 advanced = True
             w = self._watermark
             now = time.monotonic()
-            if advanced and w % self.align_chunks == 0 and w < self.n_chunks and now - self._last_commit > 0.5:
-                self.group.attrs.update({"progress": self._progress_json(w)})
+            if advanced and w % self.align_chunks == 0 and w < self.end and now - self._last_commit > 0.5:
+                self.guard()
+                self.record.attrs.update({"progress": self._progress_json(w)})
                 self.committed = w
                 self._last_commit = now
 
     def _progress_json(self, chunks: int) -> dict[str, Any]:
         return {"chunks": chunks, "sums": {n: s.to_json() for n, s in self._sums.items()}}
+
+
+def complete_attrs(sums: dict[str, _Sums], n_chunks: int) -> dict[str, Any]:
+    """The group attributes of a finished cache: progress, final statistics, the complete flag."""
+    stats = {n: ArrayStats.from_sums(s.count, s.total, s.sq_norm).to_json() for n, s in sums.items()}
+    return {"progress": {"chunks": n_chunks, "sums": {n: s.to_json() for n, s in sums.items()}},
+            "stats": stats, "complete": True}
+
+
+def merge_progress(parts: list[dict[str, Any]]) -> dict[str, _Sums]:
+    """Running sums of consecutive chunk ranges (shards, in chunk order) added into the sums of their union."""
+    merged: dict[str, _Sums] = {}
+    for part in parts:
+        for name, d in part.get("sums", {}).items():
+            s = _Sums.from_json(d)
+            if s.total is not None:
+                merged.setdefault(name, _Sums()).add(s.count, s.total, s.sq_norm)
+    return merged
 
 
 def create_arrays(group: zarr.Group, manifest: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""`pipeline harvest`: validate, open (or resume) the cache, run the LM once, write every batch."""
+"""`pipeline harvest`: validate, open (or resume) the cache, run the LM once (or the synthetic generator,
+``source: synthetic``), write every batch."""
 from __future__ import annotations
 
 import os
@@ -13,13 +14,16 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..cache.format import FORMAT_VERSION, STORAGE, fingerprint, seqs_per_chunk, to_storage
-from ..cache.lock import WriterLock
+from ..cache.format import FORMAT_VERSION, STORAGE, seqs_per_chunk, to_storage
+from ..cache.manifest import build_manifest
+from ..cache import remote
+from ..cache.lock import writer_lock
 from ..cache.store import CacheError
 from ..cache.writer import CacheWriter, create_arrays
 from ..config import ConfigError, HarvestConfig, site_name
 from ..models import Capture, ModelInfo, check_sites, hook_name, load_model, load_tokenizer, model_info, tokenizer_identity
+from . import synthetic
+from .shards import harvest_shard, worker_shard
 from .tokens import DatasetExhausted, batches, bos_id, contexts, dataset_identity, open_documents
 
 
@@ -28,13 +32,15 @@ class Plan:
     """Everything checked and decided before the LM is loaded."""
 
     manifest: dict[str, Any]
-    info: ModelInfo
+    info: ModelInfo | None  # None (and no tokenizer or documents) for the synthetic source
     tokenizer: Any
     documents: Any
 
 
 def plan(cfg: HarvestConfig) -> Plan:
     """Validate the config against the model, tokenizer and dataset, and write the manifest."""
+    if cfg.source == "synthetic":
+        return Plan(synthetic.manifest(cfg), None, None, None)
     info = model_info(cfg.model, cfg.revision)
     check_sites(info, cfg.site_list)
     tokenizer = load_tokenizer(info)
@@ -53,31 +59,26 @@ def plan(cfg: HarvestConfig) -> Plan:
         "context_size": cfg.context_size, "bos": cfg.bos,
         "sites": list(arrays), "dtype": cfg.dtype,
     }
-    fp = fingerprint(identity)
-    n_tokens = cfg.n_sequences * cfg.context_size
-    manifest = {
-        "format_version": FORMAT_VERSION, "tool_version": __version__, "fingerprint": fp,
-        "identity": identity,
-        "model": {"name": info.name, "resolved": info.resolved, "revision": info.revision, "arch": info.arch,
-                  "d_model": info.d_model, "n_layers": info.n_layers, "dtype": cfg.model_dtype},
-        "tokenizer": {"name": tokenizer.name_or_path, **tokenizer_identity(tokenizer)},
-        "dataset": {"id": cfg.dataset, "config": cfg.dataset_config, "split": cfg.dataset_split,
-                    "revision": cfg.dataset_revision, "text_column": cfg.text_column,
-                    "token_column": cfg.token_column, "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer},
-        "context_size": cfg.context_size,
-        "bos": {"policy": cfg.bos, "token_id": bos},
-        "storage": {"dtype": cfg.dtype, "codec": cfg.codec, "seqs_per_chunk": spc,
-                    "chunk_tokens": spc * cfg.context_size, "checksum": "crc32c"},
-        "arrays": arrays,
-        "n_tokens": n_tokens, "n_sequences": cfg.n_sequences, "batch_size": cfg.batch_size,
-        "split": {"heldout": [0, heldout * cfg.context_size], "train": [heldout * cfg.context_size, n_tokens]},
-    }
+    manifest = build_manifest(
+        source="model", identity=identity,
+        model={"name": info.name, "resolved": info.resolved, "revision": info.revision, "arch": info.arch,
+               "d_model": info.d_model, "n_layers": info.n_layers, "dtype": cfg.model_dtype},
+        tokenizer={"name": tokenizer.name_or_path, **tokenizer_identity(tokenizer)},
+        dataset={"id": cfg.dataset, "config": cfg.dataset_config, "split": cfg.dataset_split,
+                 "revision": cfg.dataset_revision, "text_column": cfg.text_column,
+                 "token_column": cfg.token_column, "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer},
+        context_size=cfg.context_size, bos={"policy": cfg.bos, "token_id": bos}, dtype=cfg.dtype, codec=cfg.codec,
+        seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
+        heldout_seqs=heldout)
     return Plan(manifest, info, tokenizer, ds)
 
 
-def default_path(cfg: HarvestConfig, manifest: dict[str, Any]) -> Path:
-    model = Path(cfg.model).name if Path(cfg.model).expanduser().is_dir() else cfg.model.replace("/", "--")
-    return Path(cfg.cache_root) / model / manifest["fingerprint"]
+def default_path(cfg: HarvestConfig, manifest: dict[str, Any]) -> Path | str:
+    if cfg.source == "synthetic":
+        model = "synthetic"
+    else:
+        model = Path(cfg.model).name if Path(cfg.model).expanduser().is_dir() else cfg.model.replace("/", "--")
+    return remote.join(cfg.cache_root, model, manifest["fingerprint"])
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -111,9 +112,11 @@ def _check_space(path: Path, manifest: dict[str, Any], start_row: int) -> None:
                           f"at {str(probe)!r}; lower --tokens or choose another --cache")
 
 
-def _existing(path: Path, manifest: dict[str, Any], resume: bool) -> dict[str, Any] | None:
-    """The progress of a cache already at ``path`` (None if there is none), refusing what cannot continue."""
-    if not (path / "zarr.json").exists():
+def _existing(path: Path | str, manifest: dict[str, Any], resume: bool,
+              sharded: bool = False) -> dict[str, Any] | None:
+    """The progress of a cache already at ``path`` (a directory or a URL; None if there is none), refusing
+    what cannot continue."""
+    if not (remote.exists(path, "zarr.json") if remote.is_url(path) else (path / "zarr.json").exists()):
         return None
     attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
     old = attrs.get("manifest")
@@ -122,6 +125,9 @@ def _existing(path: Path, manifest: dict[str, Any], resume: bool) -> dict[str, A
     if old["fingerprint"] != manifest["fingerprint"]:
         raise CacheError(f"cache: {str(path)!r} holds fingerprint {old['fingerprint']}, this harvest is "
                          f"{manifest['fingerprint']}; choose another --cache (the default path never collides)")
+    if "shards" in zarr.open_group(str(path), mode="r") and not attrs.get("complete") and not sharded:
+        raise CacheError(f"cache: {str(path)!r} is being harvested in shards; continue it with --shard I/N "
+                         "(or torchrun), as it was started")
     if attrs.get("complete"):
         if old["n_tokens"] < manifest["n_tokens"]:
             raise CacheError(f"cache: {str(path)!r} is complete with {old['n_tokens']} tokens; extending it "
@@ -138,49 +144,67 @@ def _existing(path: Path, manifest: dict[str, Any], resume: bool) -> dict[str, A
     return progress
 
 
-def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
-    """Run the harvest described by ``cfg`` and return the cache's path."""
+def exhausted_error(cfg: HarvestConfig, e: DatasetExhausted, n_tokens: int, then: str) -> ConfigError:
+    """The one line for a dataset shorter than ``--tokens``."""
+    return ConfigError(f"tokens: {cfg.dataset!r} ran out after {e.sequences * cfg.context_size:,} tokens "
+                       f"({e.sequences} contexts) but --tokens asks for {n_tokens:,}; lower --tokens{then}")
+
+
+def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
+    """Run the harvest described by ``cfg`` and return the cache's path (a URL stays a string)."""
     p = plan(cfg)
     manifest = p.manifest
-    path = Path(cfg.cache).expanduser() if cfg.cache else default_path(cfg, manifest)
-    _check_writable(path)
-    created = _first_missing(path)  # removed again if this run leaves nothing worth resuming
-    path.mkdir(parents=True, exist_ok=True)
+    path = (cfg.cache if remote.is_url(cfg.cache) else Path(cfg.cache).expanduser()) if cfg.cache else \
+        default_path(cfg, manifest)
+    url = remote.is_url(path)
+    shard = worker_shard(cfg)
+    if shard.count > 1:
+        remote.check_writable(path) if url else _check_writable(path)
+        return harvest_shard(cfg, p, path, shard, progress)
+    if url:
+        remote.check_writable(path)
+        created = None if remote.exists(path) else path  # removed again if this run leaves nothing worth resuming
+    else:
+        _check_writable(path)
+        created = _first_missing(path)
+        path.mkdir(parents=True, exist_ok=True)
     writer = None
     exhausted = False
-    lock = WriterLock(path)
+    lock = writer_lock(path, cfg.break_lock)
+    held = False  # only a writer that held the lock may remove what it created
     try:
         lock.acquire()
+        held = True
         state = _existing(path, manifest, cfg.resume)
         if state is not None and state.get("complete"):
             if progress:
                 print(f"cache {path} is already complete ({manifest['n_tokens']:,} tokens); nothing to do")
             return path
-        _check_space(path, manifest, (state or {"chunks": 0})["chunks"] * manifest["storage"]["chunk_tokens"])
+        if not url:
+            _check_space(path, manifest, (state or {"chunks": 0})["chunks"] * manifest["storage"]["chunk_tokens"])
         if state is None:
             group = zarr.create_group(str(path), attributes={"manifest": manifest, "progress": {"chunks": 0}})
             create_arrays(group, manifest)
             state = {"chunks": 0}
         else:
-            for stray in path.rglob("*.partial"):  # a write a killed writer left half done (never renamed)
-                stray.unlink()
+            for stray in [] if url else path.rglob("*.partial"):  # a killed local write (never renamed);
+                stray.unlink()                                     # an object PUT is all or nothing
             group = zarr.open_group(str(path), mode="r+")
         threads = cfg.writer_threads or os.cpu_count() or 1
         writer = CacheWriter(group, manifest, state, threads=threads, batch_seqs=cfg.batch_size)
+        writer.guard = lock.check
         _run(cfg, p, writer, progress)
         created = None
         return path
     except DatasetExhausted as e:
         exhausted = True
-        raise ConfigError(f"tokens: {cfg.dataset!r} ran out after {e.sequences * cfg.context_size:,} tokens "
-                          f"({e.sequences} contexts) but --tokens asks for {manifest['n_tokens']:,}; "
-                          f"lower --tokens{'; the partial cache was removed' if created else ''}") from None
+        raise exhausted_error(cfg, e, manifest["n_tokens"], "; the partial cache was removed" if created else "") from None
     finally:
         if writer is not None:
             writer.abort()
         lock.release()
-        if created is not None and (writer is None or writer.committed == 0 or exhausted):
-            shutil.rmtree(created, ignore_errors=True)
+        if created is not None and held and (writer is None or writer.committed == 0 or exhausted):
+            remote.remove(created) if url else shutil.rmtree(created, ignore_errors=True)
 
 
 def _prefetch(it, depth: int = 2):
@@ -203,25 +227,29 @@ def _prefetch(it, depth: int = 2):
         yield item
 
 
-def _run(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool) -> None:
+def _run(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool, desc: str = "") -> None:
+    """Run the LM over the writer's sequences (all of them, or a shard's range) and write them."""
+    if cfg.source == "synthetic":
+        return synthetic.generate(cfg, writer, progress, desc)
     manifest, info, tokenizer = p.manifest, p.info, p.tokenizer
     ctx = cfg.context_size
-    start_seq = writer.start_row // ctx
-    n_seqs = manifest["n_sequences"]
+    start_seq, first_seq = writer.start_row // ctx, writer.first * manifest["storage"]["seqs_per_chunk"]
+    n_seqs = writer.end_row // ctx
     model = load_model(info, dtype=cfg.model_dtype, device=cfg.device, device_map=cfg.device_map, tokenizer=tokenizer,
                        progress=progress)
     names = {(a["layer"], a["site"]): n for n, a in manifest["arrays"].items()}
     capture = Capture(model, info.arch, list(names), transform=lambda t: to_storage(t, cfg.dtype))
-    bar = tqdm(total=n_seqs * ctx, initial=start_seq * ctx, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"harvest {Path(cfg.model).name}", dynamic_ncols=True)
+    bar = tqdm(total=(n_seqs - first_seq) * ctx, initial=(start_seq - first_seq) * ctx, unit="tok", unit_scale=True,
+               disable=not progress, desc=f"harvest {Path(cfg.model).name}{desc}", dynamic_ncols=True)
     try:
         for first, ids in _prefetch(batches(contexts(cfg, tokenizer, p.documents), start_seq, n_seqs, cfg.batch_size)):
             acts = capture(torch.from_numpy(ids))
             writer.write(torch.from_numpy(ids), {names[k]: v for k, v in acts.items()})
             s = writer.stats
             bar.update(ids.size)
-            bar.set_postfix_str(f"{s.stored_bytes / 1e9:.2f} GB written, "
-                                f"ratio {s.raw_bytes / max(s.stored_bytes, 1):.2f}", refresh=False)
+            bar.set_postfix_str(f"{s.stored_bytes / 1e9:.2f} GB written, ratio {s.raw_bytes / s.stored_bytes:.2f}"
+                                if s.stored_bytes else  # object stores are not asked each chunk's size
+                                f"{s.raw_bytes / 1e9:.2f} GB raw written", refresh=False)
         writer.finish()
     finally:
         capture.close()

@@ -13,6 +13,8 @@ activations above the learned ``threshold`` (TopK: still each row's top ``k``).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,9 @@ from torch import nn
 from ..config import ARCHS
 from .encode import selected
 from .sparse import Code, above, batch_topk, group_partials, row_topk
+
+if TYPE_CHECKING:
+    from ..distributed import Team
 
 
 class Dictionary(nn.Module):
@@ -68,11 +73,12 @@ class Dictionary(nn.Module):
         return selected(values, self.centred(x), self.W_enc, self.b_enc, None if self.transcoder else self.b_dec,
                         rows, latents)
 
-    def select(self, acts: torch.Tensor, training: bool) -> Code:
-        """Active latents (values without autograd: see :meth:`attach`)."""
+    def select(self, acts: torch.Tensor, training: bool, team: "Team | None" = None) -> Code:
+        """Active latents (values without autograd: see :meth:`attach`); ``team``: data-parallel ranks
+        whose batches together form the batch of batch top-k."""
         if self.arch == "topk":
             return row_topk(acts, self.k)
-        return batch_topk(acts, self.k) if training else above(acts, self.threshold)
+        return batch_topk(acts, self.k, team) if training else above(acts, self.threshold)
 
     def prefixes(self, code: Code, x: torch.Tensor) -> torch.Tensor:
         """[B, groups, d_out]: the reconstruction from each prefix of groups (the last one uses them all)."""

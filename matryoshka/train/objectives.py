@@ -22,13 +22,18 @@ objective's own tensors, and is saved in checkpoints.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import OBJECTIVES
 from .dictionary import Dictionary
 from .sparse import Code, group_partials, row_topk
+
+if TYPE_CHECKING:
+    from ..distributed import Team
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
@@ -54,10 +59,12 @@ class Objective:
     """Loss and bookkeeping of one dictionary. ``reference`` reproduces the seed point by point."""
 
     def __init__(self, dic: Dictionary, kind: str = "default", aux_penalty: float = 1 / 32,
-                 dead_steps: int = 20, dead_tokens: int = 10_000_000, ema: float = 0.01) -> None:
+                 dead_steps: int = 20, dead_tokens: int = 10_000_000, ema: float = 0.01,
+                 team: "Team | None" = None) -> None:
+        """``team``: data-parallel ranks; the batch is then their global batch (matryoshka/distributed.py)."""
         if kind not in OBJECTIVES:
             raise ValueError(f"objective: {kind!r} is not one of {', '.join(OBJECTIVES)}")
-        self.dic, self.kind = dic, kind
+        self.dic, self.kind, self.team = dic, kind, team
         self.aux_penalty, self.dead_steps, self.dead_tokens, self.ema = aux_penalty, dead_steps, dead_tokens, ema
         # reference: batches in a row without firing; default: tokens since last fired
         self.inactive = torch.zeros(dic.width, dtype=torch.long, device=dic.W_dec.device)
@@ -77,10 +84,10 @@ class Objective:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         dic = self.dic
         acts = dic.pre_acts(x)
-        code = dic.select(acts, training=True)
+        code = dic.select(acts, training=True, team=self.team)
         code.values = dic.attach(x, code.rows, code.latents, code.values)
         self._update_threshold(code)
-        self._update_inactive(code, x.shape[0])
+        self._update_inactive(code, x.shape[0] * (self.team.size if self.team is not None else 1))
         prefixes = dic.prefixes(code, x)
         prefix_mse = (wide(prefixes) - wide(y).unsqueeze(1)).pow(2).mean(dim=(0, 2))
         main = (mse(dic.b_dec.expand_as(y), y) + prefix_mse.sum()) / (dic.n_groups + 1)
@@ -90,9 +97,13 @@ class Objective:
 
     @torch.no_grad()
     def _update_threshold(self, code: Code) -> None:
-        if self.dic.arch == "topk" or len(code.values) == 0:
+        if self.dic.arch == "topk":
             return
-        low = code.values.min()
+        low = code.values.min() if len(code.values) else torch.tensor(math.inf, device=code.values.device)
+        if self.team is not None:
+            low = self.team.all_reduce(low.clone(), "min")  # the global batch's lowest selected value
+        if math.isinf(low):
+            return
         t = self.dic.threshold
         if self.reference or bool(self.started):
             t.mul_(1 - self.ema).add_(self.ema * low)
@@ -104,6 +115,8 @@ class Objective:
     def _update_inactive(self, code: Code, batch: int) -> None:
         fired = torch.zeros_like(self.inactive, dtype=torch.bool)
         fired[code.latents] = True
+        if self.team is not None:
+            fired = self.team.all_reduce(fired.to(torch.int32), "max").bool()  # fired on any rank
         self.inactive.add_(1 if self.reference else batch)
         self.inactive[fired] = 0
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ..distributed import Team
 
 
 @dataclass
@@ -36,31 +40,54 @@ def _sorted(flat: torch.Tensor, values: torch.Tensor, batch: int, width: int) ->
     return Code(flat // width, flat % width, values, batch, width)
 
 
-def batch_topk(acts: torch.Tensor, k: int) -> Code:
-    """The ``k * batch`` largest activations of the whole batch (one selection shared by all groups).
+def _candidates(flat: torch.Tensor, n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (ascending) and values of a superset of ``flat``'s ``n`` largest entries, ties included.
 
-    A top-k over all B x M values is slow; so a threshold a little below the (k*B)-th largest value,
-    estimated from a strided sample, keeps a few more candidates than needed, and the exact top-k runs
-    on those alone (if too few pass, on everything). The sample is a fixed function of ``acts``, so
-    equal inputs give equal selections, ties included.
+    A top-k over all B x M values is slow; so a threshold a little below the n-th largest value,
+    estimated from a strided sample, keeps a few more candidates than needed (if too few pass, all are
+    kept). The sample is a fixed function of ``flat``, so equal inputs give equal candidates.
     """
-    b, m = acts.shape
-    flat = acts.reshape(-1)
-    n = k * b
     if n * 8 < flat.numel():
         stride = max(1, flat.numel() // (1 << 16))
-        while math.gcd(stride, m) != 1:  # a stride sharing a factor with M would sample few latents
+        while math.gcd(stride, width) != 1:  # a stride sharing a factor with the width would sample few latents
             stride += 1
         t = torch.quantile(flat[::stride].float(), 1 - 2 * n / flat.numel())
         idx = torch.nonzero(flat > t).squeeze(1)
         if len(idx) >= n:
-            vals, pick = torch.topk(flat[idx], n, sorted=False)
-            flat_idx = idx[pick]
-            keep = vals > 0
-            return _sorted(flat_idx[keep], vals[keep], b, m)
-    vals, flat_idx = torch.topk(flat, n, sorted=False)
-    keep = vals > 0
-    return _sorted(flat_idx[keep], vals[keep], b, m)
+            return idx, flat[idx]
+    return torch.arange(flat.numel(), device=flat.device), flat
+
+
+def batch_topk(acts: torch.Tensor, k: int, team: "Team | None" = None) -> Code:
+    """The ``k * B`` largest activations of the whole batch (one selection shared by all groups).
+
+    Exactly defined, ties included: every value above the (k*B)-th largest ``t``, then values equal to
+    ``t`` in row-major order until k*B are kept. With a ``team`` of data-parallel ranks (each holding
+    ``acts`` of an equal share of the global batch, in rank order), B is the global batch: the ranks
+    all-gather their local k*B largest values to find ``t`` and share its ties in rank order, so the
+    selection is the one a single process makes on the concatenated batch (matryoshka/distributed.py).
+    """
+    b, m = acts.shape
+    flat = acts.reshape(-1)
+    size = team.size if team is not None else 1
+    n = k * b * size
+    idx, vals = _candidates(flat, n, m)
+    top = torch.topk(vals, min(n, len(vals)), sorted=False).values
+    if size > 1:
+        pad = torch.full((n - len(top),), -math.inf, dtype=top.dtype, device=top.device)
+        top = torch.topk(team.all_gather(torch.cat([top, pad])), n, sorted=False).values
+    t = top.min()
+    above = vals > t
+    ties = torch.nonzero(vals == t).squeeze(1)
+    counts = torch.stack([above.sum(), torch.tensor(len(ties), device=flat.device)])
+    if size > 1:
+        every = team.all_gather(counts).view(size, 2)
+        free = n - int(every[:, 0].sum()) - int(every[:team.rank, 1].sum())  # earlier ranks' ties go first
+    else:
+        free = n - int(counts[0])
+    above[ties[:max(0, min(free, len(ties)))]] = True
+    keep = above & (vals > 0)
+    return _sorted(idx[keep], vals[keep], b, m)
 
 
 def row_topk(acts: torch.Tensor, k: int) -> Code:

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..cache import Cache, CacheError
-from ..cache.reader import ReaderConfig, ShuffledReader
+from ..cache.reader import ReaderConfig
+from ..distributed import RankStreams, Team
 from ..config import ConfigError, RunConfig, TrainConfig
 from .dictionary import Dictionary
 from .export import export_saelens
@@ -34,7 +35,9 @@ from .objectives import Objective
 class Run:
     """One dictionary in training: model, objective, optimiser, schedule, counters, files."""
 
-    def __init__(self, cfg: RunConfig, cache: Cache, root: Path, batch_size: int, device: torch.device) -> None:
+    def __init__(self, cfg: RunConfig, cache: Cache, root: Path, batch_size: int, device: torch.device,
+                 team: Team | None = None) -> None:
+        self.team = team  # data-parallel ranks (matryoshka/distributed.py); None: this process sees whole batches
         self.source, self.target = cfg.source, cfg.target or cfg.source
         for name in (self.source, self.target):
             if name not in cache.array_names:
@@ -49,7 +52,7 @@ class Run:
         self.dic = Dictionary(d_in, d_out, self.cfg.width, self.cfg.k, self.cfg.arch, self.cfg.group_sizes,
                               transcoder=cfg.target is not None, skip=self.cfg.skip).to(device)
         self.objective = Objective(self.dic, self.cfg.objective, aux_penalty=self.cfg.aux_penalty,
-                                   dead_tokens=self.cfg.dead_tokens)
+                                   dead_tokens=self.cfg.dead_tokens, team=team)
         self.opt = torch.optim.Adam(self.dic.parameters(), lr=self.cfg.lr, betas=(0.9, 0.99), fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         src, tgt = cache.stats(self.source), cache.stats(self.target)
@@ -79,6 +82,8 @@ class Run:
             out = self.objective(x, y)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.team is not None:
+            self.team.average_gradients(list(self.dic.parameters()))
         self.objective.before_step()
         if self.cfg.objective == "default" and self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.dic.parameters(), self.cfg.grad_clip)
@@ -112,7 +117,7 @@ class Run:
 
     def load(self) -> dict[str, Any] | None:
         ck = self.dir / "checkpoint"
-        if not (ck / "state.pt").exists():
+        if saved_steps(self.dir, self.cfg, self.total_steps) is None or not (ck / "state.pt").exists():
             return None
         self.dic.load_state_dict(load_file(ck / "model.safetensors", device=str(self.dic.W_dec.device)))
         state = torch.load(ck / "state.pt", weights_only=False, map_location=self.dic.W_dec.device)
@@ -129,15 +134,41 @@ class Run:
                 "total_steps": self.total_steps, "step": self.step}
 
 
+def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
+    """Steps done by the checkpoint in ``run_dir`` (None: there is none), read from its config.json
+    without loading weights. A checkpoint trained with another resolved config (``cfg.resolve``) or
+    another number of steps (batch size, tokens) is refused: resuming it would mix two runs."""
+    path = run_dir / "checkpoint" / "config.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v]
+    if saved.get("total_steps") != total_steps:
+        changed.append(f"total_steps (tokens / batch_size: {saved.get('total_steps')} -> {total_steps})")
+    if changed:
+        raise ConfigError(f"train.runs.{cfg.name}: {str(run_dir)!r} was trained with another {', '.join(changed)}; "
+                          "rename the run or delete its folder")
+    return int(saved["step"])
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
-    """Train every run of ``cfg`` from one read of its cache; resume runs that have checkpoints."""
+    """Train every run of ``cfg`` from one read of its cache; resume runs that have checkpoints.
+    Under torchrun, the ranks train data-parallel (matryoshka/distributed.py) and rank 0 writes the files."""
+    team = Team.join(torch.device(cfg.device) if cfg.device else None)
+    try:
+        return _train(cfg, progress, team)
+    finally:
+        team.leave()
+
+
+def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
     if not cfg.runs:
         raise ConfigError("train.runs: no runs to train; list at least one under train.runs")
-    cache = Cache(cfg.cache)
+    cache = Cache(cfg.cache, local_cache_dir=cfg.local_cache_dir)
     cache.require_complete()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.device or (f"cuda:{team.local_rank}" if torch.cuda.is_available() else "cpu"))
     root = Path(cfg.runs_dir) / cache.fingerprint
-    runs = [Run(r, cache, root, cfg.batch_size, device) for r in cfg.runs]
+    runs = [Run(r, cache, root, cfg.batch_size, device, team if team.size > 1 else None) for r in cfg.runs]
     states = [r.load() for r in runs]
     active = [r for r in runs if not r.done]
     if not active:
@@ -145,29 +176,36 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     resumed = {s["step"]: s for r, s in zip(runs, states) if s is not None and not r.done}
     if len(resumed) > 1 or (resumed and any(s is None for r, s in zip(runs, states) if not r.done)):
         raise CacheError("train: the unfinished runs stopped at different steps of the stream; "
-                         "resume them with separate configs")
+                         "resume them with separate configs, or with `pipeline run`, which groups them by step")
     state = next(iter(resumed.values()), None)
     if state is not None:
         torch.set_rng_state(state["rng"])
     arrays = sorted({a for r in active for a in (r.source, r.target)})
-    reader = ShuffledReader(arrays, cache, ReaderConfig(batch_size=cfg.batch_size, buffer_tokens=cfg.buffer_tokens,
-                                                        seed=cfg.seed, drop_last=True),
-                            device=device, dtype=torch.float32, state=state["cursor"] if state else None)
+    cursors = state["cursor"] if state is not None else None  # one per data rank
+    if isinstance(cursors, dict):  # a checkpoint written before data-parallel training: one stream
+        cursors = [cursors]
+    reader = RankStreams(arrays, cache, ReaderConfig(batch_size=cfg.batch_size, buffer_tokens=cfg.buffer_tokens,
+                                                     seed=cfg.seed, drop_last=True),
+                         team, cfg.data_ranks, device, torch.float32, cursors)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and device.type == "cuda"
                 else nullcontext())
-    for r in active:
+    writes = team.leader  # rank 0 writes every file
+    for r in active if writes else []:
         r.dir.mkdir(parents=True, exist_ok=True)
         (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
-    logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a") for r in active}
-    wandb_runs = _wandb_runs(cfg, active, cache)
+    logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a") for r in active} if writes else {}
+    wandb_runs = _wandb_runs(cfg, active, cache) if writes else {}
     bars = {r.cfg.name: tqdm(total=r.total_steps, initial=r.step, desc=r.cfg.name, position=i, leave=True,
-                             disable=not progress, dynamic_ncols=True) for i, r in enumerate(active)}
+                             disable=not (progress and writes), dynamic_ncols=True) for i, r in enumerate(active)}
     try:
         while active:
             batch = next(reader)
             for r in active:
                 m = r.train_step(batch, autocast)
                 if r.step % cfg.log_every == 0 or r.done:
+                    m = team.mean(m, device)  # every rank's share of the global batch
+                    if not writes:
+                        continue
                     row = {k: (v.tolist() if torch.is_tensor(v) and v.ndim else float(v)) for k, v in m.items()}
                     row.update(step=r.step, tokens=r.step * cfg.batch_size, lr=r.sched.get_last_lr()[0],
                                time=time.time())
@@ -180,11 +218,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
                 bars[r.cfg.name].update(1)
             finished = [r for r in active if r.done]
             if finished or any(r.step % cfg.checkpoint_every == 0 for r in active):
-                cursor = reader.state_dict()
-                for r in active:
+                cursor = reader.state_dict()  # every data rank's cursor
+                for r in active if writes else []:
                     r.save(cursor)
                     logs[r.cfg.name].flush()
-            for r in finished:
+            for r in finished if writes else []:
                 export_saelens(r.dir, r.dir / "saelens", cache.manifest)
                 if r.cfg.name in wandb_runs:
                     _log_artifact(wandb_runs[r.cfg.name], r, cache)

@@ -1,0 +1,187 @@
+"""Evaluation throughput, and the memory of the pairwise feature metrics at Gemma-2-2B width.
+
+Table 1: held-out tokens/s of ``evaluate()`` on one run, from a harvested cache of a GPT-2-small-shaped
+model (d 768, 12 heads, random weights, 9 blocks, ``8.resid_mid``, bf16 storage) and a Matryoshka SAE
+(16x: 12,288 latents, groups [768, 1536, 3072, 6912], k 64) trained briefly so that its threshold is set.
+Rows add one stage at a time to the baseline (reconstruction metrics only): the second pass with the top
+contexts, the feature metrics, the report, and the LM splice when ``EvaluateConfig`` has an ``lm`` key.
+Each row is one ``evaluate()`` call, timed whole, in one process on the same cache and run.
+
+Table 2: peak memory of the pairwise feature metrics at 36,864 latents (d 2304, a random decoder) on
+synthetic sparse codes: ``--tokens`` tokens (default 131,072, the ``feature_tokens`` default) with about 64
+active latents each, latent frequencies log-uniform over three decades (as real dictionaries' are). Each
+stage runs in its own child process, which resets its peak RSS once the decoder and codes exist
+(``/proc/self/clear_refs``); the stage's peak is then VmHWM minus that RSS, so the inputs are not counted.
+Compared with what the seed's dense computation would hold: one W x W float32 matrix (it builds
+several), and the dense N x W float32 activation history it collects first.
+
+    python benchmarks/evaluate.py            # both tables (~10 min on 2 CPUs)
+    python benchmarks/evaluate.py --quick    # small sizes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+               "WANDB_MODE": "offline"}.items():
+    os.environ.setdefault(_k, _v)
+
+import numpy as np
+import torch
+
+from common import machine, print_table
+from matryoshka.config import EvaluateConfig, HarvestConfig, TrainConfig
+from matryoshka.evaluate.features import Codes, coactivation, decoder_similarity, hierarchy, monosemanticity
+from matryoshka.fixtures import build_model, build_tokenizer, write_corpus
+
+GEMMA = (36_864, 2304, [2304, 4608, 9216, 20736])  # width, d, groups
+
+
+# -- table 1 -----------------------------------------------------------------------------------------
+def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
+    from matryoshka.evaluate.run import evaluate
+    from matryoshka.harvest import harvest
+    from matryoshka.train.trainer import train
+
+    corpus = write_corpus(work / "corpus.txt", n_docs=400 if quick else 1500)
+    model = build_model("gpt2", work / "gpt2-9", build_tokenizer(corpus), n_layers=9, d_model=768, n_heads=12,
+                        n_positions=128)
+    cache = harvest(HarvestConfig(model=str(model), dataset=str(corpus), sites="8.resid_mid",
+                                  tokens=8192 if quick else 20480, context_size=128, batch_size=8, dtype="bfloat16",
+                                  holdout=2048 if quick else 8192, cache=str(work / "cache"), seed=None),
+                    progress=False)
+    width, groups = (3072, [192, 384, 768, 1728]) if quick else (12_288, [768, 1536, 3072, 6912])
+    train(TrainConfig(cache=str(cache), runs_dir=str(work / "runs"), batch_size=1024, buffer_tokens=4096,
+                      runs=[{"name": "sae", "source": "8.resid_mid", "width": width, "group_sizes": groups, "k": 64,
+                             "tokens": 4096 if quick else 8192, "warmup_steps": 1}]), progress=False)
+    has_lm = "lm" in {f.name for f in dataclasses.fields(EvaluateConfig)}
+    off = {"lm": False} if has_lm else {}
+    rows = [("reconstruction only (baseline)", dict(features=False, contexts=0, report=False, **off)),
+            ("+ second pass with top contexts", dict(features=False, contexts=10, report=False, **off)),
+            ("+ feature metrics (all held-out tokens)", dict(contexts=10, report=False, **off)),
+            ("+ report (default evaluate, no LM)", dict(**off))]
+    if has_lm:
+        rows.append(("+ LM splice (default evaluate with the LM)", dict(lm=True)))
+    out, base = [], None
+    for label, kw in rows:
+        cfg = EvaluateConfig(cache=str(cache), runs_dir=str(work / "runs"), batch_size=1024, **kw)
+        t0 = time.perf_counter()
+        (r,) = evaluate(cfg, progress=False)
+        dt = time.perf_counter() - t0
+        base = base or dt
+        out.append([label, f"{dt:.2f}", f"{r['tokens'] / dt:,.0f}", f"{base / dt:.2f}x"])
+    note = (f"{r['tokens']:,} held-out tokens, dictionary width {width}, L0 {r['l0']:.0f}"
+            + ("" if has_lm else "; EvaluateConfig has no `lm` key in this tree, so no row with the LM"))
+    return out, note
+
+
+# -- table 2 -----------------------------------------------------------------------------------------
+def synthetic_codes(width: int, n: int, l0: int, seed: int = 0) -> Codes:
+    """~l0 latents per token, latent i drawn with a log-uniform frequency over three decades; built in
+    slices so the generator's temporaries stay small beside the codes."""
+    rng = np.random.default_rng(seed)
+    p = 10 ** rng.uniform(-3, 0, width)
+    cdf = np.cumsum(p / p.sum())
+    toks, lats = [], []
+    for t0 in range(0, n, 4096):
+        m = min(4096, n - t0)
+        draw = np.minimum(np.searchsorted(cdf, rng.random((m, l0))), width - 1)
+        flat = np.unique(draw + (np.arange(m)[:, None] + t0) * width)
+        toks.append(flat // width)
+        lats.append(flat % width)
+    tokens, latents = np.concatenate(toks), np.concatenate(lats)
+    values = rng.exponential(1.0, len(tokens)).astype(np.float32) + 0.01
+    return Codes(tokens, latents, values, n, width)
+
+
+def rss_mib() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MiB, from /proc/self/status."""
+    status = Path("/proc/self/status").read_text()
+    return tuple(int(re.search(rf"{k}:\s+(\d+) kB", status).group(1)) / 1024 for k in ("VmRSS", "VmHWM"))
+
+
+def child(stage: str, n: int, block_mb: float) -> dict:
+    """One stage in this fresh process: its seconds and its peak RSS above the inputs."""
+    width, d, groups = GEMMA
+    torch.manual_seed(0)
+    W = torch.randn(width, d)
+    codes = synthetic_codes(width, n, 64)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS (Linux >= 4.0)
+    rss0, peak0 = rss_mib()
+    t0 = time.perf_counter()
+    if stage == "cosines":
+        decoder_similarity(W, groups, 0.9, block_mb)
+    elif stage == "coactivation":
+        coactivation(codes, 0.5, 50, block_mb)
+    else:
+        monosemanticity(codes, 50)
+        hierarchy(codes, groups, 50)
+    dt = time.perf_counter() - t0
+    peak = rss_mib()[1]
+    return {"seconds": dt, "extra": peak - rss0, "reset": peak0 - rss0 < 1,
+            "inputs": W.numel() * 4 + codes.tokens.nbytes + codes.latents.nbytes + codes.values.nbytes,
+            "nnz": len(codes.latents)}
+
+
+def memory(n: int, blocks: list[float]) -> tuple[list[list[str]], str]:
+    width, d, _ = GEMMA
+    runs = [(f"decoder cosines (absorption, group cosines), block {b:g} MiB", "cosines", b) for b in blocks]
+    runs += [(f"co-activation (splitting), block {blocks[0]:g} MiB", "coactivation", blocks[0]),
+             ("monosemanticity + hierarchy", "mono", blocks[0])]
+    rows, info = [], {}
+    for label, stage, b in runs:
+        res = subprocess.run([sys.executable, __file__, "--child", stage, "--tokens", str(n), "--block-mb", str(b)],
+                             capture_output=True, text=True, check=True)
+        info = json.loads(res.stdout.strip().splitlines()[-1])
+        if not info["reset"]:
+            raise RuntimeError("the peak RSS could not be reset (/proc/self/clear_refs): no clean measurement")
+        rows.append([label, f"{info['seconds']:.1f}", f"{info['extra']:,.0f}"])
+    rows.append(["dense W x W float32 matrix (not run)", "", f"{width * width * 4 / 2**20:,.0f}"])
+    rows.append([f"dense N x W float32 activations, N {n:,} (not run)", "", f"{n * width * 4 / 2**20:,.0f}"])
+    note = (f"width {width}, d {d}, {n:,} tokens, {info['nnz'] / n:.1f} active latents per token on average; "
+            f"inputs (decoder + codes) {info['inputs'] / 2**20:,.0f} MiB, not counted")
+    return rows, note
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="tokens of synthetic codes (default 131072, --quick 16384)")
+    ap.add_argument("--only", choices=["throughput", "memory"], default=None)
+    ap.add_argument("--blocks", type=float, nargs="+", default=[64.0],
+                    help="block_mb values for the decoder-cosine rows of table 2 (each row is a full W^2 d/2 pass)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--block-mb", type=float, default=64.0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    n = args.tokens or (16_384 if args.quick else 131_072)
+    if args.child:
+        print(json.dumps(child(args.child, n, args.block_mb)))
+        return
+    print(machine("cpu"))
+    if args.only in (None, "throughput"):
+        with tempfile.TemporaryDirectory() as tmp:
+            rows, note = throughput(Path(tmp), args.quick)
+        print("\nTable 1: evaluate() on one run, CPU\n")
+        print_table(["what", "s", "held-out tok/s", "vs baseline"], rows)
+        print(f"\n{note}")
+    if args.only in (None, "memory"):
+        rows, note = memory(n, args.blocks)
+        print("\nTable 2: pairwise feature metrics at 36,864 latents, peak memory above the inputs\n")
+        print_table(["stage", "s", "peak MiB"], rows)
+        print(f"\n{note}")
+
+
+if __name__ == "__main__":
+    main()

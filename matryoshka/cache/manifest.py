@@ -1,0 +1,42 @@
+"""The one place a cache's manifest is built: a model harvest, the synthetic source and the test fixture
+all describe their cache through :func:`build_manifest`, so every cache has the same fields.
+
+``source`` says what produced the rows: ``model`` (a language model: its tokens can be replayed through
+it), ``synthetic`` (the ground-truth generator: no LM, no tokenizer; the token ids are zeros) or
+``fixture`` (rows handed to :func:`matryoshka.fixtures.write_cache`). Caches written before the field
+existed are model caches: read it as ``manifest.get("source", "model")``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .. import __version__
+from .format import FORMAT_VERSION, fingerprint
+
+CACHE_SOURCES = ("model", "synthetic", "fixture")
+
+
+def build_manifest(*, source: str, identity: dict[str, Any], model: dict[str, Any], tokenizer: dict[str, Any],
+                   dataset: dict[str, Any], context_size: int, bos: dict[str, Any], dtype: str, codec: str,
+                   seqs_per_chunk: int, arrays: dict[str, dict[str, Any]], n_sequences: int, batch_size: int,
+                   heldout_seqs: int, fingerprint_override: str | None = None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A cache's manifest. ``identity`` is everything that determines the rows; its hash is the
+    fingerprint (``fingerprint_override`` lets a test fixture pick its own). The held-out split is the
+    first ``heldout_seqs`` sequences. ``extra`` adds source-specific fields (the synthetic parameters)."""
+    if source not in CACHE_SOURCES:
+        raise ValueError(f"source: {source!r} is not one of {', '.join(CACHE_SOURCES)}")
+    n_tokens = n_sequences * context_size
+    heldout = heldout_seqs * context_size
+    return {
+        "format_version": FORMAT_VERSION, "tool_version": __version__, "source": source,
+        "fingerprint": fingerprint_override or fingerprint(identity), "identity": identity,
+        "model": model, "tokenizer": tokenizer, "dataset": dataset,
+        "context_size": context_size, "bos": bos,
+        "storage": {"dtype": dtype, "codec": codec, "seqs_per_chunk": seqs_per_chunk,
+                    "chunk_tokens": seqs_per_chunk * context_size, "checksum": "crc32c"},
+        "arrays": arrays,
+        "n_tokens": n_tokens, "n_sequences": n_sequences, "batch_size": batch_size,
+        "split": {"heldout": [0, heldout], "train": [heldout, n_tokens]},
+        **(extra or {}),
+    }

@@ -1,0 +1,147 @@
+"""Caches on object storage: one place that knows a cache may be an fsspec URL rather than a directory.
+
+A cache path is a local directory or an fsspec URL (``s3://bucket/prefix``, ``gs://...``, ``file://...``);
+credentials and endpoints come from the storage library's usual environment (for S3: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for a non-AWS server). zarr reads and writes such URLs
+through its ``FsspecStore``; this module adds what zarr does not: listing, sizes, removal, and fetching the
+chunks of a reader's block in one concurrent request, since object storage is bound by latency, not bandwidth.
+
+The optional local read-through copy (``local_cache_dir``) keeps every fetched chunk under
+``<dir>/<fingerprint>/<key>``. Committed chunks never change, and the fingerprint names the rows they
+hold, so a copy can never be stale; each is still checked by its crc32c when it is decoded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+
+
+def is_url(path: str | Path) -> bool:
+    return "://" in str(path)
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The (synchronous) fsspec filesystem of ``url`` and the path inside it."""
+    return fsspec.core.url_to_fs(url)
+
+
+def join(root: str | Path, *parts: str) -> str | Path:
+    """``root / parts`` for a directory, ``root/parts`` for a URL (``Path`` would fold its ``//``)."""
+    if not is_url(root):
+        return Path(root).joinpath(*parts)
+    return "/".join([str(root).rstrip("/"), *parts])
+
+
+def exists(url: str, key: str = "") -> bool:
+    """Whether ``key`` exists under ``url`` (no key: whether anything does)."""
+    fs, root = filesystem(url)
+    fs.invalidate_cache()
+    return fs.exists(f"{root.rstrip('/')}/{key}" if key else root)
+
+
+def total_bytes(url: str) -> int:
+    """Stored bytes of every object under ``url``."""
+    fs, root = filesystem(url)
+    fs.invalidate_cache()
+    return int(fs.du(root, total=True))
+
+
+def keys(url: str) -> set[str]:
+    """Every object key under ``url``, relative to it."""
+    fs, root = filesystem(url)
+    fs.invalidate_cache()
+    root = root.rstrip("/")
+    return {p[len(root) + 1:] for p in fs.find(root)}
+
+
+def remove(url: str) -> None:
+    fs, root = filesystem(url)
+    fs.invalidate_cache()
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def check_writable(url: str) -> None:
+    """The bucket (the URL's first component) must exist: a typo should fail before the LM loads."""
+    from .store import CacheError
+
+    try:
+        fs, root = filesystem(url)
+        bucket = root.strip("/").split("/")[0]
+        fs.invalidate_cache()
+        ok = "file" in fs.protocol or fs.exists(bucket)
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+        raise CacheError(f"cache: cannot reach {url!r} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         "check the URL, AWS_ENDPOINT_URL and credentials") from None
+    if not ok:
+        raise CacheError(f"cache: cannot write to {url!r}: bucket {bucket!r} does not exist")
+
+
+def find_caches(url: str, max_depth: int = 4) -> list[str]:
+    """URLs of the caches under ``url``: prefixes whose ``zarr.json`` carries a matryoshka manifest."""
+    fs, root = filesystem(url)
+    fs.invalidate_cache()
+    root = root.rstrip("/")
+    metas = sorted(p for p in fs.find(root, maxdepth=max_depth + 1) if p.endswith("/zarr.json") or p == "zarr.json")
+    found: list[str] = []
+    for p, blob in fs.cat(metas).items() if metas else []:
+        prefix = p[: -len("/zarr.json")]
+        if any(prefix.startswith(f + "/") for f in found):
+            continue  # an array's zarr.json inside a cache already found
+        try:
+            meta = json.loads(blob)
+        except ValueError:
+            continue
+        if meta.get("node_type") == "group" and "manifest" in meta.get("attributes", {}):
+            found.append(prefix)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return [f"{protocol}://{p}" for p in sorted(found)]
+
+
+class ChunkSource:
+    """Stored chunk bytes of one remote cache: many keys fetched concurrently, optionally kept locally."""
+
+    def __init__(self, url: str, fingerprint: str, local_cache_dir: str | Path | None = None) -> None:
+        self.fs, root = filesystem(url)
+        self.root = root.rstrip("/")
+        self.local = Path(local_cache_dir).expanduser() / fingerprint if local_cache_dir else None
+
+    def has_local(self, keys: Iterable[str]) -> bool:
+        """Whether every key has a local copy (then many threads can read them, no fetch needed)."""
+        return self.local is not None and all((self.local / k).is_file() for k in keys)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """The bytes of every key; local copies first, the rest in one concurrent fetch."""
+        keys = list(keys)
+        out: dict[str, bytes] = {}
+        missing = []
+        for k in keys:
+            if self.local is not None and (self.local / k).is_file():
+                out[k] = (self.local / k).read_bytes()
+            else:
+                missing.append(k)
+        if missing:
+            paths = [f"{self.root}/{k}" for k in missing]
+            got = self.fs.cat(paths, on_error="return")
+            for k, p in zip(missing, paths):
+                b = got.get(p)
+                if not isinstance(b, bytes):
+                    raise OSError(f"cannot read {p}: {b!r}")
+                out[k] = b
+                if self.local is not None:
+                    self._keep(k, b)
+        return out
+
+    def _keep(self, key: str, data: bytes) -> None:
+        """Write a local copy atomically, so a reader killed mid-write never leaves a torn chunk."""
+        dest = self.local / key
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)

@@ -1,0 +1,151 @@
+"""`pipeline run`: harvest -> train -> evaluate from one pipeline.yaml, each stage doing only what is missing.
+
+Every stage is already resumable on its own; this module decides what is left and hands it to the stage:
+
+* **harvest** runs with ``resume`` on: a missing cache is harvested, an unfinished one continued, a complete
+  one left alone (the harvest stage checks that its fingerprint is the config's).
+* **train** trains the runs whose checkpoint is missing or short of its steps, from their checkpoints. Runs
+  stopped at different steps (e.g. one added to the config later) train in separate groups, one per step:
+  a run trained with others is bit-identical to one trained alone on the same stream, so the result equals
+  an uninterrupted run. A run folder trained with another config is refused, never silently reused.
+* **evaluate** evaluates the runs whose ``eval.json`` is missing, unreadable, of another cache, or older
+  than their checkpoint.
+
+So a second ``pipeline run`` of the same config writes nothing. The cache path is the harvest's (its
+``cache`` key, else ``train.cache``, else the fingerprinted default), and it is what train and evaluate use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .cache import Cache
+from .config import ConfigError, EvaluateConfig, PipelineConfig, TrainConfig, check_pipeline
+
+
+@dataclass
+class Outcome:
+    """What one ``pipeline run`` found and did."""
+
+    cache: str
+    trained: list[str]
+    """Runs trained (or resumed) by this call; empty when every run was finished."""
+    evaluated: list[str]
+    """Runs evaluated by this call; empty when every eval.json was current."""
+    results: list[dict[str, Any]]
+    """Every run's eval.json, in config order."""
+    table: str
+    report: Path | None
+
+
+def run_pipeline(cfg: PipelineConfig, progress: bool = True, echo: Callable[[str], None] = print) -> Outcome:
+    """Bring every stage of ``cfg`` up to date (see the module docstring) and return what was done."""
+    check_pipeline(cfg)
+    _check_sections(cfg)
+    cache = Cache(_harvest(cfg, progress, echo))
+    train_cfg = dataclasses.replace(cfg.train, cache=cache.path)
+    run_dirs = [Path(train_cfg.runs_dir) / cache.fingerprint / r.name for r in train_cfg.runs]
+    trained = _train(train_cfg, cache, progress, echo)
+    evaluate_cfg = dataclasses.replace(cfg.evaluate, runs_dir=train_cfg.runs_dir)
+    evaluated = _evaluate(evaluate_cfg, run_dirs, cache, progress, echo)
+    results = [json.loads((d / "eval.json").read_text()) for d in run_dirs]
+    from .evaluate.run import table
+
+    return Outcome(cache=cache.path, trained=trained, evaluated=evaluated, results=results,
+                   table=table(results), report=_report(evaluate_cfg, cache, bool(evaluated)))
+
+
+def _check_sections(cfg: PipelineConfig) -> None:
+    """Keys that would point the stages at different data than the pipeline's own."""
+    h, t, e = cfg.harvest, cfg.train, cfg.evaluate
+    if not t.runs:
+        raise ConfigError("train.runs: no runs to train; list at least one under train.runs")
+    if h.cache and t.cache and Path(h.cache) != Path(t.cache):
+        raise ConfigError(f"train.cache: {t.cache!r} differs from harvest.cache {h.cache!r}; pipeline run trains "
+                          "on the cache its harvest writes, so give one of them")
+    for key in ("run", "cache"):
+        if getattr(e, key) is not None:
+            raise ConfigError(f"evaluate.{key}: pipeline run evaluates the runs of train.runs on its own cache; "
+                              f"remove this key (it is for `pipeline evaluate`)")
+    if e.runs_dir not in (t.runs_dir, EvaluateConfig.runs_dir):  # left at its default, it follows train's
+        raise ConfigError(f"evaluate.runs_dir: {e.runs_dir!r} differs from train.runs_dir {t.runs_dir!r}; "
+                          "pipeline run evaluates the runs it trains, so give one value")
+
+
+def _harvest(cfg: PipelineConfig, progress: bool, echo: Callable[[str], None]) -> Path:
+    from .harvest import harvest
+
+    h = dataclasses.replace(cfg.harvest, resume=True, cache=cfg.harvest.cache or cfg.train.cache or None)
+    path = harvest(h, progress=progress)
+    echo(f"harvest: {path} is complete")
+    return path
+
+
+def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str], None]) -> list[str]:
+    """Train the unfinished runs, one group per step their checkpoints reached."""
+    from .train.export import export_saelens
+    from .train.trainer import saved_steps, train
+
+    root = Path(cfg.runs_dir) / cache.fingerprint
+    groups: dict[int, list] = {}
+    for i, run in enumerate(cfg.runs):
+        for key in ("source", "target"):
+            name = getattr(run, key)
+            if name is not None and name not in cache.array_names:
+                raise ConfigError(f"train.runs[{i}].{key}: {name} is not in the cache {cache.path}; it has "
+                                  f"{', '.join(cache.array_names)}")
+        try:
+            resolved = run.resolve(cache.manifest["arrays"][run.source]["width"])
+        except ConfigError as e:
+            raise ConfigError(f"train.runs[{i}].{e}") from None
+        total = -(-resolved.tokens // cfg.batch_size)
+        done = saved_steps(root / run.name, resolved, total) or 0
+        if done < total:
+            groups.setdefault(done, []).append(run)
+        elif not (root / run.name / "saelens" / "cfg.json").is_file():  # killed between its last save and export
+            export_saelens(root / run.name, root / run.name / "saelens", cache.manifest)
+    if not groups:
+        echo(f"train: all {len(cfg.runs)} runs are finished")
+        return []
+    for step, runs in sorted(groups.items()):
+        echo(f"train: {', '.join(r.name for r in runs)}" + (f" (resuming at step {step})" if step else ""))
+        train(dataclasses.replace(cfg, runs=runs), progress=progress)
+    return [r.name for step in sorted(groups) for r in groups[step]]
+
+
+def _current(run_dir: Path, fingerprint: str) -> bool:
+    """Whether ``eval.json`` exists, parses, is of this cache, and is newer than the checkpoint."""
+    path = run_dir / "eval.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    weights = run_dir / "checkpoint" / "model.safetensors"
+    return result.get("fingerprint") == fingerprint and path.stat().st_mtime_ns >= weights.stat().st_mtime_ns
+
+
+def _evaluate(cfg: EvaluateConfig, run_dirs: list[Path], cache: Cache, progress: bool,
+              echo: Callable[[str], None]) -> list[str]:
+    from .evaluate.run import evaluate
+
+    stale = [d for d in run_dirs if not _current(d, cache.fingerprint)]
+    if not stale:
+        echo(f"evaluate: all {len(run_dirs)} runs are evaluated")
+        return []
+    echo(f"evaluate: {', '.join(d.name for d in stale)}")
+    evaluate(dataclasses.replace(cfg, cache=cache.path, report=False), progress=progress, runs=stale)
+    return [d.name for d in stale]
+
+
+def _report(cfg: EvaluateConfig, cache: Cache, changed: bool) -> Path | None:
+    """The cache's report over every evaluated run of its folder, rewritten only when an evaluation changed
+    (or it is missing); None with ``evaluate.report: false``."""
+    if not cfg.report:
+        return None
+    from .evaluate.report import runs_of, write_report
+
+    folder = Path(cfg.runs_dir) / cache.fingerprint
+    return write_report(cache, runs_of(folder), folder, rewrite=changed)

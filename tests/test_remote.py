@@ -1,0 +1,288 @@
+"""Caches on object storage, against a real S3 server (moto's server mode on localhost): harvest writes
+there, train and evaluate read from there, `cache ls|info|verify` work on URLs, and one writer at a time
+holds a lock object with a heartbeat."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import harvest_config
+from matryoshka.cache import Cache, CacheError
+from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ObjectLock
+from matryoshka.cli import app
+from matryoshka.config import EvaluateConfig, TrainConfig
+from matryoshka.evaluate.run import evaluate
+from matryoshka.harvest import harvest
+from matryoshka.train.trainer import train
+from test_errors import harvest_args, run_bad
+from test_resume import _args as resume_args
+
+runner = CliRunner()
+SITES = "1.resid_mid,1.mlp_out"
+RUNS = [{"name": "tc", "source": "1.resid_mid", "target": "1.mlp_out", "width": 128, "k": 8, "lr": 0.003,
+         "tokens": "3K", "dead_tokens": "2K"}]
+
+
+def _s3() -> fsspec.AbstractFileSystem:
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    return fs
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    """Every object under a cache URL (or file under a directory) except the lock, by relative key."""
+    fs, root = fsspec.core.url_to_fs(str(url))
+    fs.invalidate_cache()
+    root = root.rstrip("/")
+    paths = [p for p in fs.find(root) if not p.endswith(LOCK_NAME)]
+    return {p[len(root) + 1:]: b for p, b in fs.cat(paths).items()} if paths else {}
+
+
+def _same_cache(a: str | Path, b: str | Path) -> None:
+    """Byte-identical chunks, and equal group attributes (manifest, progress, statistics)."""
+    oa, ob = _objects(a), _objects(b)
+    assert oa.keys() == ob.keys() and len(oa) > 10
+    assert [k for k in oa if k != "zarr.json" and oa[k] != ob[k]] == []
+    assert json.loads(oa["zarr.json"])["attributes"] == json.loads(ob["zarr.json"])["attributes"]
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    name = f"team-{uuid.uuid4().hex[:8]}"
+    _s3().mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def caches(bucket, gpt2_dir, corpus, tmp_path_factory) -> tuple[Path, str]:
+    """One config harvested twice: to a local directory and to S3."""
+    local = tmp_path_factory.mktemp("remote") / "local"
+    kw = dict(sites=SITES, layers=None, tokens="2K", batch_size=8)
+    harvest(harvest_config(gpt2_dir, corpus, local, **kw), progress=False)
+    url = harvest(harvest_config(gpt2_dir, corpus, None, cache_root=f"{bucket}/shared", **kw), progress=False)
+    assert url == f"{bucket}/shared/tiny-gpt2/{Cache(local).fingerprint}"  # the default path, under a URL root
+    return local, url
+
+
+def test_harvest_to_s3_equals_local_harvest(caches, gpt2_dir, corpus):
+    local, url = caches
+    _same_cache(local, url)
+    a, b = Cache(local), Cache(url)
+    assert b.complete and b.fingerprint == a.fingerprint and b.remote
+    np.testing.assert_array_equal(b.read("1.mlp_out", 0, b.tokens_committed), a.read("1.mlp_out", 0, a.tokens_committed))
+    assert not _s3().exists(f"{url}/{LOCK_NAME}")  # released
+
+    # The fingerprint decides identity: the same config again reuses it; another one is refused.
+    before = _objects(url)
+    r = runner.invoke(app, harvest_args(gpt2_dir, corpus, url, "--tokens", "2K", "--batch-size", "8",
+                                        "--chunk-mb", str(4 * 32 * 64 * 4 / 2**20), "--dtype", "float32"))
+    assert r.exit_code == 0 and r.output.strip() == url, r.output
+    msg = run_bad(harvest_args(gpt2_dir, corpus, url, "--tokens", "2K", "--dtype", "float32", "--seed", "7"),
+                  "holds fingerprint", "choose another --cache")
+    assert a.fingerprint in msg
+    assert _objects(url) == before
+
+
+def test_train_and_evaluate_from_s3_equal_local(caches, tmp_path):
+    """Same rows, same order: training from S3 (with and without a local read-through copy) gives weights
+    bit-identical to training from the local cache, and the same evaluation."""
+    local, url = caches
+    keep = tmp_path / "chunks"
+    out = {}
+    for name, cache, local_dir in (("local", local, None), ("s3", url, None), ("s3+copy", url, keep)):
+        cfg = TrainConfig(cache=str(cache), runs=[dict(r) for r in RUNS], runs_dir=str(tmp_path / name),
+                          batch_size=128, buffer_tokens=1024, log_every=5, device="cpu", local_cache_dir=local_dir)
+        (run,) = train(cfg, progress=False)
+        (ev,) = evaluate(EvaluateConfig(cache=str(cache), runs_dir=str(tmp_path / name), batch_size=128,
+                                        local_cache_dir=local_dir))
+        out[name] = (load_file(run / "checkpoint" / "model.safetensors"), ev)
+    for name in ("s3", "s3+copy"):
+        for k, w in out["local"][0].items():
+            assert torch.equal(w, out[name][0][k]), (name, k)
+        assert {k: out[name][1][k] for k in ("fvu", "mse", "l0", "tokens")} == \
+               {k: out["local"][1][k] for k in ("fvu", "mse", "l0", "tokens")}
+        assert out[name][1]["tokens"] > 0
+    # the local copy holds the remote chunks byte for byte, under the cache's fingerprint
+    fp = Cache(url).fingerprint
+    kept = {str(p.relative_to(keep / fp)): p.read_bytes() for p in (keep / fp).rglob("*") if p.is_file()}
+    remote = _objects(url)
+    assert kept and all(remote[k] == v for k, v in kept.items())
+    assert any(k.startswith("acts/1.mlp_out/c/") for k in kept)
+
+
+def test_cache_ls_info_verify_on_urls(caches, bucket):
+    local, url = caches
+    r = runner.invoke(app, ["cache", "ls", bucket])
+    assert r.exit_code == 0, r.output
+    (row,) = [l for l in r.output.splitlines() if l.startswith(url)]
+    assert "tiny-gpt2" in row and SITES in row and f"{Cache(url).tokens_committed:,}" in row and "complete" in row
+    size = sum(len(v) for v in _objects(url).values())
+    assert f"{size / 1e9:.3f}GB" in row
+
+    r = runner.invoke(app, ["cache", "info", url])
+    assert r.exit_code == 0 and Cache(local).fingerprint in r.output and "1.mlp_out" in r.output, r.output
+    r = runner.invoke(app, ["cache", "verify", url, "-q"])
+    assert r.exit_code == 0 and r.output.startswith("ok:"), r.output
+
+    damaged = f"{bucket}/damaged"
+    fs = _s3()
+    fs.copy(url, damaged, recursive=True)
+    blob = bytearray(fs.cat(f"{damaged}/acts/1.mlp_out/c/2/0"))
+    blob[len(blob) // 2] ^= 0xFF
+    fs.pipe(f"{damaged}/acts/1.mlp_out/c/2/0", bytes(blob))
+    fs.rm(f"{damaged}/tokens/c/1")
+    r = runner.invoke(app, ["cache", "verify", damaged, "-q"])
+    assert r.exit_code == 1
+    bad = sorted(l.split(":")[0] for l in r.output.splitlines() if l.startswith("DAMAGED"))
+    assert bad == ["DAMAGED acts/1.mlp_out/c/2/0", "DAMAGED tokens/c/1"], r.output
+
+    r = runner.invoke(app, ["cache", "ls", f"{bucket}/nothing-here"])
+    assert r.exit_code == 0 and "no caches under" in r.output
+    with pytest.raises(CacheError, match="not a cache"):
+        Cache(f"{bucket}/nothing-here")
+
+
+def _lock_json(url: str) -> dict:
+    return json.loads(_s3().cat(f"{url}/{LOCK_NAME}"))
+
+
+def test_second_writer_is_refused_naming_the_owner(s3_bucket, gpt2_dir, corpus):
+    url = f"{s3_bucket}/c"
+    with ObjectLock(url, heartbeat_s=0.2) as first:
+        h0 = _lock_json(url)["heartbeat"]
+        with pytest.raises(CacheLockedError, match=rf"being written by pid {os.getpid()} .*lock {first.owner['id'][:8]}"):
+            ObjectLock(url).acquire()
+        msg = run_bad(harvest_args(gpt2_dir, corpus, url), "is being written by pid", "last heartbeat",
+                      "one writer per cache")
+        assert first.owner["host"] in msg
+        time.sleep(0.7)
+        assert _lock_json(url)["heartbeat"] > h0  # the heartbeat thread refreshes it
+        first.check()  # still ours
+        assert sorted(_objects(url)) == []  # the refused harvest wrote nothing
+    assert not _s3().exists(f"{url}/{LOCK_NAME}")
+    with ObjectLock(url):  # free again
+        pass
+
+
+def test_writers_starting_together_one_wins(s3_bucket):
+    """Create-if-absent (If-None-Match: *) is atomic on the server: of writers racing, exactly one gets the lock."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{s3_bucket}/race"
+    locks = [ObjectLock(url, heartbeat_s=3600) for _ in range(6)]
+    barrier = threading.Barrier(len(locks))
+
+    def go(lock: ObjectLock) -> bool:
+        barrier.wait()
+        try:
+            lock.acquire()
+            return True
+        except CacheLockedError:
+            return False
+
+    with ThreadPoolExecutor(len(locks)) as pool:
+        won = list(pool.map(go, locks))
+    assert sum(won) == 1
+    winner = locks[won.index(True)]
+    assert _lock_json(url)["id"] == winner.owner["id"]
+    winner.release()
+
+
+def _age_lock(url: str, seconds: float) -> None:
+    """What time does to a dead writer's lock: its heartbeat falls behind."""
+    h = _lock_json(url)
+    h["heartbeat"] -= seconds
+    _s3().pipe(f"{url}/{LOCK_NAME}", json.dumps(h).encode())
+
+
+def test_stale_lock_is_refused_then_broken_with_the_flag(s3_bucket):
+    url = f"{s3_bucket}/c"
+    dead = ObjectLock(url, heartbeat_s=3600).acquire()  # a writer whose heartbeat stopped
+    _age_lock(url, 120)
+    with pytest.raises(CacheLockedError, match=r"stale writer lock of pid .* last heartbeat 12\ds ago.*--break-lock"):
+        ObjectLock(url).acquire()
+
+    # Two writers break it at once: the conditional write lets only one of them win.
+    slow = ObjectLock(url, break_lock=True)
+    _, stale_etag = slow._read()
+    taker = ObjectLock(url, break_lock=True, heartbeat_s=0.2).acquire()
+    assert _lock_json(url)["id"] == taker.owner["id"]
+    with pytest.raises(PermissionError):
+        slow._put(if_match=stale_etag)
+    with pytest.raises(CacheLockedError, match="being written by"):  # and a live lock is never broken
+        ObjectLock(url, break_lock=True).acquire()
+
+    with pytest.raises(CacheLockedError, match=f"lock is now held by pid {os.getpid()}"):
+        dead.check()  # the old writer, were it alive, stops before its next commit
+    dead.release()  # and does not remove the new owner's lock
+    assert _lock_json(url)["id"] == taker.owner["id"]
+    taker.release()
+    assert not _s3().exists(f"{url}/{LOCK_NAME}")
+
+
+def test_a_writer_whose_lock_was_broken_commits_nothing(s3_bucket, tmp_path, monkeypatch):
+    """The writer asks its lock before every commit: once another writer broke it, nothing more is committed."""
+    from matryoshka.cache.writer import CacheWriter
+    from matryoshka.fixtures import write_cache
+
+    url = f"{s3_bucket}/c"
+    stalled = ObjectLock(url, heartbeat_s=3600).acquire()
+    _age_lock(url, 120)
+    ObjectLock(url, break_lock=True, heartbeat_s=3600).acquire()
+    monkeypatch.setattr(CacheWriter, "guard", staticmethod(stalled.check))
+    rows = np.random.default_rng(0).standard_normal((8 * 16, 4)).astype(np.float32)
+    with pytest.raises(CacheLockedError, match="lock is now held by"):
+        write_cache(tmp_path / "c", {"x": rows}, np.ones(8 * 16, np.int32), context_size=16, seqs_per_chunk=2)
+    c = Cache(tmp_path / "c")
+    assert c.chunks_committed == 0 and not c.complete
+
+
+def _committed(url: str) -> int:
+    try:
+        return json.loads(_s3().cat(f"{url}/zarr.json"))["attributes"]["progress"]["chunks"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_killed_remote_harvest_needs_break_lock_then_resumes_identical(s3_bucket, gpt2_dir, corpus, tmp_path):
+    """A real SIGKILL: its lock stays (fresh, then stale); --break-lock --resume finishes the cache to the
+    same bytes as an uninterrupted local harvest."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    whole, url = tmp_path / "whole", f"{s3_bucket}/killed"
+    small = ("--tokens", str(32 * 144))  # 36 chunks, commits every 3 (batches of 6 sequences, chunks of 4)
+    args = lambda cache, *extra: resume_args(gpt2_dir, corpus, cache, *small, *extra)[3:]  # noqa: E731
+    assert runner.invoke(app, args(whole)).exit_code == 0
+    proc = subprocess.Popen(resume_args(gpt2_dir, corpus, url, *small), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _committed(url) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "harvest finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = Cache(url)
+    assert not partial.complete and 3 <= partial.chunks_committed < partial.n_chunks
+    rows = partial.tokens_committed
+    np.testing.assert_array_equal(partial.read("1.mlp_out", 0, rows), Cache(whole).read("1.mlp_out", 0, rows))
+
+    run_bad(args(url, "--resume"), f"being written by pid {proc.pid} ", "last heartbeat")
+    _age_lock(url, 600)
+    run_bad(args(url, "--resume"), f"stale writer lock of pid {proc.pid} ", "--break-lock")
+    assert Cache(url).chunks_committed == partial.chunks_committed  # refused writers change nothing
+    r = runner.invoke(app, args(url, "--resume", "--break-lock"))
+    assert r.exit_code == 0, r.output
+    assert Cache(url).complete
+    _same_cache(whole, url)
