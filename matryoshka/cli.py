@@ -157,7 +157,8 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
 
     def go() -> None:
         out = run_pipeline(load_pipeline(config), progress=not quiet, echo=typer.echo)
-        typer.echo(out.table)
+        if out.table:
+            typer.echo(out.table)
         if out.report is not None:
             typer.echo(f"report: {out.report}")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +50,8 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, echo: Callable[[str
     train_cfg = dataclasses.replace(cfg.train, cache=cache.path)
     run_dirs = [Path(train_cfg.runs_dir) / cache.fingerprint / r.name for r in train_cfg.runs]
     trained = _train(train_cfg, cache, progress, echo)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone evaluates and writes the report
+        return Outcome(cache=cache.path, trained=trained, evaluated=[], results=[], table="", report=None)
     evaluate_cfg = dataclasses.replace(cfg.evaluate, runs_dir=train_cfg.runs_dir)
     evaluated = _evaluate(evaluate_cfg, run_dirs, cache, progress, echo)
     results = [json.loads((d / "eval.json").read_text()) for d in run_dirs]

@@ -110,6 +110,23 @@ def test_a_stale_or_torn_eval_json_is_evaluated_again_and_a_missing_export_writt
         (tc / "eval.json").write_text(good)
 
 
+def test_only_rank_zero_evaluates_under_torchrun(whole, monkeypatch):
+    root, config, first, _ = whole
+    tc = Path(first.results[1]["path"])
+    good = (tc / "eval.json").read_text()
+    try:
+        (tc / "eval.json").unlink()
+        monkeypatch.setenv("RANK", "1")  # a second rank of a finished pipeline: nothing left for it to do
+        out, _ = _run(config)
+        assert out.evaluated == [] and out.results == [] and out.report is None
+        assert not (tc / "eval.json").exists()
+        monkeypatch.setenv("RANK", "0")
+        out, _ = _run(config)
+        assert out.evaluated == ["tc"] and out.results == first.results
+    finally:
+        (tc / "eval.json").write_text(good)
+
+
 def _wait(proc: subprocess.Popen, until, what: str) -> None:
     deadline = time.monotonic() + 180
     while not until() and proc.poll() is None and time.monotonic() < deadline:
