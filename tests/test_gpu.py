@@ -1,5 +1,6 @@
 """The GPU path against the CPU path it must reproduce. Skipped where CUDA is absent (as in CI): these run
-on a lent GPU machine (see README, "Benchmarks")."""
+on a lent GPU machine (see README, "Benchmarks"). The reference step and the sparse encoder backward run on
+every available device in tests/test_objectives.py."""
 from __future__ import annotations
 
 import json
@@ -7,12 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_objectives import GROUPS, _dic, _x, seed_step
 from test_reader import cache  # noqa: F401  (the module-scoped reader cache fixture)
 from test_train import RUNS, _cfg, _weights
 
 from matryoshka.fixtures import write_cache
-from matryoshka.train.objectives import Objective
 from matryoshka.train.sparse import batch_topk
 from matryoshka.train.trainer import train
 
@@ -70,53 +69,6 @@ def test_batch_topk_on_the_gpu_selects_the_cpu_entries():
     a, b = batch_topk(acts, 16), batch_topk(acts.cuda(), 16)
     assert torch.equal(a.rows, b.rows.cpu()) and torch.equal(a.latents, b.latents.cpu())
     assert torch.equal(a.values, b.values.cpu())
-
-
-@pytest.mark.parametrize("n_dead", [0, 10])
-def test_reference_step_on_the_gpu_equals_the_seed(n_dead):
-    """The seed's step restated densely, on the GPU, in float64: the same loss and updated weights."""
-    torch.set_default_dtype(torch.float64)
-    try:
-        dic = _dic().cuda()
-        with torch.no_grad():
-            dic.b_dec.normal_(0, 0.1)
-        dic.threshold.fill_(0.05)
-        obj = Objective(dic, "reference")
-        obj.inactive[:n_dead] = 25
-        x = _x().cuda()
-        loss, W_enc, W_dec, b_dec, inactive, threshold = seed_step(dic, x, obj.inactive.clone(), 0.05, k=3)
-        opt = torch.optim.Adam([dic.W_enc, dic.W_dec, dic.b_dec], lr=3e-4, betas=(0.9, 0.99))
-        out = obj(x, x)
-        out.loss.backward()
-        obj.before_step()
-        opt.step()
-        obj.after_step()
-        torch.testing.assert_close(out.loss, loss)
-        torch.testing.assert_close(dic.W_enc.detach(), W_enc)
-        torch.testing.assert_close(dic.W_dec.detach(), W_dec)
-        torch.testing.assert_close(dic.b_dec.detach(), b_dec)
-        assert dic.threshold.item() == pytest.approx(threshold)
-        assert len(GROUPS) == dic.n_groups
-    finally:
-        torch.set_default_dtype(torch.float32)
-
-
-@pytest.mark.parametrize("transcoder", [False, True])
-def test_sparse_encoder_backward_on_the_gpu(transcoder):
-    dic = _dic(transcoder=transcoder).cuda()
-    with torch.no_grad():
-        dic.b_dec.normal_()
-    x = _x().cuda()
-    code = batch_topk(dic.pre_acts(x), 3)
-    weights = torch.randn(len(code.values), device="cuda")
-    sparse = (dic.attach(x, code.rows, code.latents, code.values) * weights).sum()
-    params = [p for p in (dic.W_enc, dic.b_enc, dic.b_dec) if p is not None]
-    got = torch.autograd.grad(sparse, params, allow_unused=True)
-    h = (x if transcoder else x - dic.b_dec) @ dic.W_enc + (dic.b_enc if transcoder else 0)
-    want = torch.autograd.grad((torch.relu(h)[code.rows, code.latents] * weights).sum(), params, allow_unused=True)
-    for g, w in zip(got, want):
-        if w is not None:
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_training_fp32_tracks_the_cpu(harvested, tmp_path):  # noqa: F811

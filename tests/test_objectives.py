@@ -9,6 +9,7 @@ from matryoshka.train.objectives import Objective
 from matryoshka.train.sparse import Code, batch_topk, row_topk
 
 GROUPS = [4, 8, 20]  # width 32
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # tests/test_gpu.py has the rest of the GPU checks
 
 
 def _dic(seed=0, transcoder=False, d_in=12, d_out=12, arch="matryoshka", k=3, skip=False):
@@ -82,17 +83,18 @@ def seed_step(dic: Dictionary, x: torch.Tensor, inactive: torch.Tensor, threshol
     return loss.detach(), W_enc.detach(), W_dec.detach(), b_dec.detach(), inactive, threshold
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n_dead", [0, 10])
-def test_reference_step_equals_the_seed(n_dead):
+def test_reference_step_equals_the_seed(n_dead, device):
     torch.set_default_dtype(torch.float64)
     try:
-        dic = _dic()
+        dic = _dic().to(device)
         with torch.no_grad():
             dic.b_dec.normal_(0, 0.1)
         dic.threshold.fill_(0.05)
         obj = Objective(dic, "reference")
         obj.inactive[:n_dead] = 25  # these latents count as dead (their counter passed 20)
-        x = _x()
+        x = _x().to(device)
         before = obj.inactive.clone()
         loss, W_enc, W_dec, b_dec, inactive, threshold = seed_step(dic, x, before, 0.05, k=3)
 
@@ -192,17 +194,18 @@ def test_transcoder_and_skip():
     assert acts.shape == (16, 32)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("transcoder", [False, True])
-def test_sparse_encoder_backward_equals_dense_autograd(transcoder):
+def test_sparse_encoder_backward_equals_dense_autograd(transcoder, device):
     """The encoder's backward touches only selected entries, yet gives dense autograd's gradients."""
-    dic = _dic(transcoder=transcoder, d_out=12)
+    dic = _dic(transcoder=transcoder, d_out=12).to(device)
     with torch.no_grad():
         dic.b_dec.normal_()
         if dic.b_enc is not None:
             dic.b_enc.normal_(0, 0.1)
-    x = _x()
+    x = _x().to(device)
     code = batch_topk(dic.pre_acts(x), 3)
-    weights = torch.randn(len(code.values))
+    weights = torch.randn(len(code.values)).to(device)
     sparse = (dic.attach(x, code.rows, code.latents, code.values) * weights).sum()
     params = [p for p in (dic.W_enc, dic.b_enc, dic.b_dec) if p is not None]
     got = torch.autograd.grad(sparse, params, allow_unused=True)
