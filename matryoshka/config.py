@@ -106,6 +106,14 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def _positive_ints(config: Any, *names: str) -> None:
+    """Every named field of ``config`` must be a positive integer (YAML booleans are not integers)."""
+    for name in names:
+        v = getattr(config, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"{name}: {v!r} must be a positive integer")
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
@@ -134,10 +142,7 @@ class SyntheticConfig:
     target_noise: float = opt(0.01, "Standard deviation of the Gaussian noise added to every coordinate of the target.")
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_parents", "children"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name}: {v!r} must be a positive integer")
+        _positive_ints(self, "d_model", "n_parents", "children")
         if not isinstance(self.d_target, int) or isinstance(self.d_target, bool) or self.d_target < 0:
             raise ConfigError(f"d_target: {self.d_target!r} must be 0 (d_model) or a positive integer")
         for name, low, high in (("parent_rate", 0, 1), ("child_rate", 0, 1)):
@@ -195,10 +200,7 @@ class HarvestConfig:
 
     def __post_init__(self) -> None:
         self.tokens = parse_count(self.tokens, "tokens")
-        for name in ("context_size", "batch_size", "shuffle_buffer"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name}: {v!r} must be a positive integer")
+        _positive_ints(self, "context_size", "batch_size", "shuffle_buffer")
         if self.context_size < 2:
             raise ConfigError(f"context_size: {self.context_size} must be at least 2")
         if not isinstance(self.chunk_mb, (int, float)) or self.chunk_mb <= 0:
@@ -409,10 +411,7 @@ class TrainConfig:
         self.runs = runs
         if not isinstance(self.data_ranks, int) or isinstance(self.data_ranks, bool) or self.data_ranks < 0:
             raise ConfigError(f"data_ranks: {self.data_ranks!r} must be 0 (one per process) or a positive integer")
-        for name in ("batch_size", "buffer_tokens", "checkpoint_every", "log_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"{name}: {v!r} must be a positive integer")
+        _positive_ints(self, "batch_size", "buffer_tokens", "checkpoint_every", "log_every")
 
 
 @dataclass
@@ -440,10 +439,7 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         self.lm_tokens = parse_count(self.lm_tokens, "lm_tokens")
-        if not isinstance(self.lm_batch_size, int) or isinstance(self.lm_batch_size, bool) or self.lm_batch_size <= 0:
-            raise ConfigError(f"lm_batch_size: {self.lm_batch_size!r} must be a positive integer")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
-            raise ConfigError(f"batch_size: {self.batch_size!r} must be a positive integer")
+        _positive_ints(self, "lm_batch_size", "batch_size")
         if not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above < 1:
             raise ConfigError(f"dense_above: {self.dense_above!r} must be between 0 and 1")
         for name in ("absorption_above", "split_above"):
