@@ -193,3 +193,18 @@ def test_an_fsspec_url_serves_the_same_stream(cache):
     with _reader(cache) as local, _reader(f"file://{cache}") as url:
         assert url.cache.path.startswith("file://")
         assert _epoch(local) == _epoch(url)
+
+
+@pytest.mark.parametrize("codec, dtype", [("lz4", np.uint16), ("zstd", np.uint16), ("none", np.float32),
+                                          ("zstd", np.int32)])
+def test_writer_encodes_the_bytes_zarr_would_store(tmp_path, codec, dtype):
+    """The writer encodes chunks on its own threads; zarr must store, and read back, the very same bytes."""
+    import zarr
+
+    from matryoshka.cache.format import compressors, encode_chunk
+
+    a = (np.random.default_rng(0).standard_normal((64, 24)) * 100).astype(dtype)
+    arr = zarr.create_group(str(tmp_path)).create_array("x", shape=a.shape, chunks=a.shape, dtype=a.dtype,
+                                                        compressors=compressors(codec, a.itemsize), fill_value=0)
+    arr[...] = a
+    assert (tmp_path / "x" / "c" / "0" / "0").read_bytes() == encode_chunk(a, codec)

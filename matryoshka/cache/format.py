@@ -70,11 +70,37 @@ def compressors(codec: str, itemsize: int) -> list:
     from zarr.codecs import BloscCodec, Crc32cCodec
 
     chain: list = []
-    if codec == "lz4":
-        chain.append(BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=itemsize))
-    elif codec == "zstd":
-        chain.append(BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=itemsize))
+    if codec in BLOSC:
+        cname, level = BLOSC[codec]
+        chain.append(BloscCodec(cname=cname.decode(), clevel=level, shuffle="bitshuffle", typesize=itemsize))
     return chain + [Crc32cCodec()]
+
+
+def token_codec(codec: str) -> str:
+    """The tokens array's codec: zstd compresses token ids far better than the activations' lz4."""
+    return "zstd" if codec != "none" else "none"
+
+
+BLOSC = {"lz4": (b"lz4", 5), "zstd": (b"zstd", 1)}
+"""Blosc compressor and level of each codec, with bitshuffle: the settings of :func:`compressors`."""
+
+
+def encode_chunk(a: np.ndarray, codec: str) -> bytes:
+    """The bytes zarr stores for one chunk (``a`` of the chunk's full shape): blosc, then crc32c.
+
+    Encoded on the calling thread: zarr's own writes run every chunk's compression through one
+    event-loop thread, which caps a harvest on a fast GPU at one core's compression speed.
+    """
+    import google_crc32c
+    from numcodecs import blosc
+
+    a = np.ascontiguousarray(a)
+    if codec == "none":
+        body = a.tobytes()
+    else:
+        cname, level = BLOSC[codec]
+        body = blosc.compress(a, cname, level, blosc.BITSHUFFLE, 0, a.itemsize)
+    return bytes(body) + google_crc32c.value(body).to_bytes(4, "little")
 
 
 def decode_chunk(raw: bytes, codec: str, out: np.ndarray) -> np.ndarray:

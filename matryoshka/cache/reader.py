@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .format import STORAGE, decode_chunk, numpy_view, to_torch
+from .format import STORAGE, decode_chunk, numpy_view, to_torch, token_codec
 from .store import Cache, CacheError
 
 
@@ -214,7 +214,7 @@ class ShuffledReader:
         if self.bos_at_starts:
             ids = ids[ids % self.ctx != 0]
         elif self.bos_id is not None:
-            tokens = decode_chunk(self.cache.chunk_bytes("tokens", chunk), "zstd" if self.codec != "none" else "none",
+            tokens = decode_chunk(self.cache.chunk_bytes("tokens", chunk), token_codec(self.codec),
                                   np.empty(self.ct, np.int32))[: len(r)]
             ids = ids[tokens != self.bos_id]
         for j, ((c, name), out) in enumerate(zip(self.sources, self._np)):

@@ -22,14 +22,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import zarr
 
-from .format import STORAGE, chunk_key, compressors, decode, host_view
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .format import STORAGE, chunk_key, compressors, decode, encode_chunk, host_view, token_codec
 from .store import ArrayStats, CacheError
 
 
@@ -96,8 +98,8 @@ class CacheWriter:
         self.first, self.end = chunks.start, chunks.stop
         self.bos_id = manifest["bos"]["token_id"]
         self.names = list(manifest["arrays"])
-        self.arrays = {n: group[f"acts/{n}"] for n in self.names}
-        self.token_array = group["tokens"]
+        self.codec: str = st["codec"]
+        self.token_codec = token_codec(self.codec)
         # Commits land only where a resumed run restarts on the same LM batch boundaries.
         spc = st["seqs_per_chunk"]
         self.align_chunks = self.align(spc, batch_seqs)
@@ -244,20 +246,25 @@ class CacheWriter:
                         f"{r0 + bad[0]}..{r0 + bad[-1]} (chunk {c.index}){hint}")
                 xk = x[keep].astype(np.float64)
                 sums[n] = (int(keep.sum()), xk.sum(axis=0), float(np.einsum("ij,ij->", xk, xk)))
+            stored = 0
             for n, a in c.acts.items():
-                self.arrays[n][r0:r0 + c.rows] = a
-            self.token_array[r0:r0 + c.rows] = c.tokens
-            stored = sum(self._stored_size(chunk_key(n, c.index)) for n in self.names)
+                stored += self._put(chunk_key(n, c.index), a, self.codec, 0)
+            self._put(chunk_key("tokens", c.index), c.tokens, self.token_codec, -1)
             self._chunk_done(c, sums, stored)
         except BaseException as e:  # noqa: BLE001 - handed to the producer thread
             self._errors[c.index] = e
 
-    def _stored_size(self, key: str) -> int:
-        root = Path(str(self.group.store.root)) if hasattr(self.group.store, "root") else None
-        try:
-            return (root / key).stat().st_size if root is not None else 0
-        except OSError:
-            return 0
+    def _put(self, key: str, rows: np.ndarray, codec: str, fill: int) -> int:
+        """Encode a chunk on this thread and store it in one atomic write; its stored size. The last
+        chunk is padded with the fill value to the full chunk shape, as zarr stores edge chunks."""
+        if len(rows) < self.chunk_rows:
+            full = np.full((self.chunk_rows, *rows.shape[1:]), fill, rows.dtype)
+            full[:len(rows)] = rows
+            rows = full
+        data = encode_chunk(rows, codec)
+        path = f"{self.group.path}/{key}".lstrip("/")
+        sync(self.group.store.set(path, default_buffer_prototype().buffer.from_bytes(data)))
+        return len(data)
 
     def _chunk_done(self, c: _Chunk, sums: dict[str, tuple[int, np.ndarray, float]], stored: int) -> None:
         with self._lock:
@@ -310,4 +317,4 @@ def create_arrays(group: zarr.Group, manifest: dict[str, Any]) -> None:
         group.create_array(f"acts/{name}", shape=(rows, a["width"]), chunks=(chunk, a["width"]), dtype=np_dtype,
                            compressors=compressors(st["codec"], itemsize), fill_value=0)
     group.create_array("tokens", shape=(rows,), chunks=(chunk,), dtype=np.int32,
-                       compressors=compressors("zstd" if st["codec"] != "none" else "none", 4), fill_value=-1)
+                       compressors=compressors(token_codec(st["codec"]), 4), fill_value=-1)
