@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -29,6 +27,7 @@ from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 from test_errors import harvest_args, run_bad
 from test_resume import _args as resume_args
+from test_resume import kill_after_commits
 
 runner = CliRunner()
 SITES = "1.resid_mid,1.mlp_out"
@@ -265,22 +264,15 @@ def test_killed_remote_harvest_needs_break_lock_then_resumes_identical(s3_bucket
     small = ("--tokens", str(32 * 144))  # 36 chunks, commits every 3 (batches of 6 sequences, chunks of 4)
     args = lambda cache, *extra: resume_args(gpt2_dir, corpus, cache, *small, *extra)[3:]  # noqa: E731
     assert runner.invoke(app, args(whole)).exit_code == 0
-    proc = subprocess.Popen(resume_args(gpt2_dir, corpus, url, *small), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while _committed(url) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "harvest finished before it could be killed; make it longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    pid = kill_after_commits(resume_args(gpt2_dir, corpus, url, *small), lambda: _committed(url), env)
     partial = Cache(url)
     assert not partial.complete and 3 <= partial.chunks_committed < partial.n_chunks
     rows = partial.tokens_committed
     np.testing.assert_array_equal(partial.read("1.mlp_out", 0, rows), Cache(whole).read("1.mlp_out", 0, rows))
 
-    run_bad(args(url, "--resume"), f"being written by pid {proc.pid} ", "last heartbeat")
+    run_bad(args(url, "--resume"), f"being written by pid {pid} ", "last heartbeat")
     _age_lock(url, 600)
-    run_bad(args(url, "--resume"), f"stale writer lock of pid {proc.pid} ", "--break-lock")
+    run_bad(args(url, "--resume"), f"stale writer lock of pid {pid} ", "--break-lock")
     assert Cache(url).chunks_committed == partial.chunks_committed  # refused writers change nothing
     r = runner.invoke(app, args(url, "--resume", "--break-lock"))
     assert r.exit_code == 0, r.output

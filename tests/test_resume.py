@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -35,18 +36,25 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p not in skip}
 
 
+def kill_after_commits(args: list[str], committed: Callable[[], int], env: dict, commits: int = 3) -> int:
+    """Start a harvest and SIGKILL it once ``committed()`` reaches ``commits`` chunks, before it can finish;
+    the killed process's pid."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while committed() < commits and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "harvest finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.pid
+
+
 def test_sigkill_then_resume_is_byte_identical(gpt2_dir, corpus, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_args(gpt2_dir, corpus, whole), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_args(gpt2_dir, corpus, killed), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while _committed(killed) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "harvest finished before it could be killed; make it longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_commits(_args(gpt2_dir, corpus, killed), lambda: _committed(killed), env)
 
     partial = Cache(killed)
     n_total = partial.n_chunks
