@@ -46,9 +46,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import Cache
-from ..cache.reader import ReaderConfig, ShuffledReader
 from ..train.dictionary import Dictionary
 from ..train.sparse import Code
+from .metrics import heldout_reader
 
 HIST_BINS, HIST_EPS = 50, 1e-10  # the seed's monosemanticity histogram
 
@@ -294,11 +294,7 @@ def heldout_codes(dic: Dictionary, cache: Cache, source: str, max_tokens: int, b
 
 def _stream(dic: Dictionary, cache: Cache, source: str, batch_size: int,
             progress: bool) -> Iterator[tuple[Code, np.ndarray]]:
-    a, b = cache.split["heldout"]
-    batch_size = min(batch_size, max(1, (b - a) // 2))
-    cfg = ReaderConfig(batch_size=batch_size, buffer_tokens=2 * batch_size, split="heldout")
-    device = dic.W_enc.device
-    with ShuffledReader([source], cache, cfg, dtype=torch.float32, device=device) as reader:
+    with heldout_reader(cache, [source], batch_size, dic.W_enc.device) as reader:
         for _ in tqdm(range(reader.batches_per_epoch), desc="feature codes", disable=not progress, leave=False):
             x = next(reader)[source]
             code = dic.select(dic.pre_acts(x), training=False)

@@ -37,6 +37,15 @@ class Reconstruction:
     dead_per_group: list[int] = field(default_factory=list)
 
 
+def heldout_reader(cache: Cache, arrays: list[str], batch_size: int,
+                   device: str | torch.device = "cpu") -> ShuffledReader:
+    """Every held-out token once, as float32; a small held-out split gets smaller batches, same tokens."""
+    a, b = cache.split["heldout"]
+    batch_size = min(batch_size, max(1, (b - a) // 2))
+    cfg = ReaderConfig(batch_size=batch_size, buffer_tokens=2 * batch_size, split="heldout")
+    return ShuffledReader(arrays, cache, cfg, dtype=torch.float32, device=device)
+
+
 @torch.no_grad()
 def reconstruction(dic: Dictionary, cache: Cache, source: str, target: str | None = None, batch_size: int = 4096,
                    dense_above: float = 0.1) -> Reconstruction:
@@ -44,14 +53,11 @@ def reconstruction(dic: Dictionary, cache: Cache, source: str, target: str | Non
     target = target or source
     mu = torch.as_tensor(cache.stats(target).mean, dtype=torch.float64)
     arrays = list(dict.fromkeys([source, target]))
-    a, b = cache.split["heldout"]
-    batch_size = min(batch_size, max(1, (b - a) // 2))  # a small held-out split: smaller batches, same tokens
-    cfg = ReaderConfig(batch_size=batch_size, buffer_tokens=2 * batch_size, split="heldout")
     sse = torch.zeros(dic.n_groups, dtype=torch.float64)
     sst = s1 = s2 = cos = 0.0
     fired = torch.zeros(dic.width, dtype=torch.float64)
     n = nnz = 0
-    with ShuffledReader(arrays, cache, cfg, dtype=torch.float32) as reader:
+    with heldout_reader(cache, arrays, batch_size) as reader:
         for _ in range(reader.batches_per_epoch):
             batch = next(reader)
             x, y = batch[source], batch[target]
