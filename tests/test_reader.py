@@ -101,6 +101,26 @@ def test_resume_from_cursor_equals_uninterrupted(cache, stop_at):
     assert got == expected
 
 
+@pytest.mark.parametrize("buffer", [128, 256])  # blocks of 1 and of 2 chunks
+def test_the_mirror_schedule_serves_the_same_stream_and_resumes(cache, buffer):
+    """With a mirror (the GPU path, here on the CPU) two blocks decompress while one is served, and the
+    stream is the plain reader's, bit for bit, across epochs and through a resume."""
+    with _reader(cache, buffer_tokens=buffer) as plain, \
+            ShuffledReader(["src", "tgt"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=buffer),
+                           mirror=True) as mirrored:
+        depth = set()
+        for _ in range(3 * plain.batches_per_epoch):
+            a, b = next(plain), next(mirrored)
+            depth.add((len(plain._loads), len(mirrored._loads)))
+            assert torch.equal(a["src"], b["src"]) and torch.equal(a["tgt"], b["tgt"])
+        assert max(p for p, _ in depth) == 1 and max(m for _, m in depth) == 2
+        cursor = mirrored.state_dict()
+        expected = [_ids(next(plain)) for _ in range(8)]
+    with ShuffledReader(["src", "tgt"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=buffer),
+                        mirror=True, state=cursor) as resumed:
+        assert [_ids(next(resumed)) for _ in range(8)] == expected
+
+
 def test_batches_mix_many_sequences_and_positions(cache):
     """Bound: a batch is a uniform sample of one block of buffer/2 rows from buffer/(2*chunk) chunks. With a
     256-row buffer (blocks of 2 chunks, 8 sequences), every full batch of 32 spans >= 4 sequences,
@@ -172,6 +192,9 @@ def test_bad_input(cache, tmp_path):
         ShuffledReader(["mlp_out"], str(cache))
     with pytest.raises(CacheError, match="buffer_tokens: 48 is smaller than two batches of 32"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=48))
+    with pytest.raises(CacheError, match=r"buffer_tokens: 128 makes blocks of 1 chunk\(s\) of 64 rows, which can "
+                       r"serve as few as 60 rows without BOS, fewer than batch_size 64; .* use buffer_tokens >= 256"):
+        ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=64, buffer_tokens=128))
     with pytest.raises(CacheError, match="batch_size: 5000 is larger than the train split"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=5000, buffer_tokens=10000))
     n = 8 * CTX

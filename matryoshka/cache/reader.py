@@ -24,7 +24,8 @@ those rows back into their places and continues the stream where it stopped, bit
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -90,7 +91,11 @@ class ShuffledReader:
     def __init__(self, arrays: Sequence[str | tuple[str | Cache, str]], cache: str | Cache | None = None,
                  config: ReaderConfig | None = None, *, rank: int = 0, world_size: int = 1,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, mirror: bool | None = None) -> None:
+        """``mirror``: copy each decompressed block to a buffer on ``device`` and gather batches there
+        (default: on CUDA devices). The host half is then free as soon as its copy lands, so two blocks
+        decompress back to back; on the CPU it is off (the copy would cost more than it frees) but runs
+        the same schedule, which is how the tests check it without a GPU."""
         self.cfg = config or ReaderConfig()
         self.cfg.validate()
         if not 0 <= rank < world_size:
@@ -120,23 +125,28 @@ class ShuffledReader:
                              f"{len(self.chunks)} chunks")
         self.chunks_per_block = max(1, self.cfg.buffer_tokens // 2 // self.ct)
         self.half = self.chunks_per_block * self.ct
-        pin = self.device.type == "cuda"
+        self._check_blocks_hold_a_batch()
+        cuda = self.device.type == "cuda"
+        self.mirror = cuda if mirror is None else mirror
         st = STORAGE[self.storage_dtype][1]
         # zeros, not empty: the pages are touched once here rather than on the first epoch's writes
-        self._buf = [torch.zeros((2 * self.half, w), dtype=st, pin_memory=pin) for w in self.widths]
+        self._buf = [torch.zeros((2 * self.half, w), dtype=st, pin_memory=cuda) for w in self.widths]
         self._np = [numpy_view(b) for b in self._buf]
-        # On a GPU, each block is copied to the device once and batches are gathered there: the host
+        # With a mirror, each block is copied to the device once and batches are gathered there: the host
         # does no per-batch copy at all, so its cores are left to decompression.
-        self._dev = [torch.empty((2 * self.half, w), dtype=st, device=self.device) for w in self.widths] if pin else []
+        self._dev = [torch.empty((2 * self.half, w), dtype=st, device=self.device) for w in self.widths] \
+            if self.mirror else []
         self._uploaded: list[torch.cuda.Event | None] = [None, None]  # a half's host->device copy is done
         # batch row indices travel in two alternating pinned buffers, so no copy waits for the GPU
-        self._index = [torch.empty(self.cfg.batch_size, dtype=torch.int64, pin_memory=True) for _ in range(2)] if pin else []
+        self._index = [torch.empty(self.cfg.batch_size, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
+            if cuda else []
         self._index_sent: list[torch.cuda.Event | None] = [None, None]
         self._pool = ThreadPoolExecutor(self.cfg.threads or os.cpu_count() or 1, thread_name_prefix="cache-read")
         remote = any(c.remote for c, _ in self.sources)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="cache-fetch") if remote else None
-        self._loading: tuple[int, list[Future]] | None = None  # (epoch, decodes) of the block being decompressed
-        self._epoch_base = 0  # blocks begun in earlier epochs: blocks alternate halves across epochs too
+        # Blocks being decompressed, oldest first: (epoch, block, decodes). One at a time without a mirror
+        # (the next block's half still holds rows being served); two with one (a half is free once copied).
+        self._loads: deque[tuple[int, int, list[Future]]] = deque()
         self.epoch = -1
         self.last_rows = np.empty(0, np.int64)
         """Cache row ids of the last batch served: with the ``tokens`` array they give each row's context."""
@@ -154,6 +164,21 @@ class ShuffledReader:
             return len(r) - len(r) // self.ctx
         return int((self.cache.tokens[r.start:r.stop] != self.bos_id).sum())
 
+    def _check_blocks_hold_a_batch(self) -> None:
+        """Every block but an epoch's last must serve a whole batch, or a batch would need rows of three
+        blocks while the buffer holds two. Checked against the smallest chunks, whatever the order."""
+        per_rank = -(-len(self.chunks) // self.world_size)
+        if per_rank <= self.chunks_per_block:
+            return  # one block per epoch: it is always the last
+        small = np.cumsum(sorted(self._counts.values()))
+        if small[self.chunks_per_block - 1] >= self.cfg.batch_size:
+            return
+        need = 2 * self.ct * (int(np.searchsorted(small, self.cfg.batch_size)) + 1)
+        raise CacheError(f"buffer_tokens: {self.cfg.buffer_tokens} makes blocks of {self.chunks_per_block} chunk(s) of "
+                         f"{self.ct} rows, which can serve as few as {small[self.chunks_per_block - 1]} rows"
+                         f"{' without BOS' if self.bos_id is not None else ''}, fewer than batch_size "
+                         f"{self.cfg.batch_size}; each half of the buffer must hold a batch: use buffer_tokens >= {need}")
+
     @property
     def batches_per_epoch(self) -> int:
         """Batches this rank serves per epoch (all epochs are the same size)."""
@@ -165,26 +190,16 @@ class ShuffledReader:
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(np.asarray(self.chunks))
         return [int(c) for c in order[self.rank::self.world_size]]
 
-    def _block_chunks(self, block: int) -> list[int]:
-        return self._order[block * self.chunks_per_block:(block + 1) * self.chunks_per_block]
-
     @property
     def _n_blocks(self) -> int:
+        """Blocks per epoch (every epoch: ranks keep their number of chunks)."""
         return -(-len(self._order) // self.chunks_per_block)
 
-    def _half(self, block: int) -> int:
+    def _half(self, epoch: int, block: int) -> int:
         """Blocks alternate between the buffer's halves, across epoch boundaries too."""
-        return (self._epoch_base + block) % 2
-
-    def _base(self, block: int, j: int) -> int:
-        """First buffer row of the ``j``-th chunk of ``block``."""
-        return self._half(block) * self.half + j * self.ct
+        return (epoch * self._n_blocks + block) % 2
 
     def _reset_epoch(self, epoch: int) -> None:
-        if self._loading is not None and self._loading[0] != epoch:
-            self._wait_loading()  # a load of another epoch (only when a cursor is restored): let it land
-        if self.epoch >= 0:
-            self._epoch_base += self._n_blocks
         self.epoch = epoch
         self._order = self._chunk_order(epoch)
         self._next_block = 0  # blocks whose rows have joined the pool
@@ -226,55 +241,62 @@ class ShuffledReader:
                                  "run `pipeline cache verify`") from None
         return ids, ids - r.start + base
 
-    def _start_loading(self) -> None:
-        """Begin decompressing the next block (of this epoch, or the next epoch's first), once no row
-        waiting to be served lives in its half."""
-        if self._loading is not None:
-            return
-        b, epoch, order = self._next_block, self.epoch, self._order
-        if b >= self._n_blocks:  # the next epoch's first block goes to the half after this epoch's last
-            b, epoch, order = self._n_blocks, self.epoch + 1, self._chunk_order(self.epoch + 1)
-        half = self._half(b)
-        if len(self._pool_slots) and ((self._pool_slots // self.half) == half).any():
-            return
-        chunks = order[:self.chunks_per_block] if epoch != self.epoch else self._block_chunks(b)
-        if self._uploaded[half] is not None:
-            self._uploaded[half].synchronize()  # the half's last block has reached the device
-        remote = self._io is not None and not all(c.is_local([(n, ch) for ch in chunks]) for c, n in self.sources)
-        fetched = self._io.submit(self._fetch, chunks) if remote else None  # else the decode threads read
-        self._loading = (epoch, [self._pool.submit(self._decode, c, half * self.half + j * self.ct, fetched)
-                                 for j, c in enumerate(chunks)])
+    def _next_to_load(self) -> tuple[int, int]:
+        """(epoch, block) of the first block not yet being decompressed: after the last one in flight,
+        or else the next to join the pool (an epoch's last block is followed by the next epoch's first)."""
+        e, b = (self._loads[-1][0], self._loads[-1][1] + 1) if self._loads else (self.epoch, self._next_block)
+        return (e + 1, 0) if b >= self._n_blocks else (e, b)
 
-    def _wait_loading(self) -> tuple[np.ndarray, np.ndarray] | None:
-        if self._loading is None:
-            return None
-        _, futures = self._loading
-        self._loading = None
-        parts = [f.result() for f in futures]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    def _half_in_use(self, half: int) -> bool:
+        """Whether rows waiting to be served live in this half (of the device mirror, if there is one)."""
+        return bool(len(self._pool_slots)) and bool(((self._pool_slots // self.half) == half).any())
+
+    def _start_loading(self) -> None:
+        """Begin decompressing the next blocks into the host halves that are free: without a mirror, a
+        half none of whose rows wait to be served; with one, a half whose last block reached the device."""
+        while len(self._loads) < (2 if self.mirror else 1):
+            epoch, block = self._next_to_load()
+            half = self._half(epoch, block)
+            if self.mirror:
+                if self._uploaded[half] is not None:
+                    self._uploaded[half].synchronize()  # the half's last block has reached the device
+            elif self._half_in_use(half):
+                return
+            order = self._order if epoch == self.epoch else self._chunk_order(epoch)
+            chunks = order[block * self.chunks_per_block:(block + 1) * self.chunks_per_block]
+            remote = self._io is not None and not all(c.is_local([(n, ch) for ch in chunks]) for c, n in self.sources)
+            fetched = self._io.submit(self._fetch, chunks) if remote else None  # else the decode threads read
+            self._loads.append((epoch, block, [self._pool.submit(self._decode, c, half * self.half + j * self.ct, fetched)
+                                               for j, c in enumerate(chunks)]))
 
     def _add_block(self) -> bool:
         """Append the next block, permuted, to the pool; False when the epoch has no more blocks."""
         if self._next_block >= self._n_blocks:
             return False
         self._start_loading()
-        ids, slots = self._wait_loading()
-        self._upload(self._half(self._next_block))
+        epoch, block, futures = self._loads.popleft()
+        assert (epoch, block) == (self.epoch, self._next_block), "blocks join the pool in the order they load"
+        parts = [f.result() for f in futures]
+        ids, slots = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        self._upload(self._half(epoch, block))
         perm = self._rng.permutation(len(ids))
         self._pool_rows = np.concatenate([self._pool_rows, ids[perm]])
         self._pool_slots = np.concatenate([self._pool_slots, slots[perm]])
         self._next_block += 1
+        self._start_loading()  # with a mirror, the half just copied can take the block after next
         return True
 
     def _upload(self, half: int) -> None:
-        """Copy a decompressed half of the pinned buffer to its device mirror (asynchronously)."""
-        if not self._dev:
+        """Copy a decompressed half of the host buffer to its mirror (asynchronously from pinned memory)."""
+        if not self.mirror:
             return
+        assert not self._half_in_use(half), "a block is copied over a half only once all its rows are served"
         rows = slice(half * self.half, (half + 1) * self.half)
         for host, dev in zip(self._buf, self._dev):
             dev[rows].copy_(host[rows], non_blocking=True)
-        self._uploaded[half] = torch.cuda.Event()
-        self._uploaded[half].record()
+        if self.device.type == "cuda":
+            self._uploaded[half] = torch.cuda.Event()
+            self._uploaded[half].record()
 
     # -- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -298,65 +320,75 @@ class ShuffledReader:
         self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
         self.last_rows = rows
         self.batches_this_epoch += 1
-        if self._dev:
-            k = self.batches_this_epoch % 2
-            if self._index_sent[k] is not None:
-                self._index_sent[k].synchronize()  # the copy that last used this index buffer is done
-            host = self._index[k][:n]
-            host.numpy()[:] = slots
-            index = host.to(self.device, non_blocking=True)
-            self._index_sent[k] = torch.cuda.Event()
-            self._index_sent[k].record()
-            return {name: dev.index_select(0, index).to(self.dtype) for name, dev in zip(self.names, self._dev)}
+        if self.mirror:
+            return {name: dev.index_select(0, self._device_index(slots)).to(self.dtype)
+                    for name, dev in zip(self.names, self._dev)}
         # numpy's gather runs on this thread alone: torch's would spread over OpenMP threads that
         # then wait on the cores the decompression threads are using.
         return {name: to_torch(np.take(host, slots, axis=0), self.storage_dtype).to(self.dtype)
                 for name, host in zip(self.names, self._np)}
 
-    # -- cursor --------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The cursor: enough to continue this exact stream in a new process."""
-        return {
-            "fingerprint": self.cache.fingerprint, "arrays": list(self.names), "split": self.cfg.split,
-            "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
-            "buffer_tokens": self.cfg.buffer_tokens, "epoch": self.epoch, "epoch_base": self._epoch_base,
-            "next_block": self._next_block,
-            "batches_this_epoch": self.batches_this_epoch, "pool_rows": self._pool_rows.copy(),
-            "rng": self._rng.bit_generator.state,
-        }
+    def _device_index(self, slots: np.ndarray) -> torch.Tensor:
+        """Row indices on the device: through one of two alternating pinned buffers on CUDA, so the
+        host never waits for a copy to finish (nor overwrites one in flight)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(slots).to(self.device)
+        k = self.batches_this_epoch % 2
+        if self._index_sent[k] is not None:
+            self._index_sent[k].synchronize()  # the copy that last used this index buffer is done
+        host = self._index[k][:len(slots)]
+        host.numpy()[:] = slots
+        index = host.to(self.device, non_blocking=True)
+        self._index_sent[k] = torch.cuda.Event()
+        self._index_sent[k].record()
+        return index
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = {"fingerprint": self.cache.fingerprint, "arrays": list(self.names), "split": self.cfg.split,
+    # -- cursor --------------------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        return {"fingerprint": self.cache.fingerprint, "arrays": list(self.names), "split": self.cfg.split,
                 "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
                 "buffer_tokens": self.cfg.buffer_tokens}
-        for k, v in mine.items():
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cursor: enough to continue this exact stream in a new process."""
+        return {**self._identity(), "epoch": self.epoch, "next_block": self._next_block,
+                "batches_this_epoch": self.batches_this_epoch, "pool_rows": self._pool_rows.copy(),
+                "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in self._identity().items():
             if state[k] != v:
                 raise CacheError(f"reader cursor: saved {k} {state[k]!r} differs from this reader's {v!r}")
-        self._wait_loading()
-        self.epoch = -1
-        self._epoch_base = int(state["epoch_base"])
+        self._cancel_loads()
         self._reset_epoch(int(state["epoch"]))
         self._next_block = int(state["next_block"])
         self.batches_this_epoch = int(state["batches_this_epoch"])
         self._rng.bit_generator.state = state["rng"]
         rows = np.asarray(state["pool_rows"], dtype=np.int64)
         # Decompress the chunks of the waiting rows back into the places an unbroken run had them in.
-        where = {c: (p // self.chunks_per_block, p % self.chunks_per_block) for p, c in enumerate(self._order)}
-        chunks = np.unique(rows // self.ct)
-        futures = [self._pool.submit(self._decode, int(c), self._base(*where[int(c)])) for c in chunks]
+        where = {c: divmod(p, self.chunks_per_block) for p, c in enumerate(self._order)}
+        futures = [self._pool.submit(self._decode, int(c), self._half(self.epoch, where[int(c)][0]) * self.half
+                                     + where[int(c)][1] * self.ct) for c in np.unique(rows // self.ct)]
         slot_of: dict[int, int] = {}
         for f in futures:
             ids, slots = f.result()
             slot_of.update(zip(ids.tolist(), slots.tolist()))
-        self._pool_rows = rows
-        self._pool_slots = np.asarray([slot_of[r] for r in rows.tolist()], dtype=np.int64)
+        self._pool_slots = np.empty(0, np.int64)
         for half in (0, 1):
             self._upload(half)
+        self._pool_rows = rows
+        self._pool_slots = np.asarray([slot_of[r] for r in rows.tolist()], dtype=np.int64)
+
+    def _cancel_loads(self) -> None:
+        """Drop the blocks in flight (their decodes finish first: they write into the buffer)."""
+        for _, _, futures in self._loads:
+            for f in futures:
+                f.cancel()
+            wait(futures)
+        self._loads.clear()
 
     def close(self) -> None:
-        if self._loading is not None:
-            for f in self._loading[1]:
-                f.cancel()
+        self._cancel_loads()
         self._pool.shutdown(wait=True)
         if self._io is not None:
             self._io.shutdown(wait=True)
