@@ -206,6 +206,7 @@ class ShuffledReader:
         self._rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
         self._pool_rows = np.empty(0, np.int64)  # row ids waiting to be served, in serving order
         self._pool_slots = np.empty(0, np.int64)  # their rows in the buffer
+        self._pool_parts: list[list[int]] = []  # [half, rows waiting] of each block in the pool, oldest first
         self.batches_this_epoch = 0
 
     # -- decompression (background threads) ----------------------------------------------------------
@@ -249,7 +250,7 @@ class ShuffledReader:
 
     def _half_in_use(self, half: int) -> bool:
         """Whether rows waiting to be served live in this half (of the device mirror, if there is one)."""
-        return bool(len(self._pool_slots)) and bool(((self._pool_slots // self.half) == half).any())
+        return any(h == half and n for h, n in self._pool_parts)
 
     def _start_loading(self) -> None:
         """Begin decompressing the next blocks into the host halves that are free: without a mirror, a
@@ -282,6 +283,7 @@ class ShuffledReader:
         perm = self._rng.permutation(len(ids))
         self._pool_rows = np.concatenate([self._pool_rows, ids[perm]])
         self._pool_slots = np.concatenate([self._pool_slots, slots[perm]])
+        self._pool_parts.append([self._half(epoch, block), len(ids)])
         self._next_block += 1
         self._start_loading()  # with a mirror, the half just copied can take the block after next
         return True
@@ -318,6 +320,13 @@ class ShuffledReader:
     def _serve(self, n: int) -> dict[str, torch.Tensor]:
         rows, slots = self._pool_rows[:n], self._pool_slots[:n]
         self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
+        left = n
+        while left:
+            take = min(left, self._pool_parts[0][1])
+            self._pool_parts[0][1] -= take
+            left -= take
+            if not self._pool_parts[0][1]:
+                self._pool_parts.pop(0)
         self.last_rows = rows
         self.batches_this_epoch += 1
         if self.mirror:
@@ -373,11 +382,13 @@ class ShuffledReader:
         for f in futures:
             ids, slots = f.result()
             slot_of.update(zip(ids.tolist(), slots.tolist()))
-        self._pool_slots = np.empty(0, np.int64)
         for half in (0, 1):
             self._upload(half)
         self._pool_rows = rows
         self._pool_slots = np.asarray([slot_of[r] for r in rows.tolist()], dtype=np.int64)
+        halves = self._pool_slots // self.half
+        cuts = [0, *(np.flatnonzero(np.diff(halves)) + 1).tolist(), len(rows)]
+        self._pool_parts = [[int(halves[a]), b - a] for a, b in zip(cuts, cuts[1:]) if b > a]
 
     def _cancel_loads(self) -> None:
         """Drop the blocks in flight (their decodes finish first: they write into the buffer)."""
