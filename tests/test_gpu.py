@@ -42,14 +42,19 @@ def harvested(tmp_path_factory):
 
 
 def test_reader_on_the_gpu_serves_the_cpu_stream(cache):  # noqa: F811
-    """Blocks uploaded once and gathered on the device: the same rows, in the same order, over epochs."""
+    """Blocks uploaded once and gathered on the device: the same rows, in the same order, over epochs,
+    with the next two blocks decompressing while one is served."""
     with _reader(cache) as cpu, _reader(cache, device="cuda") as gpu:
         n = 2 * cpu.batches_per_epoch + 3
+        assert gpu.mirror and not cpu.mirror
+        depth = set()
         for _ in range(n):
             a, b = next(cpu), next(gpu)
+            depth.add(len(gpu._loads))
             assert b["src"].device.type == "cuda"
             for name in a:
                 assert torch.equal(a[name], b[name].cpu())
+        assert max(depth) == 2
         state = gpu.state_dict()
         want = [next(gpu)["src"].cpu() for _ in range(5)]
     with _reader(cache, device="cuda", state=state) as resumed:
