@@ -152,6 +152,19 @@ def test_output_dtype_is_the_consumers_choice(cache):
         assert b["src"].dtype == torch.bfloat16 and list(b) == ["src"]
 
 
+@pytest.mark.parametrize("storage", ["bfloat16", "float16"])
+def test_float32_output_is_the_exact_cast_of_the_stored_values(tmp_path, storage):
+    n = 8 * CTX
+    rows = _rows(n, 8) / 7  # values a half-precision format must round
+    path = write_cache(tmp_path / storage, {"x": rows}, np.ones(n, int), CTX, SPC, dtype=storage)
+    stored = torch.from_numpy(rows).to(getattr(torch, storage))
+    with ShuffledReader(["x"], str(path), ReaderConfig(batch_size=32, buffer_tokens=128, exclude_bos=False),
+                        dtype=torch.float32) as r:
+        b = next(r)
+        assert b["x"].dtype == torch.float32
+        assert torch.equal(b["x"], stored[torch.from_numpy(r.last_rows)].float())
+
+
 def test_memory_stays_bounded_on_a_cache_much_larger_than_the_buffer(tmp_path):
     import psutil
 

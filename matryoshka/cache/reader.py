@@ -332,10 +332,22 @@ class ShuffledReader:
         if self.mirror:
             return {name: dev.index_select(0, self._device_index(slots)).to(self.dtype)
                     for name, dev in zip(self.names, self._dev)}
-        # numpy's gather runs on this thread alone: torch's would spread over OpenMP threads that
-        # then wait on the cores the decompression threads are using.
-        return {name: to_torch(np.take(host, slots, axis=0), self.storage_dtype).to(self.dtype)
-                for name, host in zip(self.names, self._np)}
+        # numpy's gather (and cast) run on this thread alone: torch's would spread over OpenMP threads
+        # that then wait on the cores the decompression threads are using.
+        return {name: self._gather(host, slots) for name, host in zip(self.names, self._np)}
+
+    def _gather(self, host: np.ndarray, slots: np.ndarray) -> torch.Tensor:
+        rows = np.take(host, slots, axis=0)
+        if self.dtype != torch.float32 or self.storage_dtype == "float32":
+            return to_torch(rows, self.storage_dtype).to(self.dtype)
+        out = torch.empty(rows.shape, dtype=torch.float32)
+        if self.storage_dtype == "bfloat16":  # bf16 bits are the high half of a float32's
+            bits = out.numpy().view(np.uint32)
+            bits[:] = rows
+            bits <<= 16
+        else:
+            out.numpy()[:] = rows
+        return out
 
     def _device_index(self, slots: np.ndarray) -> torch.Tensor:
         """Row indices on the device: through one of two alternating pinned buffers on CUDA, so the
