@@ -46,16 +46,16 @@ SAE, PAIR = ["8.resid_mid"], ["8.resid_mid", "8.mlp_out"]
 GPU_STEP = {"seed training step, GPT-2 size, fp32 (H200)": 262e3, "same, TF32 matmuls (H200)": 532e3}
 
 
-def activations(n: int, seed: int) -> torch.Tensor:
-    """``[n, D]`` bf16 rows: rank-64 signal with per-token norm spread, noise, per-dim scales, 4 outlier dims."""
+def activations(n: int, seed: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``[n, D]`` rows: rank-64 signal with per-token norm spread, noise, per-dim scales, 4 outlier dims."""
     g = torch.Generator().manual_seed(seed)
     basis, scale = torch.randn(64, D, generator=g) / 8, torch.exp(0.2 * torch.randn(D, generator=g))
     scale[:4] *= 20
-    out = torch.empty(n, D, dtype=torch.bfloat16)
+    out = torch.empty(n, D, dtype=dtype)
     for i in range(0, n, 2**15):
         m = min(2**15, n - i)
         z = torch.randn(m, 64, generator=g) * torch.exp(0.6 * torch.randn(m, 1, generator=g))
-        out[i:i + m] = ((z @ basis + 0.3 * torch.randn(m, D, generator=g)) * scale).to(torch.bfloat16)
+        out[i:i + m] = ((z @ basis + 0.3 * torch.randn(m, D, generator=g)) * scale).to(dtype)
     return out
 
 

@@ -26,7 +26,7 @@ SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post"
 """Capturable sites in the order a block computes them. ``mlp_in`` is the true MLP input
 (after ``ln2``, or Gemma-2's pre-feedforward norm), which differs from ``resid_mid``."""
 
-STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+STORAGE_DTYPES = ("bfloat16", "float16", "float32", "float8")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 CODECS = ("lz4", "zstd", "none")
 BOS_POLICIES = ("context", "document", "none")
@@ -180,7 +180,7 @@ class HarvestConfig:
     tokens: int | str = opt("10M", "Tokens to harvest (suffixes K, M, B), rounded up to whole contexts.")
     context_size: int = opt(128, "Tokens per context (sequence).")
     batch_size: int = opt(32, 'Sequences per LM forward pass.')
-    dtype: str = opt("bfloat16", 'Storage dtype of the cache.')
+    dtype: str = opt("bfloat16", 'Storage dtype of the cache: bfloat16, float16, float32, or float8 (e4m3 scaled per row: half of bf16).')
     model_dtype: str = opt("float32", 'Dtype the LM computes in (bfloat16 is the usual choice for Gemma-2 on a GPU).')
     device: str | None = opt(None, "Device for the LM (default: cuda if available, else cpu).")
     device_map: str | None = opt(None, 'Spread a model too big for one GPU over several (``auto``), through the TransformerLens bridge.')

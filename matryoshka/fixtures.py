@@ -68,7 +68,7 @@ def write_cache(path: Path, arrays: dict, tokens, context_size: int, seqs_per_ch
     import torch
     import zarr
 
-    from .cache.format import to_storage
+    from .cache.format import row_width, to_storage
     from .cache.manifest import build_manifest
     from .cache.writer import CacheWriter, create_arrays
 
@@ -96,7 +96,7 @@ def write_cache(path: Path, arrays: dict, tokens, context_size: int, seqs_per_ch
         for r0 in range(0, n, chunk):
             r1 = min(r0 + chunk, n)
             writer.write(torch.from_numpy(tokens[r0:r1]).reshape(-1, context_size),
-                         {k: to_storage(torch.as_tensor(a[r0:r1]), dtype).reshape(-1, context_size, a.shape[1])
+                         {k: to_storage(torch.as_tensor(a[r0:r1]), dtype).reshape(-1, context_size, row_width(a.shape[1], dtype))
                           for k, a in arrays.items()})
         writer.finish()
     finally:

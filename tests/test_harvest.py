@@ -7,6 +7,8 @@ import torch
 
 from conftest import harvest_config
 from matryoshka.cache import Cache
+from matryoshka.cache.format import from_storage, to_storage
+from matryoshka.cache.reader import ReaderConfig, ShuffledReader
 from matryoshka.harvest import harvest
 from matryoshka.models import Capture, load_model, model_info
 
@@ -67,13 +69,29 @@ def test_bfloat16_and_float16_storage(gpt2_dir, corpus, tmp_path, harvested):
     ref, _ = harvested
     if ref.manifest["model"]["arch"] != "gpt2":
         pytest.skip("one architecture is enough")
-    for dtype in ("bfloat16", "float16"):
+    for dtype in ("bfloat16", "float16", "float8"):
         c = Cache(harvest(harvest_config(gpt2_dir, corpus, tmp_path / dtype, dtype=dtype), progress=False))
         assert c.manifest["storage"]["dtype"] == dtype
-        assert c.array("1.mlp_out").dtype == (np.uint16 if dtype == "bfloat16" else np.float16)
-        expect = torch.from_numpy(ref.read("1.mlp_out", 0, 512)).to(getattr(torch, dtype)).float().numpy()
-        np.testing.assert_array_equal(c.read("1.mlp_out", 0, 512), expect)
+        assert c.array("1.mlp_out").dtype == {"bfloat16": np.uint16, "float16": np.float16, "float8": np.uint8}[dtype]
+        exact = torch.from_numpy(ref.read("1.mlp_out", 0, 512))
+        if dtype == "float8":  # values then the row's float32 scale: 4 more bytes per row
+            assert c.array("1.mlp_out").shape[1] == c.manifest["arrays"]["1.mlp_out"]["width"] + 4
+            expect = from_storage(to_storage(exact, dtype), dtype, torch.float32).numpy()
+        else:
+            expect = exact.to(getattr(torch, dtype)).float().numpy()
+        got = c.read("1.mlp_out", 0, 512)
+        np.testing.assert_array_equal(got, expect)
         assert c.fingerprint != ref.fingerprint
+        keep = c.tokens[:] != c.manifest["bos"]["token_id"]  # statistics describe the stored values
+        np.testing.assert_allclose(c.stats("1.mlp_out").mean, got[keep].astype(np.float64).mean(0), rtol=1e-9,
+                                   atol=1e-12)
+        with ShuffledReader(["1.mlp_out"], c, ReaderConfig(batch_size=64, buffer_tokens=2048),
+                            dtype=torch.float32) as r:  # the reader serves what `read` returns
+            batch = next(r)["1.mlp_out"].numpy()
+            np.testing.assert_array_equal(batch, c.read("1.mlp_out", 0, c.manifest["n_tokens"])[r.last_rows])
+        with ShuffledReader(["1.mlp_out"], c, ReaderConfig(batch_size=64, buffer_tokens=2048), dtype=torch.float32,
+                            mirror=True) as m:  # the GPU path casts on the device, from the same stored rows
+            np.testing.assert_array_equal(next(m)["1.mlp_out"].numpy(), batch)
 
 
 def test_same_config_same_fingerprint_and_reuse(gpt2_dir, corpus, tmp_path):

@@ -244,3 +244,21 @@ def test_writer_encodes_the_bytes_zarr_would_store(tmp_path, codec, dtype):
                                                         compressors=compressors(codec, a.itemsize), fill_value=0)
     arr[...] = a
     assert (tmp_path / "x" / "c" / "0" / "0").read_bytes() == encode_chunk(a, codec)
+
+
+def test_float8_rows_carry_their_scale_and_round_to_the_nearest_step():
+    from matryoshka.cache.format import decode, from_storage, to_storage
+
+    exact = torch.tensor([[896.0, 3.0, -0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])  # scale 2: every value representable
+    stored = to_storage(exact, "float8")
+    assert stored.dtype == torch.uint8 and stored.shape == (2, 8)
+    assert stored[0, 4:].view(torch.float32).item() == 2.0 and stored[1, 4:].view(torch.float32).item() == 1.0
+    assert torch.equal(from_storage(stored, "float8", torch.float32), exact)
+    x = torch.randn(64, 256) * torch.logspace(-3, 3, 256)  # six decades within each row
+    stored = to_storage(x, "float8")
+    y = from_storage(stored, "float8", torch.float32)
+    np.testing.assert_array_equal(decode(stored.numpy(), "float8"), y.numpy())  # numpy and torch agree
+    scale = x.abs().amax(1, keepdim=True) / 448
+    # e4m3: 3 mantissa bits, so half a step is |x| / 16 at most; below 2**-6 * scale, subnormal steps of 2**-9
+    assert ((y - x).abs() <= torch.maximum(x.abs() / 16, scale * 2**-10) * (1 + 1e-6)).all()
+    assert y.abs().amax(1).sub(x.abs().amax(1)).abs().max() < 1e-3 * x.abs().max()  # the row's peak is kept

@@ -29,13 +29,39 @@ STORAGE = {
     "float16": (np.dtype("float16"), torch.float16, 2),
     # numpy has no bfloat16: the cache stores its bits as uint16 and records the dtype.
     "bfloat16": (np.dtype("uint16"), torch.bfloat16, 2),
+    # float8 e4m3 scaled per row: each row is stored as uint8 bits of x / scale, followed by the 4 bytes
+    # of its float32 scale (the row's largest |x| / 448, so nothing overflows). Half of bf16's bytes.
+    "float8": (np.dtype("uint8"), torch.float8_e4m3fn, 1),
 }
+SCALE_BYTES = 4
+"""Bytes a float8 row carries after its values: its float32 scale."""
+FP8_MAX = 448.0
+
+
+def row_width(width: int, dtype: str) -> int:
+    """Stored columns per row of an array of ``width`` values."""
+    return width + SCALE_BYTES if dtype == "float8" else width
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Cast to the storage dtype and view as the on-disk element type (bf16 bits as int16)."""
-    t = x.to(STORAGE[dtype][1])
-    return t.view(torch.int16) if dtype == "bfloat16" else t
+    """Cast to the storage dtype and view as the on-disk element type (bf16 bits as int16; float8 rows
+    as uint8 values then scale bytes)."""
+    if dtype != "float8":
+        t = x.to(STORAGE[dtype][1])
+        return t.view(torch.int16) if dtype == "bfloat16" else t
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale works
+    q = (x / scale).to(torch.float8_e4m3fn).view(torch.uint8)
+    return torch.cat([q, scale.contiguous().view(torch.uint8)], dim=-1)
+
+
+def from_storage(t: torch.Tensor, storage: str, dtype: torch.dtype) -> torch.Tensor:
+    """Stored rows (as :func:`to_storage` made them, any device) as values of ``dtype``."""
+    if storage != "float8":
+        return t.to(dtype)
+    values = t[..., :-SCALE_BYTES].view(torch.float8_e4m3fn).float()
+    return (values * t[..., -SCALE_BYTES:].contiguous().view(torch.float32)).to(dtype)
 
 
 def host_view(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -49,15 +75,22 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
+_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()  # bits -> value
+
+
 def decode(a: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values as float32 numpy (bf16 bits shifted into the high half of a float32)."""
+    """Stored values as float32 numpy (bf16 bits shifted into the high half of a float32; float8 bits
+    looked up and multiplied by the row's scale)."""
     if dtype == "bfloat16":
         return (a.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "float8":
+        scale = np.ascontiguousarray(a[..., -SCALE_BYTES:]).view(np.float32)
+        return _FP8_VALUES[a[..., :-SCALE_BYTES]] * scale
     return a.astype(np.float32, copy=False)
 
 
 def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored values as a torch tensor of the storage dtype, without a copy."""
+    """Stored values as a torch tensor of the storage dtype, without a copy (float8: its uint8 rows)."""
     t = torch.from_numpy(a)
     return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 

@@ -9,7 +9,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from . import remote
-from .format import STORAGE, chunk_key
+from .format import STORAGE, chunk_key, row_width
 from .store import Cache, CacheError, is_cache
 
 
@@ -66,7 +66,8 @@ def shard_lines(cache: Cache) -> list[str]:
 
 def info_lines(cache: Cache) -> list[str]:
     m = cache.manifest
-    raw = sum(a["width"] for a in m["arrays"].values()) * cache.tokens_committed * STORAGE[cache.storage_dtype][2]
+    raw = (sum(row_width(a["width"], cache.storage_dtype) for a in m["arrays"].values()) * cache.tokens_committed
+           * STORAGE[cache.storage_dtype][2])
     size = stored_bytes(cache.path)
     lines = [
         f"cache        {cache.path}",
@@ -108,8 +109,9 @@ def verify(cache: Cache, progress: bool = True) -> list[Damage]:
     damage: list[Damage] = []
     for name, a in m["arrays"].items():
         arr = cache.array(name)
-        if arr.shape != (m["n_tokens"], a["width"]):
-            damage.append(Damage(f"acts/{name}", f"shape {arr.shape}, manifest says {(m['n_tokens'], a['width'])}"))
+        shape = (m["n_tokens"], row_width(a["width"], cache.storage_dtype))
+        if arr.shape != shape:
+            damage.append(Damage(f"acts/{name}", f"shape {arr.shape}, manifest says {shape}"))
     if not cache.complete:
         damage.append(Damage("zarr.json", f"unfinished: {cache.chunks_committed} of {cache.n_chunks} chunks committed"))
     names = cache.array_names + ["tokens"]

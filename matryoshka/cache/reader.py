@@ -32,7 +32,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .format import STORAGE, decode_chunk, numpy_view, to_torch, token_codec
+from .format import STORAGE, decode_chunk, from_storage, numpy_view, row_width, to_torch, token_codec
 from .store import Cache, CacheError
 
 
@@ -108,8 +108,10 @@ class ShuffledReader:
         m = self.cache.manifest
         self.storage_dtype = self.cache.storage_dtype
         self.codec = m["storage"]["codec"]
-        self.dtype = dtype or STORAGE[self.storage_dtype][1]
+        # float8 rows are scaled values, useless without their scale: served dequantized, bf16 by default
+        self.dtype = dtype or (torch.bfloat16 if self.storage_dtype == "float8" else STORAGE[self.storage_dtype][1])
         self.widths = [c.manifest["arrays"][n]["width"] for c, n in self.sources]
+        stored = [row_width(w, self.storage_dtype) for w in self.widths]
         self.ctx = m["context_size"]
         self.ct = self.cache.chunk_tokens
         self.chunks = self.cache.split_chunks(self.cfg.split)
@@ -128,13 +130,13 @@ class ShuffledReader:
         self._check_blocks_hold_a_batch()
         cuda = self.device.type == "cuda"
         self.mirror = cuda if mirror is None else mirror
-        st = STORAGE[self.storage_dtype][1]
+        st = torch.uint8 if self.storage_dtype == "float8" else STORAGE[self.storage_dtype][1]
         # zeros, not empty: the pages are touched once here rather than on the first epoch's writes
-        self._buf = [torch.zeros((2 * self.half, w), dtype=st, pin_memory=cuda) for w in self.widths]
+        self._buf = [torch.zeros((2 * self.half, w), dtype=st, pin_memory=cuda) for w in stored]
         self._np = [numpy_view(b) for b in self._buf]
         # With a mirror, each block is copied to the device once and batches are gathered there: the host
         # does no per-batch copy at all, so its cores are left to decompression.
-        self._dev = [torch.empty((2 * self.half, w), dtype=st, device=self.device) for w in self.widths] \
+        self._dev = [torch.empty((2 * self.half, w), dtype=st, device=self.device) for w in stored] \
             if self.mirror else []
         self._uploaded: list[torch.cuda.Event | None] = [None, None]  # a half's host->device copy is done
         # batch row indices travel in two alternating pinned buffers, so no copy waits for the GPU
@@ -330,7 +332,7 @@ class ShuffledReader:
         self.last_rows = rows
         self.batches_this_epoch += 1
         if self.mirror:
-            return {name: dev.index_select(0, self._device_index(slots)).to(self.dtype)
+            return {name: from_storage(dev.index_select(0, self._device_index(slots)), self.storage_dtype, self.dtype)
                     for name, dev in zip(self.names, self._dev)}
         # numpy's gather (and cast) run on this thread alone: torch's would spread over OpenMP threads
         # that then wait on the cores the decompression threads are using.
@@ -338,8 +340,8 @@ class ShuffledReader:
 
     def _gather(self, host: np.ndarray, slots: np.ndarray) -> torch.Tensor:
         rows = np.take(host, slots, axis=0)
-        if self.dtype != torch.float32 or self.storage_dtype == "float32":
-            return to_torch(rows, self.storage_dtype).to(self.dtype)
+        if self.dtype != torch.float32 or self.storage_dtype in ("float32", "float8"):
+            return from_storage(to_torch(rows, self.storage_dtype), self.storage_dtype, self.dtype)
         out = torch.empty(rows.shape, dtype=torch.float32)
         if self.storage_dtype == "bfloat16":  # bf16 bits are the high half of a float32's
             bits = out.numpy().view(np.uint32)

@@ -31,7 +31,7 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from .format import STORAGE, chunk_key, compressors, decode, encode_chunk, host_view, token_codec
+from .format import STORAGE, chunk_key, compressors, decode, encode_chunk, host_view, row_width, token_codec
 from .store import ArrayStats, CacheError
 
 
@@ -314,7 +314,8 @@ def create_arrays(group: zarr.Group, manifest: dict[str, Any]) -> None:
     np_dtype, _, itemsize = STORAGE[st["dtype"]]
     rows, chunk = manifest["n_tokens"], st["chunk_tokens"]
     for name, a in manifest["arrays"].items():
-        group.create_array(f"acts/{name}", shape=(rows, a["width"]), chunks=(chunk, a["width"]), dtype=np_dtype,
+        w = row_width(a["width"], st["dtype"])
+        group.create_array(f"acts/{name}", shape=(rows, w), chunks=(chunk, w), dtype=np_dtype,
                            compressors=compressors(st["codec"], itemsize), fill_value=0)
     group.create_array("tokens", shape=(rows,), chunks=(chunk,), dtype=np.int32,
                        compressors=compressors(token_codec(st["codec"]), 4), fill_value=-1)

@@ -151,6 +151,14 @@ def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
     return int(saved["step"])
 
 
+def _json_value(v: Any) -> float | list:
+    """A logged metric as JSON: tensors detached, vectors as lists."""
+    if torch.is_tensor(v):
+        v = v.detach()
+        return v.tolist() if v.ndim else float(v)
+    return float(v)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     """Train every run of ``cfg`` from one read of its cache; resume runs that have checkpoints.
     Under torchrun, the ranks train data-parallel (matryoshka/distributed.py) and rank 0 writes the files."""
@@ -206,7 +214,7 @@ def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
                     m = team.mean(m, device)  # every rank's share of the global batch
                     if not writes:
                         continue
-                    row = {k: (v.tolist() if torch.is_tensor(v) and v.ndim else float(v)) for k, v in m.items()}
+                    row = {k: _json_value(v) for k, v in m.items()}
                     row.update(step=r.step, tokens=r.step * cfg.batch_size, lr=r.sched.get_last_lr()[0],
                                time=time.time())
                     logs[r.cfg.name].write(json.dumps(row) + "\n")
