@@ -10,6 +10,10 @@ loops are timed, except the harvest row (see its note).
 Table 2: lossless codecs on the model's own float32 ``8.resid_mid`` cast to bf16 and fp16: ratio,
 encode and decode GB/s on one thread, decode GB/s on all cores (one task per ~4 MiB chunk).
 
+Table 3: a writer thread's work per ~4 MiB chunk of each storage dtype: statistics (decode, finite
+check, float64 sums) against encoding, and the tokens/s one writer thread sustains. On a GPU host the
+writer threads, not the LM, bound the harvest once these exceed the forward's rate per thread.
+
     python benchmarks/harvest.py            # ~12K tokens, context 128, batch 8 (a few minutes on 2 CPUs)
     python benchmarks/harvest.py --quick    # ~4K tokens, a smoke run
     python benchmarks/harvest.py --device cuda --tokens 1M --context 1024 --batch 64
@@ -36,7 +40,8 @@ from numcodecs import Blosc, Zstd
 from numcodecs.blosc import BITSHUFFLE, SHUFFLE
 
 from common import machine, print_table
-from matryoshka.cache.format import to_storage
+from matryoshka.cache.format import STORAGE, decode, encode_chunk, to_storage
+from matryoshka.cache.writer import chunk_sums, nonfinite_rows
 from matryoshka.config import HarvestConfig, parse_count
 from matryoshka.fixtures import build_model, build_tokenizer, write_corpus
 from matryoshka.harvest import harvest
@@ -183,6 +188,28 @@ def codec_table(f32: np.ndarray) -> list[tuple[str, tuple[float, ...]]]:
     return [(name, codec_row(codec, data, os.cpu_count() or 1)) for name, codec in CODECS.items()]
 
 
+def writer_table(f32: np.ndarray) -> list[list[str]]:
+    """Per ~4 MiB chunk of ``f32`` cast to each storage dtype, on one thread, the writer thread's work:
+    statistics (decode, finite check, float64 sums) and encoding (blosc lz4 + bitshuffle, crc32c); and
+    the tokens/s one writer thread sustains for a two-array harvest (best of 5)."""
+    rows = chunks_of(f32)[0]
+    keep = np.ones(len(rows), bool)
+    keep[::128] = False
+    out = []
+    for dtype in STORAGE:
+        a = to_storage(torch.from_numpy(rows), dtype).numpy()
+
+        def stats() -> None:
+            x = decode(a, dtype)
+            assert not len(nonfinite_rows(a, x, dtype))
+            chunk_sums(x[keep])
+        t_stats = min(timeit.repeat(stats, number=1, repeat=5))
+        t_enc = min(timeit.repeat(lambda: encode_chunk(a, "lz4"), number=1, repeat=5))
+        out.append([dtype, f"{a.nbytes / 2**20:.2f}", f"{1e3 * t_stats:.2f}", f"{1e3 * t_enc:.2f}",
+                    f"{t_stats / t_enc:.2f}", f"{len(rows) / (2 * (t_stats + t_enc)):,.0f}"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
@@ -202,12 +229,17 @@ def main() -> None:
         print_table(["what", "tok/s", "vs bare"], [[n, f"{t:,.0f}", f"{t / rows[0][1]:.2f}x"] for n, t in rows])
         print("   target (issue): full harvest >= 0.90x the bare truncated forward")
         table = codec_table(f32)
+        writer = writer_table(f32)
     print(f"\n2. Codecs on harvested 8.resid_mid ({f32.shape[0]:,} x {f32.shape[1]}), ~4 MiB chunks, "
           f"decode on all cores = {ncpu} threads, one blosc thread each")
     print("   caveat: random-weight activations compress differently from a trained model's; rerun on a real cache.")
     hdr = ["codec", "bf16 ratio", "enc GB/s", "dec GB/s 1T", f"dec GB/s {ncpu}T", "fp16 ratio", "fp32 ratio"]
     print_table(hdr, [[n] + [f"{v:.2f}" if n != "none" or "ratio" in h else "-" for v, h in zip(vals, hdr[1:])]
                       for n, vals in table])
+    print("\n3. Writer thread work per ~4 MiB chunk of harvested 8.resid_mid, one thread (a harvest keeps "
+          f"{ncpu} writer threads busy at most)")
+    print_table(["storage", "chunk MiB", "statistics ms", "encode ms", "statistics / encode",
+                 "tok/s per writer thread, 2 arrays"], writer)
     print(f"\ntotal {time.perf_counter() - start:.0f}s")
 
 

@@ -262,3 +262,20 @@ def test_float8_rows_carry_their_scale_and_round_to_the_nearest_step():
     # e4m3: 3 mantissa bits, so half a step is |x| / 16 at most; below 2**-6 * scale, subnormal steps of 2**-9
     assert ((y - x).abs() <= torch.maximum(x.abs() / 16, scale * 2**-10) * (1 + 1e-6)).all()
     assert y.abs().amax(1).sub(x.abs().amax(1)).abs().max() < 1e-3 * x.abs().max()  # the row's peak is kept
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float8"])
+def test_writer_finds_non_finite_rows_from_the_stored_bits_and_sums_in_float64(dtype):
+    from matryoshka.cache.format import decode, to_storage
+    from matryoshka.cache.writer import chunk_sums, nonfinite_rows
+
+    x = torch.randn(64, 16, dtype=torch.float64) * 100
+    stored = to_storage(x, dtype).numpy()
+    assert len(nonfinite_rows(stored, decode(stored, dtype), dtype)) == 0
+    for row, value in [(3, float("inf")), (40, float("nan")), (41, -float("inf"))]:
+        x[row, row % 16] = value
+    stored = to_storage(x, dtype).numpy()
+    assert nonfinite_rows(stored, decode(stored, dtype), dtype).tolist() == [3, 40, 41]
+    served = decode(to_storage(x[:3], dtype).numpy(), dtype).astype(np.float64)
+    count, total, sq = chunk_sums(decode(to_storage(x[:3], dtype).numpy(), dtype))
+    assert count == 3 and np.array_equal(total, served.sum(0)) and sq == pytest.approx((served**2).sum(), rel=1e-15)

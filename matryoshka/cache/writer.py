@@ -238,14 +238,13 @@ class CacheWriter:
             sums = {}
             for n, a in c.acts.items():
                 x = decode(a, self.dtype)
-                if not np.isfinite(x).all():
-                    bad = np.nonzero(~np.isfinite(x).all(axis=1))[0]
+                bad = nonfinite_rows(a, x, self.dtype)
+                if len(bad):
                     hint = " (float16 overflow? use --dtype bfloat16)" if self.dtype == "float16" else ""
                     raise ActivationError(
                         f"non-finite activations in {self.manifest['arrays'][n]['hook_name']} at tokens "
                         f"{r0 + bad[0]}..{r0 + bad[-1]} (chunk {c.index}){hint}")
-                xk = x[keep].astype(np.float64)
-                sums[n] = (int(keep.sum()), xk.sum(axis=0), float(np.einsum("ij,ij->", xk, xk)))
+                sums[n] = chunk_sums(x[keep])
             stored = 0
             for n, a in c.acts.items():
                 stored += self._put(chunk_key(n, c.index), a, self.codec, 0)
@@ -295,6 +294,26 @@ def complete_attrs(sums: dict[str, _Sums], n_chunks: int) -> dict[str, Any]:
     stats = {n: ArrayStats.from_sums(s.count, s.total, s.sq_norm).to_json() for n, s in sums.items()}
     return {"progress": {"chunks": n_chunks, "sums": {n: s.to_json() for n, s in sums.items()}},
             "stats": stats, "complete": True}
+
+
+_EXPONENT = {"bfloat16": (np.uint16, 0x7F80), "float16": (np.uint16, 0x7C00), "float32": (np.uint32, 0x7F800000)}
+"""Exponent bits of each storage format: all set means inf or nan."""
+
+
+def nonfinite_rows(stored: np.ndarray, x: np.ndarray, dtype: str) -> np.ndarray:
+    """Rows holding an inf or nan. Looked for in the stored bits first where the format allows (a third
+    of the time of ``isfinite`` on the decoded floats); ``x`` is the decoded chunk."""
+    if dtype in _EXPONENT:
+        view, mask = _EXPONENT[dtype]
+        if not ((stored.view(view) & mask) == mask).any():
+            return np.empty(0, np.int64)
+    return np.nonzero(~np.isfinite(x).all(axis=1))[0]
+
+
+def chunk_sums(x: np.ndarray) -> tuple[int, np.ndarray, float]:
+    """Row count, per-dimension sum and summed squared norm, accumulated in float64 without a float64
+    copy of the rows (that copy made statistics cost the writer threads 3x the encoding)."""
+    return len(x), x.sum(axis=0, dtype=np.float64), float(np.einsum("ij,ij->i", x, x, dtype=np.float64).sum())
 
 
 def merge_progress(parts: list[dict[str, Any]]) -> dict[str, _Sums]:
