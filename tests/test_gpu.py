@@ -69,6 +69,20 @@ def _reader(cache, device="cpu", **kw):  # noqa: F811
     return ShuffledReader(["src", "tgt"], str(cache), cfg, device=device, **kw)
 
 
+def test_float8_rows_dequantize_on_the_gpu_as_on_the_cpu(tmp_path):
+    """float8 rows travel to the device as stored bytes and are multiplied by their scale there."""
+    from matryoshka.cache.reader import ReaderConfig, ShuffledReader
+
+    n = 64 * 16
+    x = np.random.default_rng(0).standard_normal((n, 24)).astype(np.float32) * np.logspace(-2, 2, 24)
+    path = write_cache(tmp_path / "f8", {"x": x}, np.ones(n, int), 16, 4, dtype="float8")
+    cfg = ReaderConfig(batch_size=32, buffer_tokens=256, exclude_bos=False)
+    with ShuffledReader(["x"], str(path), cfg, dtype=torch.float32) as cpu, \
+            ShuffledReader(["x"], str(path), cfg, dtype=torch.float32, device="cuda") as gpu:
+        for _ in range(2 * cpu.batches_per_epoch):
+            assert torch.equal(next(cpu)["x"], next(gpu)["x"].cpu())
+
+
 def test_batch_topk_on_the_gpu_selects_the_cpu_entries():
     acts = torch.relu(torch.randn(512, 4096, generator=torch.Generator().manual_seed(0)))
     a, b = batch_topk(acts, 16), batch_topk(acts.cuda(), 16)
