@@ -13,6 +13,9 @@ Memory is the buffer (``buffer_tokens`` rows in two halves) and two batches, wha
 cache: a chunk is decompressed in place, never copied into the buffer. On a GPU the buffer is pinned
 and mirrored on the device (``buffer_tokens`` rows there too): each block crosses to the device once,
 in one asynchronous copy, and batches are gathered on the device, so the host's cores only decompress.
+A host half is then free as soon as its copy lands, so the next two blocks decompress back to back
+while one is served: no decode thread waits at a block boundary. Every block but an epoch's last must
+hold a batch (checked at start), or a batch would need rows of three blocks.
 From object storage, an I/O thread fetches the next block's chunks in one concurrent request (plus
 that block's compressed bytes in memory) while the current block is served: the read-ahead that keeps
 a remote cache near local speed.
@@ -32,7 +35,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .format import STORAGE, decode_chunk, from_storage, numpy_view, row_width, to_torch, token_codec
+from .format import STORAGE, decode, decode_chunk, from_storage, numpy_view, row_width, to_torch, token_codec
 from .store import Cache, CacheError
 
 
@@ -340,16 +343,9 @@ class ShuffledReader:
 
     def _gather(self, host: np.ndarray, slots: np.ndarray) -> torch.Tensor:
         rows = np.take(host, slots, axis=0)
-        if self.dtype != torch.float32 or self.storage_dtype in ("float32", "float8"):
-            return from_storage(to_torch(rows, self.storage_dtype), self.storage_dtype, self.dtype)
-        out = torch.empty(rows.shape, dtype=torch.float32)
-        if self.storage_dtype == "bfloat16":  # bf16 bits are the high half of a float32's
-            bits = out.numpy().view(np.uint32)
-            bits[:] = rows
-            bits <<= 16
-        else:
-            out.numpy()[:] = rows
-        return out
+        if self.dtype == torch.float32:  # the common case (training), cast by numpy on this thread
+            return torch.from_numpy(decode(rows, self.storage_dtype))
+        return from_storage(to_torch(rows, self.storage_dtype), self.storage_dtype, self.dtype)
 
     def _device_index(self, slots: np.ndarray) -> torch.Tensor:
         """Row indices on the device: through one of two alternating pinned buffers on CUDA, so the
