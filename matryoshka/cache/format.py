@@ -43,6 +43,11 @@ def row_width(width: int, dtype: str) -> int:
     return width + SCALE_BYTES if dtype == "float8" else width
 
 
+def row_bytes(width: int, dtype: str) -> int:
+    """Stored bytes per row of an array of ``width`` values (before compression)."""
+    return row_width(width, dtype) * STORAGE[dtype][2]
+
+
 def to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
     """Cast to the storage dtype and view as the on-disk element type (bf16 bits as int16; float8 rows
     as uint8 values then scale bytes)."""
@@ -168,10 +173,10 @@ def fingerprint(identity: dict[str, Any]) -> str:
 MIN_CHUNKS = 4
 
 
-def seqs_per_chunk(context_size: int, widest: int, itemsize: int, chunk_mb: float, n_seqs: int) -> int:
+def seqs_per_chunk(context_size: int, widest_row_bytes: int, chunk_mb: float, n_seqs: int) -> int:
     """Whole sequences per chunk so the widest array's chunk is about ``chunk_mb`` MiB, but a small cache
     still gets ``MIN_CHUNKS`` chunks (one held out, the rest for a shuffled chunk order)."""
-    per_seq = context_size * widest * itemsize
+    per_seq = context_size * widest_row_bytes
     return max(1, min(round(chunk_mb * 2**20 / per_seq), n_seqs // MIN_CHUNKS))
 
 

@@ -9,7 +9,7 @@ from typing import Iterator
 from tqdm.auto import tqdm
 
 from . import remote
-from .format import STORAGE, chunk_key, row_width
+from .format import chunk_key, row_bytes, row_width
 from .store import Cache, CacheError, is_cache
 
 
@@ -66,8 +66,7 @@ def shard_lines(cache: Cache) -> list[str]:
 
 def info_lines(cache: Cache) -> list[str]:
     m = cache.manifest
-    raw = (sum(row_width(a["width"], cache.storage_dtype) for a in m["arrays"].values()) * cache.tokens_committed
-           * STORAGE[cache.storage_dtype][2])
+    raw = sum(row_bytes(a["width"], cache.storage_dtype) for a in m["arrays"].values()) * cache.tokens_committed
     size = stored_bytes(cache.path)
     lines = [
         f"cache        {cache.path}",

@@ -14,7 +14,7 @@ import torch
 import zarr
 from tqdm.auto import tqdm
 
-from ..cache.format import FORMAT_VERSION, STORAGE, row_width, seqs_per_chunk, to_storage
+from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk, to_storage
 from ..cache.manifest import build_manifest
 from ..cache import remote
 from ..cache.lock import writer_lock
@@ -46,8 +46,7 @@ def plan(cfg: HarvestConfig) -> Plan:
     tokenizer = load_tokenizer(info)
     ds = open_documents(cfg)
     bos = bos_id(tokenizer, cfg.bos)
-    _, _, itemsize = STORAGE[cfg.dtype]
-    spc = seqs_per_chunk(cfg.context_size, row_width(info.d_model, cfg.dtype), itemsize, cfg.chunk_mb, cfg.n_sequences)
+    spc = seqs_per_chunk(cfg.context_size, row_bytes(info.d_model, cfg.dtype), cfg.chunk_mb, cfg.n_sequences)
     heldout = cfg.holdout_sequences(spc)
     arrays = {site_name(l, s): {"layer": l, "site": s, "hook_name": hook_name(l, s), "width": info.d_model}
               for l, s in cfg.site_list}
@@ -104,7 +103,7 @@ def _first_missing(path: Path) -> Path | None:
 
 def _check_space(path: Path, manifest: dict[str, Any], start_row: int) -> None:
     dtype = manifest["storage"]["dtype"]
-    per_token = sum(row_width(a["width"], dtype) for a in manifest["arrays"].values()) * STORAGE[dtype][2] + 4
+    per_token = sum(row_bytes(a["width"], dtype) for a in manifest["arrays"].values()) + 4
     need = (manifest["n_tokens"] - start_row) * per_token
     probe = _existing_ancestor(path)
     free = shutil.disk_usage(probe).free

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..cache.format import FORMAT_VERSION, STORAGE, row_width, seqs_per_chunk, to_storage
+from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk, to_storage
 from ..cache.manifest import build_manifest
 from ..config import HarvestConfig, SyntheticConfig, site_name
 
@@ -106,8 +106,7 @@ def manifest(cfg: HarvestConfig) -> dict[str, Any]:
         arrays[y_name] = {"layer": cfg.site_list[1][0], "site": cfg.site_list[1][1], "hook_name": "synthetic.y",
                           "width": d_target}
     arrays[FEATURES] = {"layer": None, "site": FEATURES, "hook_name": "synthetic.features", "width": s.n_features}
-    spc = seqs_per_chunk(cfg.context_size, max(row_width(a["width"], cfg.dtype) for a in arrays.values()),
-                         STORAGE[cfg.dtype][2],
+    spc = seqs_per_chunk(cfg.context_size, max(row_bytes(a["width"], cfg.dtype) for a in arrays.values()),
                          cfg.chunk_mb, cfg.n_sequences)
     settings = dataclasses.asdict(s)
     identity = {"format_version": FORMAT_VERSION, "source": "synthetic", "generator": GENERATOR_VERSION,
