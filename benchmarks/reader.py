@@ -131,6 +131,22 @@ def gather_floor(cache: Cache, names: list[str], workers: int, block_rows: int, 
     return min(p[0] for p in passes), min(p[1] for p in passes)
 
 
+def upload_seconds(block_rows: int, n_arrays: int) -> float:
+    """Best-of-five seconds of one block's host->device copy (pinned, non-blocking, ``n_arrays`` arrays):
+    with a device mirror, every row crosses once this way, so it bounds the reader like the decode does."""
+    host = [torch.zeros((block_rows, D), dtype=torch.bfloat16, pin_memory=True) for _ in range(n_arrays)]
+    dev = [torch.empty_like(h, device="cuda") for h in host]
+    times = []
+    for _ in range(6):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for h, d in zip(host, dev):
+            d.copy_(h, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
 def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dtype: torch.dtype | None,
                rounds: int) -> dict[str, Any]:
     """In a fresh process: after a warm-up epoch, ``rounds`` times one epoch of the reader then one decode
@@ -215,6 +231,12 @@ def main() -> None:
                 bound_s, ceiling_s = gather_floor(cache, names, workers, block, args.rounds)
                 rows.append((f"CPU-delivery bound: the ceiling's work + one random row gather, {workers} threads, "
                              f"{len(names)} array{'s' * (len(names) > 1)}", bound_s, n_rows, len(names) * D * 2, ceiling_s))
+        if args.device.startswith("cuda"):
+            for names in (SAE, PAIR):
+                per_block = upload_seconds(block, len(names))
+                rows.append((f"upload bound: host->device copy of pinned blocks of {block:,} rows, {len(names)} "
+                             f"array{'s' * (len(names) > 1)}", per_block * n_rows / block, n_rows,
+                             len(names) * D * 2, ceil[len(names)]))
         runs = [("ShuffledReader SAE, 1 array, out bf16", SAE, None),
                 ("ShuffledReader transcoder, 2 arrays, out bf16", PAIR, None),
                 ("ShuffledReader SAE, 1 array, out float32", SAE, torch.float32)]
