@@ -160,6 +160,8 @@ def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dty
             peak[0] = max(peak[0], proc.memory_info().rss)
             time.sleep(0.002)
     cfg = ReaderConfig(batch_size=4096, buffer_tokens=buffer_tokens, exclude_bos=True)
+    if device.startswith("cuda"):
+        torch.zeros(1, device=device)  # the CUDA context's own host memory is not the reader's
     base = proc.memory_info().rss
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

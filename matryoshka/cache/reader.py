@@ -142,10 +142,6 @@ class ShuffledReader:
         self._dev = [torch.empty((2 * self.half, w), dtype=st, device=self.device) for w in stored] \
             if self.mirror else []
         self._uploaded: list[torch.cuda.Event | None] = [None, None]  # a half's host->device copy is done
-        # batch row indices travel in two alternating pinned buffers, so no copy waits for the GPU
-        self._index = [torch.empty(self.cfg.batch_size, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
-            if cuda else []
-        self._index_sent: list[torch.cuda.Event | None] = [None, None]
         self._pool = ThreadPoolExecutor(self.cfg.threads or os.cpu_count() or 1, thread_name_prefix="cache-read")
         remote = any(c.remote for c, _ in self.sources)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="cache-fetch") if remote else None
@@ -211,7 +207,9 @@ class ShuffledReader:
         self._rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
         self._pool_rows = np.empty(0, np.int64)  # row ids waiting to be served, in serving order
         self._pool_slots = np.empty(0, np.int64)  # their rows in the buffer
-        self._pool_parts: list[list[int]] = []  # [half, rows waiting] of each block in the pool, oldest first
+        # [half, rows waiting, (with a mirror) their slots in serving order on the device] of each block
+        # in the pool, oldest first
+        self._pool_parts: list[list[Any]] = []
         self.batches_this_epoch = 0
 
     # -- decompression (background threads) ----------------------------------------------------------
@@ -255,7 +253,7 @@ class ShuffledReader:
 
     def _half_in_use(self, half: int) -> bool:
         """Whether rows waiting to be served live in this half (of the device mirror, if there is one)."""
-        return any(h == half and n for h, n in self._pool_parts)
+        return any(h == half and n for h, n, _ in self._pool_parts)
 
     def _start_loading(self) -> None:
         """Begin decompressing the next blocks into the host halves that are free: without a mirror, a
@@ -284,26 +282,32 @@ class ShuffledReader:
         assert (epoch, block) == (self.epoch, self._next_block), "blocks join the pool in the order they load"
         parts = [f.result() for f in futures]
         ids, slots = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        self._upload(self._half(epoch, block))
         perm = self._rng.permutation(len(ids))
+        half, slots = self._half(epoch, block), slots[perm]
+        self._pool_parts.append([half, len(ids), self._upload(half, slots)])
         self._pool_rows = np.concatenate([self._pool_rows, ids[perm]])
-        self._pool_slots = np.concatenate([self._pool_slots, slots[perm]])
-        self._pool_parts.append([self._half(epoch, block), len(ids)])
+        self._pool_slots = np.concatenate([self._pool_slots, slots])
         self._next_block += 1
         self._start_loading()  # with a mirror, the half just copied can take the block after next
         return True
 
-    def _upload(self, half: int) -> None:
-        """Copy a decompressed half of the host buffer to its mirror (asynchronously from pinned memory)."""
+    def _upload(self, half: int, slots: np.ndarray) -> torch.Tensor | None:
+        """Copy a decompressed half of the host buffer to its mirror, and the slots of its waiting rows in
+        serving order, asynchronously from pinned memory; return those slots on the device. Sending a
+        block's order once, not each batch's indices, leaves the serving thread one gather per batch and
+        array: each CUDA call it makes hands the GIL to the decode threads and waits to get it back."""
         if not self.mirror:
-            return
+            return None
         assert not self._half_in_use(half), "a block is copied over a half only once all its rows are served"
         rows = slice(half * self.half, (half + 1) * self.half)
         for host, dev in zip(self._buf, self._dev):
             dev[rows].copy_(host[rows], non_blocking=True)
+        order = torch.from_numpy(slots)
         if self.device.type == "cuda":
+            order = order.pin_memory().to(self.device, non_blocking=True)
             self._uploaded[half] = torch.cuda.Event()
             self._uploaded[half].record()
+        return order.to(self.device)
 
     # -- iteration -----------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -325,17 +329,22 @@ class ShuffledReader:
     def _serve(self, n: int) -> dict[str, torch.Tensor]:
         rows, slots = self._pool_rows[:n], self._pool_slots[:n]
         self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
-        left = n
+        left, index = n, []
         while left:
-            take = min(left, self._pool_parts[0][1])
-            self._pool_parts[0][1] -= take
+            part = self._pool_parts[0]
+            take = min(left, part[1])
+            part[1] -= take
             left -= take
-            if not self._pool_parts[0][1]:
+            if self.mirror:
+                index.append(part[2][:take])
+                part[2] = part[2][take:]
+            if not part[1]:
                 self._pool_parts.pop(0)
         self.last_rows = rows
         self.batches_this_epoch += 1
-        if self.mirror:
-            return {name: from_storage(dev.index_select(0, self._device_index(slots)), self.storage_dtype, self.dtype)
+        if self.mirror:  # a batch straddles two blocks once per block
+            device_slots = index[0] if len(index) == 1 else torch.cat(index)
+            return {name: from_storage(dev.index_select(0, device_slots), self.storage_dtype, self.dtype)
                     for name, dev in zip(self.names, self._dev)}
         # numpy's gather (and cast) run on this thread alone: torch's would spread over OpenMP threads
         # that then wait on the cores the decompression threads are using.
@@ -346,21 +355,6 @@ class ShuffledReader:
         if self.dtype == torch.float32:  # the common case (training), cast by numpy on this thread
             return torch.from_numpy(decode(rows, self.storage_dtype))
         return from_storage(to_torch(rows, self.storage_dtype), self.storage_dtype, self.dtype)
-
-    def _device_index(self, slots: np.ndarray) -> torch.Tensor:
-        """Row indices on the device: through one of two alternating pinned buffers on CUDA, so the
-        host never waits for a copy to finish (nor overwrites one in flight)."""
-        if self.device.type != "cuda":
-            return torch.from_numpy(slots).to(self.device)
-        k = self.batches_this_epoch % 2
-        if self._index_sent[k] is not None:
-            self._index_sent[k].synchronize()  # the copy that last used this index buffer is done
-        host = self._index[k][:len(slots)]
-        host.numpy()[:] = slots
-        index = host.to(self.device, non_blocking=True)
-        self._index_sent[k] = torch.cuda.Event()
-        self._index_sent[k].record()
-        return index
 
     # -- cursor --------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
@@ -392,13 +386,14 @@ class ShuffledReader:
         for f in futures:
             ids, slots = f.result()
             slot_of.update(zip(ids.tolist(), slots.tolist()))
-        for half in (0, 1):
-            self._upload(half)
         self._pool_rows = rows
         self._pool_slots = np.asarray([slot_of[r] for r in rows.tolist()], dtype=np.int64)
         halves = self._pool_slots // self.half
         cuts = [0, *(np.flatnonzero(np.diff(halves)) + 1).tolist(), len(rows)]
-        self._pool_parts = [[int(halves[a]), b - a] for a, b in zip(cuts, cuts[1:]) if b > a]
+        for a, b in zip(cuts, cuts[1:]):
+            if b > a:
+                half = int(halves[a])
+                self._pool_parts.append([half, b - a, self._upload(half, self._pool_slots[a:b])])
 
     def _cancel_loads(self) -> None:
         """Drop the blocks in flight (their decodes finish first: they write into the buffer)."""
