@@ -148,7 +148,7 @@ def upload_seconds(block_rows: int, n_arrays: int) -> float:
 
 
 def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dtype: torch.dtype | None,
-               rounds: int) -> dict[str, Any]:
+               rounds: int, threads: int) -> dict[str, Any]:
     """In a fresh process: after a warm-up epoch, ``rounds`` times one epoch of the reader then one decode
     ceiling pass of the same arrays, alternating, so both see the same machine (a shared VM's speed
     drifts by tens of percent within a minute); the best of each. Also peak RSS growth, the stated
@@ -159,7 +159,7 @@ def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dty
         while not done.is_set():
             peak[0] = max(peak[0], proc.memory_info().rss)
             time.sleep(0.002)
-    cfg = ReaderConfig(batch_size=4096, buffer_tokens=buffer_tokens, exclude_bos=True)
+    cfg = ReaderConfig(batch_size=4096, buffer_tokens=buffer_tokens, exclude_bos=True, threads=threads)
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # the CUDA context's own host memory is not the reader's
     base = proc.memory_info().rss
@@ -196,6 +196,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the reader delivers batches: cpu or cuda")
     ap.add_argument("--chunks", type=int, default=None, help="chunks per array (default 150, --quick 25)")
     ap.add_argument("--rounds", type=int, default=3, help="timed reader epochs (and ceiling passes) per reader")
+    ap.add_argument("--threads", default="0", help="the readers' decode threads, comma-separated to compare several "
+                    "(0: the reader's default)")
     args = ap.parse_args()
     n_chunks = args.chunks or (25 if args.quick else 150)
     buffer_tokens = 2**16 if args.quick else 2**18
@@ -245,14 +247,16 @@ def main() -> None:
         mem = []
         ctx = mp.get_context("spawn")
         for what, names, dtype in runs:
-            with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                r = pool.submit(reader_run, str(path), names, buffer_tokens, args.device, dtype, args.rounds).result()
-            rows.append((what, r["seconds"], r["rows"], len(names) * D * 2, r["ceiling"]))
-            mem.append((what, r["rss"], r["budget"]))
-            threads = r["threads"]
+            for threads in [int(t) for t in args.threads.split(",")]:
+                with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+                    r = pool.submit(reader_run, str(path), names, buffer_tokens, args.device, dtype, args.rounds,
+                                    threads).result()
+                what_t = f"{what}, {r['threads']} threads"
+                rows.append((what_t, r["seconds"], r["rows"], len(names) * D * 2, r["ceiling"]))
+                mem.append((what_t, r["rss"], r["budget"]))
 
     print(f"\nReader throughput: best of {args.rounds} epochs after a warm-up one, batch 4096, buffer_tokens "
-          f"{buffer_tokens:,}, threads 0 (the reader started {threads} decode threads), exclude_bos, device {args.device}")
+          f"{buffer_tokens:,}, exclude_bos, device {args.device}")
     print("   GB/s = delivered activation bytes in storage dtype (bf16, all arrays); readers deliver 127/128 of the "
           "rows (BOS dropped)")
     print("   vs ceiling = GB/s / the decode ceiling of the same arrays; for the bounds and the readers, the ceiling "
@@ -269,7 +273,7 @@ def main() -> None:
     print_table(["reader", "peak RSS growth MiB", "budget MiB", "growth / budget"],
                 [[w, f"{r / 2**20:,.0f}", f"{b / 2**20:,.0f}", f"{r / b:.2f}"] for w, r, b in mem])
 
-    sae = next(n / s for what, s, n, _, _ in rows if what.startswith("ShuffledReader SAE"))
+    sae = max(n / s for what, s, n, _, _ in rows if what.startswith("ShuffledReader SAE"))
     print(f"\nContext (design.md section 9; GPU figures from an H200, reader figure from this {workers}-CPU machine):")
     print_table(["training step", "tok/s", "reader SAE tok/s / step"],
                 [[k, f"{v:,.0f}", f"{sae / v:.2f}x"] for k, v in GPU_STEP.items()])
