@@ -144,7 +144,7 @@ class ShuffledReader:
         self._uploaded: list[torch.cuda.Event | None] = [None, None]  # a half's host->device copy is done
         # each half's serving order travels from its own pinned buffer (allocating pinned memory per block
         # cost the serving thread milliseconds)
-        self._order = [torch.empty(self.half, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
+        self._order_pinned = [torch.empty(self.half, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
             if self.mirror and cuda else []
         self._pool = ThreadPoolExecutor(self.cfg.threads or os.cpu_count() or 1, thread_name_prefix="cache-read")
         remote = any(c.remote for c, _ in self.sources)
@@ -310,7 +310,7 @@ class ShuffledReader:
             return torch.from_numpy(slots).to(self.device)
         if self._uploaded[half] is not None:
             self._uploaded[half].synchronize()  # the half's last copy has left its pinned order buffer
-        order = self._order[half][:len(slots)]
+        order = self._order_pinned[half][:len(slots)]
         order.numpy()[:] = slots
         for host, dev in zip(self._buf, self._dev):
             dev[rows].copy_(host[rows], non_blocking=True)
