@@ -17,7 +17,9 @@ float32 output, each in a fresh process whose peak RSS growth is sampled: a warm
 
     python benchmarks/reader.py            # 2 x ~590 MiB raw bf16 (150 chunks), buffer 2**18 (~1 min on 2 CPUs)
     python benchmarks/reader.py --quick    # 2 x ~100 MiB raw (25 chunks), buffer 2**16 (~20 s), a smoke run
-    python benchmarks/reader.py --device cuda
+    python benchmarks/reader.py --device cuda --chunks 400 --threads 0,16,8   # and compare thread counts
+
+On a GPU it adds the upload bound: copying pinned blocks to the device, which every row crosses once.
 """
 from __future__ import annotations
 
