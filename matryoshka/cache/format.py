@@ -64,7 +64,7 @@ def to_storage(x: torch.Tensor, dtype: str) -> torch.Tensor:
 def from_storage(t: torch.Tensor, storage: str, dtype: torch.dtype) -> torch.Tensor:
     """Stored rows (as :func:`to_storage` made them, any device) as values of ``dtype``."""
     if storage != "float8":
-        return t.to(dtype)
+        return t if t.dtype == dtype else t.to(dtype)  # even a no-op .to() costs a GIL hand-off
     values = t[..., :-SCALE_BYTES].view(torch.float8_e4m3fn).float()
     return (values * t[..., -SCALE_BYTES:].contiguous().view(torch.float32)).to(dtype)
 
