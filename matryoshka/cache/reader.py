@@ -221,8 +221,8 @@ class ShuffledReader:
         self._rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
         self._pool_rows = np.empty(0, np.int64)  # row ids waiting to be served, in serving order
         self._pool_slots = np.empty(0, np.int64)  # their rows in the buffer
-        # [half, rows waiting, (with a mirror) the block's slots in serving order on the device, and how
-        # many of them are served] of each block in the pool, oldest first
+        # [half, rows waiting, (with a mirror) the slots of its rows in serving order on the device, the
+        # waiting ones last] of each block in the pool, oldest first
         self._pool_parts: list[list[Any]] = []
         self.batches_this_epoch = 0
 
@@ -267,7 +267,7 @@ class ShuffledReader:
 
     def _half_in_use(self, half: int) -> bool:
         """Whether rows waiting to be served live in this half (of the device mirror, if there is one)."""
-        return any(h == half and n for h, n, *_ in self._pool_parts)
+        return any(h == half and n for h, n, _ in self._pool_parts)
 
     def _start_loading(self) -> None:
         """Begin decompressing the next blocks into the host halves that are free: without a mirror, a
@@ -298,7 +298,7 @@ class ShuffledReader:
         ids, slots = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         perm = self._rng.permutation(len(ids))
         half, slots = self._half(epoch, block), slots[perm]
-        self._pool_parts.append([half, len(ids), self._upload(half, slots), 0])
+        self._pool_parts.append([half, len(ids), self._upload(half, slots)])
         self._pool_rows = np.concatenate([self._pool_rows, ids[perm]])
         self._pool_slots = np.concatenate([self._pool_slots, slots])
         self._next_block += 1
@@ -353,11 +353,10 @@ class ShuffledReader:
         while left:
             part = self._pool_parts[0]
             take = min(left, part[1])
+            if self.mirror:
+                index.append(part[2].narrow(0, len(part[2]) - part[1], take))
             part[1] -= take
             left -= take
-            if self.mirror:
-                index.append(part[2].narrow(0, part[3], take))
-                part[3] += take
             if not part[1]:
                 self._pool_parts.pop(0)
         self.last_rows = rows
@@ -413,7 +412,7 @@ class ShuffledReader:
         for a, b in zip(cuts, cuts[1:]):
             if b > a:
                 half = int(halves[a])
-                self._pool_parts.append([half, b - a, self._upload(half, self._pool_slots[a:b]), 0])
+                self._pool_parts.append([half, b - a, self._upload(half, self._pool_slots[a:b])])
 
     def _cancel_loads(self) -> None:
         """Drop the blocks in flight (their decodes finish first: they write into the buffer)."""
