@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .cache.reader import ReaderConfig, ShuffledReader
+from .cache.reader import ReaderConfig, ShuffledReader, default_threads
 from .cache.store import Cache
 from .config import ConfigError
 
@@ -135,7 +135,8 @@ class RankStreams:
                               f"job has {w}; resume with --data-ranks {len(cursors)} (any process count dividing it)")
         self.team, self.data_ranks = team, w
         per = w // team.size
-        threads = cfg.threads or max(1, (os.cpu_count() or 1) // (team.local_size * per))
+        # each stream's decode threads: its share of the host's cores, less the quarter the default leaves
+        threads = cfg.threads or default_threads(max(1, (os.cpu_count() or 1) // (team.local_size * per)))
         sub = dataclasses.replace(cfg, batch_size=cfg.batch_size // w, threads=threads)
         self.readers = [ShuffledReader(arrays, cache, sub, rank=r, world_size=w, device=device, dtype=dtype,
                                        state=cursors[r] if cursors is not None else None)

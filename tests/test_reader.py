@@ -129,6 +129,20 @@ def test_decode_threads_default_to_all_cores_but_a_quarter(cache):
         assert r._pool._max_workers == default_threads()
 
 
+def test_training_streams_split_the_default_among_them(cache, monkeypatch):
+    """The trainer's streams share the host: on 16 cores one stream decodes on 12 threads, two streams in
+    one process on 6 each (8 cores each, less a quarter)."""
+    from matryoshka.cache.store import Cache
+    from matryoshka.distributed import RankStreams, Team
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    for data_ranks, want in ((1, [12]), (2, [6, 6])):
+        streams = RankStreams(["src"], Cache(str(cache)), ReaderConfig(batch_size=32, buffer_tokens=256), Team(),
+                              data_ranks, torch.device("cpu"), torch.float32)
+        assert [r._pool._max_workers for r in streams.readers] == want
+        streams.close()
+
+
 def test_batches_mix_many_sequences_and_positions(cache):
     """Bound: a batch is a uniform sample of one block of buffer/2 rows from buffer/(2*chunk) chunks. With a
     256-row buffer (blocks of 2 chunks, 8 sequences), every full batch of 32 spans >= 4 sequences,
