@@ -11,7 +11,10 @@ One step = forward, loss, backward, decoder projection, Adam step. Rows, per siz
 - floor: the encoder matmul forward + its weight-gradient matmul only, in the compute dtype.
 Both models start fresh, so no latent is dead and neither has an aux loss. Inputs are Gaussian, scaled to
 E||x||^2 = d as the trainer's input scaling does; one batch in memory (no reading). Then K models stepped
-on one batch in one loop against the sum of their steps timed alone.
+on one batch in one loop against the sum of their steps timed alone. Last, the same step fed by the
+``ShuffledReader`` from a cache of activation-like rows (float32 on the device, as the trainer reads),
+alternated with in-memory steps: what reading costs training, the decode threads' share of the GIL
+included.
 
     python benchmarks/train.py                 # GPT-2 size B 4096, Gemma-2-2B size B 1024 on CPU (~4-5 min on 2 CPUs)
     python benchmarks/train.py --quick         # GPT-2 size only, B 1024 (~1 min on 2 CPUs), a smoke run
@@ -20,13 +23,18 @@ on one batch in one loop against the sum of their steps timed alone.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from common import machine, print_table
+from reader import SAE, build
+
+from matryoshka.cache.reader import ReaderConfig, ShuffledReader
 
 from matryoshka.train.dictionary import Dictionary
 from matryoshka.train.objectives import Objective
@@ -147,6 +155,22 @@ def profile(device: str) -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=30))
 
 
+def fed_by_reader(device: str, b: int, n: int, rounds: int) -> tuple[float, float]:
+    """Best seconds per step of ours (default, GPT-2 size) on one in-memory batch and on batches drawn
+    from a ShuffledReader, alternating ``rounds`` times (a shared machine's speed drifts)."""
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        build(Path(tmp) / "cache", 60 if device.startswith("cuda") else 20)
+        step, x = ours("GPT-2", "default", device), batch(SIZES["GPT-2"][0], b, device)
+        cfg = ReaderConfig(batch_size=b, buffer_tokens=max(2**17, 4 * b))
+        with ShuffledReader(SAE, str(Path(tmp) / "cache"), cfg, device=device, dtype=torch.float32) as reader:
+            scale = (SIZES["GPT-2"][0] / next(reader)[SAE[0]].pow(2).sum(-1).mean()).sqrt()  # E||x||^2 = d
+            memory, fed = [], []
+            for _ in range(rounds):
+                memory.append(timed(step, x, 1, n, device))
+                fed.append(timed(lambda _: step(next(reader)[SAE[0]] * scale), x, 1, n, device))
+    return min(memory), min(fed)
+
+
 def row(size: str, b: int, what: str, s: float, base: float, floor_s: float) -> list[str]:
     return [f"{size} (B {b})", what, f"{s * 1e3:,.1f}", f"{b / s:,.0f}", f"{base / s:.2f}x", f"{floor_s / s:.3f}"]
 
@@ -198,6 +222,14 @@ def main() -> None:
                 [[f"{kk} models in one loop", f"{together * 1e3:,.1f}", f"{b / together * kk:,.0f}"],
                  [f"sum of the {kk} models timed alone", f"{alone * 1e3:,.1f}", f"{b / alone * kk:,.0f}"]])
     print(f"   one loop / sum alone = {together / alone:.2f}x (target <= 1.1x)")
+
+    b, n = (4096, 30) if gpu else (1024, 3)
+    memory, fed = fed_by_reader(dev, b, n, 3)
+    print(f"\nFed by the reader: ours (default), GPT-2 size, batch {b}, batches from a ShuffledReader (float32 on "
+          f"{dev}) against one in-memory batch; best of 3 alternated rounds of {n} steps")
+    print_table(["what", "ms/step", "tok/s", "vs in memory"],
+                [["one batch in memory", f"{memory * 1e3:,.1f}", f"{b / memory:,.0f}", "1.00x"],
+                 ["fed by the reader", f"{fed * 1e3:,.1f}", f"{b / fed:,.0f}", f"{memory / fed:.2f}x"]])
     print(f"\ntotal {time.perf_counter() - start:.0f}s")
 
 
