@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with CUDA: the GPU tests (CPU-path equality), then the
 # training-step, reader and harvest benchmarks on the device, and the reader on all host cores. Logs go
-# to $OUT (default: the current directory). About 4 minutes on an H200.
+# to $OUT (default: the current directory). About 5 minutes on an H200.
 set -uo pipefail
 out=${OUT:-.}
 export PYTHONUNBUFFERED=1
