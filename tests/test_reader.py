@@ -35,8 +35,9 @@ def _reader(cache, **kw):
     rank = kw.pop("rank", 0)
     world = kw.pop("world_size", 1)
     state = kw.pop("state", None)
+    mirror = kw.pop("mirror", None)
     cfg = ReaderConfig(**{"batch_size": 32, "buffer_tokens": 256, **kw})
-    return ShuffledReader(["src", "tgt"], str(cache), cfg, rank=rank, world_size=world, state=state)
+    return ShuffledReader(["src", "tgt"], str(cache), cfg, rank=rank, world_size=world, state=state, mirror=mirror)
 
 
 def _ids(batch) -> list[int]:
@@ -89,14 +90,15 @@ def test_epochs_differ_and_seed_decides(cache):
         assert _epoch(a) != ea
 
 
+@pytest.mark.parametrize("mirror", [False, True])  # the CPU path, and the GPU's schedule run on the CPU
 @pytest.mark.parametrize("stop_at", [1, 4, 7, 13, 20])  # mid-block, at a block's end, past an epoch (13 per epoch)
-def test_resume_from_cursor_equals_uninterrupted(cache, stop_at):
+def test_resume_from_cursor_equals_uninterrupted(cache, stop_at, mirror):
     with _reader(cache) as whole:
         expected = [_ids(next(whole)) for _ in range(stop_at + 12)]
-    with _reader(cache) as first:
+    with _reader(cache, mirror=mirror) as first:
         got = [_ids(next(first)) for _ in range(stop_at)]
         cursor = pickle.loads(pickle.dumps(first.state_dict()))  # as a checkpoint would store it
-    with _reader(cache, state=cursor) as resumed:
+    with _reader(cache, state=cursor, mirror=mirror) as resumed:
         got += [_ids(next(resumed)) for _ in range(12)]
     assert got == expected
 
