@@ -35,7 +35,6 @@ from common import machine, print_table
 from reader import SAE, build
 
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
-
 from matryoshka.train.dictionary import Dictionary
 from matryoshka.train.objectives import Objective
 
