@@ -10,8 +10,7 @@ cache, so every row measures CPU work (read syscalls, decode, crc, copies), not 
 Rows, all on the same cache in one run: plain ``open().read()`` of every chunk file on all cores (after a
 warm-up pass); zarr's own ``a[r0:r1]`` per chunk, for reference; the decode ceiling, every chunk read,
 crc-checked and decompressed by the codec on a thread pool of one worker per core (best of two passes);
-on the CPU, the least work any reader that delivers on the CPU must do (the ceiling's work plus one
-random gather of every row); ``ShuffledReader`` for one array (SAE), for the pair (transcoder) and with
+``ShuffledReader`` for one array (SAE), for the pair (transcoder) and with
 float32 output, each in a fresh process whose peak RSS growth is sampled: a warm-up epoch, then
 ``--rounds`` epochs, each followed by a ceiling pass in the same process, the best of each compared.
 
@@ -110,27 +109,6 @@ def zarr_reads(cache: Cache, workers: int) -> float:
         r = cache.chunk_rows(i)
         a[r.start:r.stop]
     return min(timed_pool(load, list(range(cache.n_chunks)), workers) for _ in range(2))
-
-
-def gather_floor(cache: Cache, names: list[str], workers: int, block_rows: int, rounds: int) -> tuple[float, float]:
-    """The least work a reader delivering on the CPU does: the decode ceiling's work plus one gather of
-    every row from a block-sized buffer in a random order (as many rows as the chunk has, per chunk, on
-    the same thread pool). No scheduling, no waiting: a bound, not a reader. Best seconds of ``rounds``
-    passes, each followed by a decode ceiling pass (best of as many), as the readers are measured."""
-    scratch = threading.local()
-    big = {n: np.zeros((block_rows, D), np.uint16) for n in names}
-    perm = np.random.default_rng(0).permutation(block_rows)
-
-    def load(i: int) -> None:
-        if not hasattr(scratch, "out"):
-            scratch.out = np.empty((cache.chunk_tokens, D), np.uint16)
-        at = (i * cache.chunk_tokens) % (block_rows - cache.chunk_tokens)
-        for n in names:
-            decode_chunk(cache.chunk_bytes(n, i), "lz4", scratch.out)
-            np.take(big[n], perm[at:at + cache.chunk_tokens], axis=0)
-    passes = [(timed_pool(load, list(range(cache.n_chunks)), workers), decode_ceiling(cache, names, workers))
-              for _ in range(rounds)]
-    return min(p[0] for p in passes), min(p[1] for p in passes)
 
 
 def upload_seconds(block_rows: int, n_arrays: int) -> float:
@@ -232,11 +210,6 @@ def main() -> None:
              ceil[1]),
             (f"decode ceiling: read + crc32c + lz4 per chunk, {workers} threads, 2 arrays", ceil[2], n_rows,
              2 * D * 2, ceil[2])]
-        if args.device == "cpu":
-            for names in (SAE, PAIR):
-                bound_s, ceiling_s = gather_floor(cache, names, workers, block, args.rounds)
-                rows.append((f"CPU-delivery bound: the ceiling's work + one random row gather, {workers} threads, "
-                             f"{len(names)} array{'s' * (len(names) > 1)}", bound_s, n_rows, len(names) * D * 2, ceiling_s))
         if args.device.startswith("cuda"):
             for names in (SAE, PAIR):
                 per_block = upload_seconds(block, len(names))
@@ -261,8 +234,8 @@ def main() -> None:
           f"{buffer_tokens:,}, exclude_bos, device {args.device}")
     print("   GB/s = delivered activation bytes in storage dtype (bf16, all arrays); readers deliver 127/128 of the "
           "rows (BOS dropped)")
-    print("   vs ceiling = GB/s / the decode ceiling of the same arrays; for the bounds and the readers, the ceiling "
-          "measured between their passes (best of as many), as the machine's speed drifts")
+    print("   vs ceiling = GB/s / the decode ceiling of the same arrays; for the upload bound and the readers, the "
+          "ceiling measured between their passes (best of as many), as the machine's speed drifts")
     table = []
     for what, s, n, row, ceiling_s in rows:
         vs = f"{n * row / s / (n_rows * row / ceiling_s):.2f}x" if ceiling_s else "-"

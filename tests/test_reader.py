@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from matryoshka.cache import CacheError
-from matryoshka.cache.reader import ReaderConfig, ShuffledReader, default_threads
+from matryoshka.cache.reader import ReaderConfig, RecycledArrays, ShuffledReader, default_threads
 from matryoshka.fixtures import write_cache
 
 CTX, SPC, N_SEQS, HELD = 16, 4, 96, 8  # 24 chunks of 64 rows; 2 held out
@@ -36,8 +36,10 @@ def _reader(cache, **kw):
     world = kw.pop("world_size", 1)
     state = kw.pop("state", None)
     mirror = kw.pop("mirror", None)
+    dtype = kw.pop("dtype", None)
     cfg = ReaderConfig(**{"batch_size": 32, "buffer_tokens": 256, **kw})
-    return ShuffledReader(["src", "tgt"], str(cache), cfg, rank=rank, world_size=world, state=state, mirror=mirror)
+    return ShuffledReader(["src", "tgt"], str(cache), cfg, rank=rank, world_size=world, state=state, mirror=mirror,
+                          dtype=dtype)
 
 
 def _ids(batch) -> list[int]:
@@ -169,6 +171,43 @@ def test_source_and_target_stay_paired(cache):
             np.testing.assert_array_equal(b["tgt"].numpy(), ref_tgt[ids])
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_batches_the_consumer_keeps_are_never_overwritten_and_released_ones_are_reused(cache, dtype):
+    """The CPU path gathers into recycled arrays: only those no tensor or view refers to any more."""
+    with _reader(cache, dtype=dtype) as keeper, _reader(cache, dtype=dtype) as copier:
+        n = 2 * keeper.batches_per_epoch
+        kept = [next(keeper) for _ in range(n)]
+        views = [b["src"][:3] for b in kept[:5]]
+        del kept[:5]  # only views of these remain, and they must hold on too
+        copied = [{k: v.clone() for k, v in next(copier).items()} for _ in range(n)]
+        assert len({b["src"].data_ptr() for b in kept}) == len(kept)
+        for v, c in zip(views, copied[:5]):
+            assert torch.equal(v, c["src"][:3])
+        for b, c in zip(kept, copied[5:]):
+            assert torch.equal(b["src"], c["src"]) and torch.equal(b["tgt"], c["tgt"])
+
+
+def test_recycled_arrays_come_back_only_once_nothing_refers_to_them():
+    def address(x: np.ndarray) -> int:
+        return x.__array_interface__["data"][0]
+
+    pool = RecycledArrays(keep=2)
+    a = pool.get((4, 3), np.float32)
+    first = address(a)
+    view = torch.from_numpy(a)[1:]  # a view of a tensor made from it holds it
+    del a
+    b = pool.get((4, 3), np.float32)
+    second = address(b)
+    assert second != first
+    extra = pool.get((4, 3), np.float32)  # both kept arrays are held: a new one, not kept
+    assert address(extra) not in (first, second)
+    del b, extra
+    b = pool.get((4, 3), np.float32)
+    assert address(b) == second
+    del view
+    assert address(pool.get((4, 3), np.float32)) == first  # b is still held
+
+
 def test_output_dtype_is_the_consumers_choice(cache):
     cfg = ReaderConfig(batch_size=32, buffer_tokens=64)
     with ShuffledReader(["src"], str(cache), cfg, dtype=torch.bfloat16) as r:
@@ -232,6 +271,8 @@ def test_bad_input(cache, tmp_path):
     with pytest.raises(CacheError, match=r"buffer_tokens: 128 makes blocks of 1 chunk\(s\) of 64 rows, which can "
                        r"serve as few as 60 rows without BOS, fewer than batch_size 64; .* use buffer_tokens >= 256"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=64, buffer_tokens=128))
+    with pytest.raises(CacheError, match="mirror: False needs device cpu, not meta"):
+        ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=64), device="meta", mirror=False)
     with pytest.raises(CacheError, match="batch_size: 5000 is larger than the train split"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=5000, buffer_tokens=10000))
     n = 8 * CTX
