@@ -67,11 +67,10 @@ class ReaderConfig:
 
 
 def default_threads(cores: int | None = None) -> int:
-    """Decompression threads for ``cores`` CPU cores (default: this machine's): all but a quarter. The
-    serving thread needs the GIL for every batch, and each of its CUDA calls hands the GIL to the decode
-    threads: on a 16-core H200 host, 12 threads delivered 0.71x (SAE) and 0.90x (transcoder) of the
-    decode ceiling, 16 threads 0.53x and 0.62x, 8 threads 0.72x and 0.78x. On 2 cores this is both,
-    which measured 0.62x against 0.47x for one."""
+    """Decompression threads for ``cores`` CPU cores (default: this machine's): all but a quarter, left
+    to the serving thread (and CUDA's): on a 16-core H200 host, 12 threads delivered 0.71x (SAE) and
+    0.90x (transcoder) of the decode ceiling, 16 threads 0.53x and 0.62x, 8 threads 0.72x and 0.78x.
+    On 2 cores this is both, which measured 0.62x against 0.47x for one."""
     n = cores or os.cpu_count() or 1
     return n - n // 4
 
