@@ -65,6 +65,27 @@ def test_training_lowers_fvu_for_sae_and_transcoder(cache, tmp_path):
     assert len((dirs["sae"] / "metrics.jsonl").read_text().splitlines()) == 32
 
 
+def test_metrics_report_the_share_of_time_spent_waiting_on_the_reader(cache, tmp_path, monkeypatch):
+    from matryoshka import distributed
+
+    run = {**RUNS[0], "tokens": "5K"}  # 19 steps of 256 tokens, a metrics line every 5
+
+    def waits(run_dir: Path) -> list[float]:
+        return [json.loads(x)["reader_wait"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    fast = waits(train(_cfg(cache, tmp_path / "fast", runs=[run]), progress=False)[0])
+    read = distributed.RankStreams.__next__
+
+    def slow_read(self):
+        time.sleep(0.25)  # far longer than this small model's step (~15 ms)
+        return read(self)
+
+    monkeypatch.setattr(distributed.RankStreams, "__next__", slow_read)
+    slow = waits(train(_cfg(cache, tmp_path / "slow", runs=[run]), progress=False)[0])
+    assert len(fast) == len(slow) == 4 and all(0 <= w <= 1 for w in fast + slow)
+    assert min(slow) > 0.75 and fast[-1] < min(slow)
+
+
 def test_many_configs_from_one_read_equal_each_alone(cache, tmp_path):
     together = {p.name: _weights(p) for p in train(_cfg(cache, tmp_path / "all", runs=RUNS[:2]), progress=False)}
     for run in RUNS[:2]:

@@ -205,24 +205,32 @@ def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
     wandb_runs = _wandb_runs(cfg, active, cache) if writes else {}
     bars = {r.cfg.name: tqdm(total=r.total_steps, initial=r.step, desc=r.cfg.name, position=i, leave=True,
                              disable=not (progress and writes), dynamic_ncols=True) for i, r in enumerate(active)}
+    # per run: seconds spent waiting on the reader since its last metrics line, and when that line was
+    waits = {r.cfg.name: [0.0, time.perf_counter()] for r in active}
     try:
         while active:
+            t0 = time.perf_counter()
             batch = next(reader)
+            waited = time.perf_counter() - t0
             for r in active:
+                waits[r.cfg.name][0] += waited
                 m = r.train_step(batch, autocast)
                 if r.step % cfg.log_every == 0 or r.done:
                     m = team.mean(m, device)  # every rank's share of the global batch
                     if not writes:
                         continue
                     row = {k: _json_value(v) for k, v in m.items()}
+                    now, (spent, since) = time.perf_counter(), waits[r.cfg.name]
+                    waits[r.cfg.name] = [0.0, now]
                     row.update(step=r.step, tokens=r.step * cfg.batch_size, lr=r.sched.get_last_lr()[0],
-                               time=time.time())
+                               time=time.time(), reader_wait=round(spent / max(now - since, 1e-9), 4))
                     logs[r.cfg.name].write(json.dumps(row) + "\n")
                     if r.cfg.name in wandb_runs:
                         wandb_runs[r.cfg.name].log(row, step=r.step)
                     bars[r.cfg.name].set_postfix_str(
                         f"Loss: {row['loss']:.4g}, L0: {row['l0']:.1f}, L2: {row['l2']:.4g}, "
-                        f"FVU: {row['fvu']:.3f}, Dead: {int(row['dead'])}", refresh=False)
+                        f"FVU: {row['fvu']:.3f}, Dead: {int(row['dead'])}, Wait: {row['reader_wait']:.0%}",
+                        refresh=False)
                 bars[r.cfg.name].update(1)
             finished = [r for r in active if r.done]
             if finished or any(r.step % cfg.checkpoint_every == 0 for r in active):
