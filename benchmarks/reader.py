@@ -12,7 +12,8 @@ warm-up pass); zarr's own ``a[r0:r1]`` per chunk, for reference; the decode ceil
 crc-checked and decompressed by the codec on a thread pool of one worker per core (best of two passes);
 ``ShuffledReader`` for one array (SAE), for the pair (transcoder) and with
 float32 output, each in a fresh process whose peak RSS growth is sampled: a warm-up epoch, then
-``--rounds`` epochs, each followed by a ceiling pass in the same process, the best of each compared.
+``--rounds`` epochs, each followed by a ceiling pass in the same process, the best of each compared;
+and where the consumer's thread spent the best epoch (the reader's ``waited`` and its CPU time).
 
     python benchmarks/reader.py            # 2 x ~590 MiB raw bf16 (150 chunks), buffer 2**18 (~1 min on 2 CPUs)
     python benchmarks/reader.py --quick    # 2 x ~100 MiB raw (25 chunks), buffer 2**16 (~20 s), a smoke run
@@ -146,7 +147,7 @@ def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dty
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     cache, workers = Cache(path), os.cpu_count() or 1
-    epochs, ceilings = [], []
+    epochs, ceilings, splits = [], [], []
     with ShuffledReader(names, path, cfg, device=device, dtype=dtype) as reader:
         out_bytes = torch.empty(0, dtype=reader.dtype).element_size()
         row = sum(reader.widths) * 2  # storage bytes per row, all arrays
@@ -155,19 +156,22 @@ def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dty
         for _ in range(reader.batches_per_epoch):  # warm-up epoch: threads, first block, page cache
             next(reader)
         for _ in range(rounds):
+            waited, cpu = dict(reader.waited), time.thread_time()
             n, t0 = 0, time.perf_counter()
             for _ in range(reader.batches_per_epoch):
                 n += len(next(reader)[names[0]])
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             epochs.append(time.perf_counter() - t0)
+            split = [(reader.waited[k] - waited[k]) / epochs[-1] for k in ("decode", "upload")]
+            splits.append([*split, (time.thread_time() - cpu) / epochs[-1]])
             done.set()  # the ceiling's own buffers are not the reader's memory
             ceilings.append(decode_ceiling(cache, names, workers))
             done.clear()
     done.set()
     sampler.join()
     return {"seconds": min(epochs), "rows": n, "ceiling": min(ceilings), "rss": peak[0] - base, "budget": budget,
-            "threads": threads}
+            "threads": threads, "split": splits[epochs.index(min(epochs))]}
 
 
 def main() -> None:
@@ -219,7 +223,7 @@ def main() -> None:
         runs = [("ShuffledReader SAE, 1 array, out bf16", SAE, None),
                 ("ShuffledReader transcoder, 2 arrays, out bf16", PAIR, None),
                 ("ShuffledReader SAE, 1 array, out float32", SAE, torch.float32)]
-        mem = []
+        mem, split = [], []
         ctx = mp.get_context("spawn")
         for what, names, dtype in runs:
             for threads in [int(t) for t in args.threads.split(",")]:
@@ -229,6 +233,7 @@ def main() -> None:
                 what_t = f"{what}, {r['threads']} threads"
                 rows.append((what_t, r["seconds"], r["rows"], len(names) * D * 2, r["ceiling"]))
                 mem.append((what_t, r["rss"], r["budget"]))
+                split.append((what_t, *r["split"]))
 
     print(f"\nReader throughput: best of {args.rounds} epochs after a warm-up one, batch 4096, buffer_tokens "
           f"{buffer_tokens:,}, exclude_bos, device {args.device}")
@@ -247,6 +252,11 @@ def main() -> None:
           "(the buffer's two halves and 2 batches)")
     print_table(["reader", "peak RSS growth MiB", "budget MiB", "growth / budget"],
                 [[w, f"{r / 2**20:,.0f}", f"{b / 2**20:,.0f}", f"{r / b:.2f}"] for w, r, b in mem])
+
+    print("\nWhere the consumer's thread spent its best epoch: waiting for blocks to decompress, waiting for a "
+          "half's copy to the device, and serving batches on a core or off one (waiting for the GIL or a core)")
+    print_table(["reader", "wait decode", "wait upload", "serving on CPU", "serving off CPU"],
+                [[w, *(f"{x:.0%}" for x in (d, u, c, max(0.0, 1 - d - u - c)))] for w, d, u, c in split])
 
     sae = max(n / s for what, s, n, _, _ in rows if what.startswith("ShuffledReader SAE"))
     print(f"\nContext (design.md section 9; GPU figures from an H200, reader figure from this {workers}-CPU machine):")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -206,6 +207,24 @@ def test_recycled_arrays_come_back_only_once_nothing_refers_to_them():
     assert address(b) == second
     del view
     assert address(pool.get((4, 3), np.float32)) == first  # b is still held
+
+
+def test_the_reader_counts_the_time_its_consumer_waited_for_decompression(cache, monkeypatch):
+    decode = ShuffledReader._decode
+
+    def slow_decode(self, *args):
+        time.sleep(0.02)
+        return decode(self, *args)
+
+    monkeypatch.setattr(ShuffledReader, "_decode", slow_decode)
+    with _reader(cache, threads=2) as r:
+        assert r.waited == {"decode": 0.0, "upload": 0.0}
+        t0 = time.perf_counter()
+        _epoch(r)
+        took = time.perf_counter() - t0
+    # 22 chunks of 20 ms on 2 threads: at least 0.22 s of decoding, which serving 42 small batches hides
+    # little of; no mirror, so no upload
+    assert 0.15 < r.waited["decode"] <= took and r.waited["upload"] == 0
 
 
 def test_output_dtype_is_the_consumers_choice(cache):

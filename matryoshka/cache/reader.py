@@ -29,6 +29,7 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -211,6 +212,9 @@ class ShuffledReader:
         self.epoch = -1
         self.last_rows = np.empty(0, np.int64)
         """Cache row ids of the last batch served: with the ``tokens`` array they give each row's context."""
+        self.waited = {"decode": 0.0, "upload": 0.0}
+        """Seconds the consumer's thread has waited for blocks to decompress and (with a mirror) for a
+        half's copy to the device: what is left of its time in ``next`` is serving work."""
         self._reset_epoch(0)
         if state is not None:
             self.load_state_dict(state)
@@ -323,7 +327,7 @@ class ShuffledReader:
             half = self._half(epoch, block)
             if self.mirror:
                 if self._uploaded[half] is not None:
-                    self._uploaded[half].synchronize()  # the half's last block has reached the device
+                    self._wait_upload(half)  # the half's last block has reached the device
             elif self._half_in_use(half):
                 return
             order = self._order if epoch == self.epoch else self._chunk_order(epoch)
@@ -340,7 +344,9 @@ class ShuffledReader:
         self._start_loading()
         epoch, block, futures = self._loads.popleft()
         assert (epoch, block) == (self.epoch, self._next_block), "blocks join the pool in the order they load"
+        t0 = time.perf_counter()
         parts = [f.result() for f in futures]
+        self.waited["decode"] += time.perf_counter() - t0
         ids, slots = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         perm = self._rng.permutation(len(ids))
         half, slots = self._half(epoch, block), slots[perm]
@@ -350,6 +356,11 @@ class ShuffledReader:
         self._next_block += 1
         self._start_loading()  # with a mirror, the half just copied can take the block after next
         return True
+
+    def _wait_upload(self, half: int) -> None:
+        t0 = time.perf_counter()
+        self._uploaded[half].synchronize()
+        self.waited["upload"] += time.perf_counter() - t0
 
     def _upload(self, half: int, slots: np.ndarray) -> torch.Tensor | None:
         """Copy a decompressed half of the host buffer to its mirror, and the slots of its waiting rows in
@@ -365,7 +376,7 @@ class ShuffledReader:
                 dev[rows].copy_(host[rows])
             return torch.from_numpy(slots).to(self.device)
         if self._uploaded[half] is not None:
-            self._uploaded[half].synchronize()  # the half's last copy has left its pinned order buffer
+            self._wait_upload(half)  # the half's last copy has left its pinned order buffer
         order = self._order_pinned[half][:len(slots)]
         order.numpy()[:] = slots
         for host, dev in zip(self._buf, self._dev):
