@@ -9,6 +9,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_objectives.py 2>&1 | tee "$out/gpu_tests.log"
 python benchmarks/train.py --device cuda 2>&1 | tee "$out/train_cuda.log"
-python benchmarks/reader.py --device cuda --chunks 400 --threads 0,16,8 2>&1 | tee "$out/reader_cuda.log"
+python benchmarks/reader.py --device cuda --chunks 400 --switch-interval 0,0.0002 2>&1 | tee "$out/reader_cuda.log"
 python benchmarks/reader.py 2>&1 | tee "$out/reader_cpu.log"
 python benchmarks/harvest.py --device cuda --tokens 1M --context 1024 --batch 64 2>&1 | tee "$out/harvest_cuda.log"

@@ -18,14 +18,17 @@ and where the consumer's thread spent the best epoch (the reader's ``waited`` an
     python benchmarks/reader.py            # 2 x ~590 MiB raw bf16 (150 chunks), buffer 2**18 (~1 min on 2 CPUs)
     python benchmarks/reader.py --quick    # 2 x ~100 MiB raw (25 chunks), buffer 2**16 (~20 s), a smoke run
     python benchmarks/reader.py --device cuda --chunks 400 --threads 0,16,8   # and compare thread counts
+    python benchmarks/reader.py --switch-interval 0,0.0002                    # and GIL switch intervals
 
 On a GPU it adds the upload bound: copying pinned blocks to the device, which every row crosses once.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -129,7 +132,7 @@ def upload_seconds(block_rows: int, n_arrays: int) -> float:
 
 
 def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dtype: torch.dtype | None,
-               rounds: int, threads: int) -> dict[str, Any]:
+               rounds: int, threads: int, switch_interval: float = 0.0) -> dict[str, Any]:
     """In a fresh process: after a warm-up epoch, ``rounds`` times one epoch of the reader then one decode
     ceiling pass of the same arrays, alternating, so both see the same machine (a shared VM's speed
     drifts by tens of percent within a minute); the best of each. Also peak RSS growth, the stated
@@ -140,6 +143,8 @@ def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dty
         while not done.is_set():
             peak[0] = max(peak[0], proc.memory_info().rss)
             time.sleep(0.002)
+    if switch_interval:
+        sys.setswitchinterval(switch_interval)
     cfg = ReaderConfig(batch_size=4096, buffer_tokens=buffer_tokens, exclude_bos=True, threads=threads)
     if device.startswith("cuda"):
         torch.zeros(1, device=device)  # the CUDA context's own host memory is not the reader's
@@ -180,6 +185,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the reader delivers batches: cpu or cuda")
     ap.add_argument("--chunks", type=int, default=None, help="chunks per array (default 150, --quick 25)")
     ap.add_argument("--rounds", type=int, default=3, help="timed reader epochs (and ceiling passes) per reader")
+    ap.add_argument("--switch-interval", default="0", help="seconds, comma-separated to compare several: the "
+                    "reader process's sys.setswitchinterval, how long a thread waiting for the GIL lets its holder run "
+                    "on (0: Python's default, 5 ms)")
     ap.add_argument("--threads", default="0", help="the readers' decode threads, comma-separated to compare several "
                     "(0: the reader's default)")
     args = ap.parse_args()
@@ -226,11 +234,12 @@ def main() -> None:
         mem, split = [], []
         ctx = mp.get_context("spawn")
         for what, names, dtype in runs:
-            for threads in [int(t) for t in args.threads.split(",")]:
+            for threads, switch in itertools.product([int(t) for t in args.threads.split(",")],
+                                                     [float(x) for x in args.switch_interval.split(",")]):
                 with ProcessPoolExecutor(1, mp_context=ctx) as pool:
                     r = pool.submit(reader_run, str(path), names, buffer_tokens, args.device, dtype, args.rounds,
-                                    threads).result()
-                what_t = f"{what}, {r['threads']} threads"
+                                    threads, switch).result()
+                what_t = f"{what}, {r['threads']} threads" + (f", GIL switch {switch * 1e3:g} ms" if switch else "")
                 rows.append((what_t, r["seconds"], r["rows"], len(names) * D * 2, r["ceiling"]))
                 mem.append((what_t, r["rss"], r["budget"]))
                 split.append((what_t, *r["split"]))
