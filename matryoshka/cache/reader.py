@@ -432,10 +432,12 @@ class ShuffledReader:
         return {name: self._gather(host, slots) for name, host in zip(self.names, self._np)}
 
     def _gather(self, host: np.ndarray, slots: np.ndarray) -> torch.Tensor:
-        rows = self._outputs.get((len(slots), host.shape[1]), host.dtype)
+        # an epoch's last, smaller batch is the head of a full one: one size of array is ever kept
+        full, n = (self.cfg.batch_size, host.shape[1]), len(slots)
+        rows = self._outputs.get(full, host.dtype)[:n]
         np.take(host, slots, axis=0, out=rows, mode="wrap")  # slots are valid; "raise" would copy twice
         if self.dtype == torch.float32 and self.storage_dtype == "bfloat16":  # training's case: one pass
-            out = self._outputs.get(rows.shape, np.float32)
+            out = self._outputs.get(full, np.float32)[:n]
             np.left_shift(rows, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits -> float32's top half
             return torch.from_numpy(out)
         if self.dtype == torch.float32:
