@@ -21,7 +21,7 @@ from .config import ConfigError, EvaluateConfig, HarvestConfig, TrainConfig, fro
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
                        "and transcoders from it.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect caches: ls, info, verify.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and share caches: ls, info, verify, copy.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -223,6 +223,20 @@ def cache_verify(path: str = typer.Argument(..., help="The cache directory or UR
     code = _run_guarded(go)
     if code:
         raise typer.Exit(code)
+
+
+@cache_app.command("copy")
+def cache_copy(src: str = typer.Argument(..., help="A complete cache: directory or URL."),
+               dest_root: str = typer.Argument(..., help="A cache root (directory or URL prefix, s3://bucket/cache): "
+                                               "the copy lands at DEST_ROOT/<model>/<fingerprint>."),
+               workers: int = typer.Option(16, "--workers", help="Objects copied at once."),
+               quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Copy a complete cache under another cache root, checking every chunk; resumable."""
+    from .cache.copy import copy_cache
+
+    if workers < 1:
+        raise _fail(f"--workers: {workers} must be at least 1")
+    typer.echo(str(_run_guarded(lambda: copy_cache(src, dest_root, workers=workers, progress=not quiet))))
 
 
 def main() -> None:

@@ -154,6 +154,70 @@ def test_cache_ls_info_verify_on_urls(caches, bucket):
         Cache(f"{bucket}/nothing-here")
 
 
+def test_cache_copy_shares_a_local_cache_on_s3_and_brings_it_back(caches, bucket, gpt2_dir, corpus, tmp_path):
+    local, url = caches
+    fp = Cache(local).fingerprint
+    r = runner.invoke(app, ["cache", "copy", str(local), f"{bucket}/team", "-q"])
+    shared = f"{bucket}/team/tiny-gpt2/{fp}"  # where `harvest --cache-root {bucket}/team` puts this config
+    assert r.exit_code == 0 and r.output.strip() == shared, r.output
+    _same_cache(local, shared)
+    assert not _s3().exists(f"{shared}/{LOCK_NAME}")
+    before = _objects(shared)
+    r = runner.invoke(app, ["cache", "copy", str(local), f"{bucket}/team", "-q"])  # already there: a no-op
+    assert r.exit_code == 0 and r.output.strip() == shared and _objects(shared) == before
+    # a teammate harvesting the same config under that root finds it complete and harvests nothing
+    again = harvest(harvest_config(gpt2_dir, corpus, None, cache_root=f"{bucket}/team", sites=SITES, layers=None,
+                                   tokens="2K", batch_size=8), progress=False)
+    assert again == shared and _objects(shared) == before
+    # and back to a local disk (the source sits at a harvest path: its model folder is kept)
+    r = runner.invoke(app, ["cache", "copy", shared, str(tmp_path / "near-gpus"), "-q"])
+    assert r.exit_code == 0 and r.output.strip() == str(tmp_path / "near-gpus" / "tiny-gpt2" / fp), r.output
+    _same_cache(local, r.output.strip())
+
+
+def test_a_killed_copy_is_no_cache_and_resumes_and_a_damaged_source_is_refused(caches, tmp_path, monkeypatch):
+    from matryoshka.cache import copy as copy_module
+    from matryoshka.cache import remote
+
+    local, _ = caches
+    fp = Cache(local).fingerprint
+    write, written = remote.write_object, []
+
+    def dies_after_five(path, key, data):
+        if len(written) == 5:
+            raise OSError("killed")
+        written.append(key)
+        write(path, key, data)
+
+    monkeypatch.setattr(remote, "write_object", dies_after_five)
+    with pytest.raises(OSError, match="killed"):
+        copy_module.copy_cache(local, tmp_path / "dest", workers=1, progress=False)
+    dest = tmp_path / "dest" / "tiny-gpt2" / fp
+    with pytest.raises(CacheError, match="is not a cache"):  # the root zarr.json goes last
+        Cache(dest)
+    first = list(written)
+    monkeypatch.setattr(remote, "write_object", lambda path, key, data: (written.append(key), write(path, key, data)))
+    assert copy_module.copy_cache(local, tmp_path / "dest", workers=1, progress=False) == dest
+    _same_cache(local, dest)
+    again = written[len(first):]
+    assert not set(first) & set(again) and len(first) + len(again) == len(_objects(local))  # each object once
+
+    damaged = tmp_path / "damaged" / "tiny-gpt2" / fp
+    copy_module.copy_cache(local, tmp_path / "damaged", workers=1, progress=False)
+    chunk = damaged / "acts" / "1.mlp_out" / "c" / "2" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[10] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    r = runner.invoke(app, ["cache", "copy", str(damaged), str(tmp_path / "out"), "-q"])
+    assert r.exit_code == 2 and "chunk acts/1.mlp_out/c/2/0 of" in r.output and "fails its crc32c check" in r.output
+    assert not (tmp_path / "out").exists()  # what the failed copy created is gone
+    meta = json.loads((dest / "zarr.json").read_text())  # the destination path holds another harvest:
+    meta["attributes"]["manifest"]["fingerprint"] = "0123456789abcdef"
+    (dest / "zarr.json").write_text(json.dumps(meta))
+    r = runner.invoke(app, ["cache", "copy", str(local), str(tmp_path / "dest"), "-q"])
+    assert r.exit_code == 2 and f"holds fingerprint 0123456789abcdef, not {fp}" in r.output, r.output
+
+
 def _lock_json(url: str) -> dict:
     return json.loads(_s3().cat(f"{url}/{LOCK_NAME}"))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
@@ -59,11 +60,59 @@ def keys(url: str) -> set[str]:
     return {p[len(root) + 1:] for p in fs.find(root)}
 
 
-def remove(url: str) -> None:
-    fs, root = filesystem(url)
+def listing(path: str | Path) -> dict[str, int]:
+    """Every object (file) under a cache path or URL: relative key -> size in bytes."""
+    if not is_url(path):
+        root = Path(path)
+        return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    fs, root = filesystem(str(path))
+    fs.invalidate_cache()
+    root = root.rstrip("/")
+    return {p[len(root) + 1:]: int(info["size"]) for p, info in fs.find(root, detail=True).items()}
+
+
+def read_object(path: str | Path, key: str) -> bytes:
+    if not is_url(path):
+        return (Path(path) / key).read_bytes()
+    fs, root = filesystem(str(path))
+    return fs.cat_file(f"{root.rstrip('/')}/{key}")
+
+
+def write_object(path: str | Path, key: str, data: bytes) -> None:
+    """Write one object whole: a PUT on object storage, a temporary file renamed into place on disk, so
+    a writer killed midway never leaves a torn object."""
+    if is_url(path):
+        fs, root = filesystem(str(path))
+        fs.pipe_file(f"{root.rstrip('/')}/{key}", data)
+        return
+    dest = Path(path) / key
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, dest)
+
+
+def remove(path: str | Path) -> None:
+    """Remove a directory tree or everything under a URL (nothing there: nothing to do)."""
+    if not is_url(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    fs, root = filesystem(str(path))
     fs.invalidate_cache()
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+def created_by_us(path: str | Path) -> str | Path | None:
+    """What a writer about to create ``path`` should remove if it leaves nothing worth keeping: the
+    topmost missing directory of a local path, the URL itself if nothing is there yet, else None."""
+    if is_url(path):
+        return None if exists(str(path)) else path
+    missing, p = None, Path(path)
+    while not p.exists():
+        missing, p = p, p.parent
+    return missing
 
 
 def check_writable(url: str) -> None:
@@ -138,10 +187,4 @@ class ChunkSource:
         return out
 
     def _keep(self, key: str, data: bytes) -> None:
-        """Write a local copy atomically, so a reader killed mid-write never leaves a torn chunk."""
-        dest = self.local / key
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
+        write_object(self.local, key, data)  # atomic: a reader killed mid-write never leaves a torn chunk

@@ -93,14 +93,6 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(f"cache: cannot write to {str(path)!r} ({str(probe)!r} is not a writable directory)")
 
 
-def _first_missing(path: Path) -> Path | None:
-    """The topmost directory of ``path`` that does not exist yet (None if ``path`` exists)."""
-    missing = None
-    while not path.exists():
-        missing, path = path, path.parent
-    return missing
-
-
 def _check_space(path: Path, manifest: dict[str, Any], start_row: int) -> None:
     dtype = manifest["storage"]["dtype"]
     per_token = sum(row_bytes(a["width"], dtype) for a in manifest["arrays"].values()) + 4
@@ -161,12 +153,9 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
     if shard.count > 1:
         remote.check_writable(path) if url else _check_writable(path)
         return harvest_shard(cfg, p, path, shard, progress)
-    if url:
-        remote.check_writable(path)
-        created = None if remote.exists(path) else path  # removed again if this run leaves nothing worth resuming
-    else:
-        _check_writable(path)
-        created = _first_missing(path)
+    remote.check_writable(path) if url else _check_writable(path)
+    created = remote.created_by_us(path)  # removed again if this run leaves nothing worth resuming
+    if not url:
         path.mkdir(parents=True, exist_ok=True)
     writer = None
     exhausted = False
@@ -204,7 +193,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
             writer.abort()
         lock.release()
         if created is not None and held and (writer is None or writer.committed == 0 or exhausted):
-            remote.remove(created) if url else shutil.rmtree(created, ignore_errors=True)
+            remote.remove(created)
 
 
 def _prefetch(it, depth: int = 2):

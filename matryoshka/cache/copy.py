@@ -1,0 +1,110 @@
+"""`pipeline cache copy SRC DEST_ROOT`: share a finished cache with a team, or bring one near the GPUs.
+
+The copy lands at ``DEST_ROOT/<model>/<fingerprint>``, the path ``pipeline harvest --cache-root
+DEST_ROOT`` gives the same harvest, so a teammate whose cache root is that bucket finds it by its
+fingerprint and their harvest of the same config does nothing. Either side may be a directory or an
+fsspec URL (local -> S3 to share, S3 -> local to train from local disk).
+
+Every object but the root ``zarr.json`` goes first, each activation and token chunk's crc32c checked on
+the way (a damaged source chunk stops the copy, named, and what this copy created is removed); the root
+``zarr.json``, which makes the destination a cache, goes last. So a copy killed midway is never taken for a cache, and the same command
+again copies only what is missing (an object already there with the source's size is kept: objects are
+written whole, never torn). The destination's writer lock is held throughout, so a copy and a harvest
+never write one cache at once.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import remote
+from .format import chunk_key, crc_ok
+from .lock import LOCK_NAME, writer_lock
+from .store import Cache, CacheError
+
+ROOT_META = "zarr.json"
+
+
+def destination(cache: Cache, dest_root: str | Path) -> str | Path:
+    """``dest_root/<model>/<fingerprint>``. The model folder is the source's own when it sits at a harvest
+    path (``.../<model>/<fingerprint>``); otherwise it is named from the manifest as harvest names it."""
+    parts = str(cache.path).rstrip("/").split("/")
+    if len(parts) >= 2 and parts[-1] == cache.fingerprint:
+        model = parts[-2]
+    else:
+        name = cache.manifest["model"]["name"]
+        path_like = name.startswith(("/", ".", "~")) or name.count("/") > 1
+        model = Path(name).name if path_like else name.replace("/", "--")
+    return remote.join(dest_root, model, cache.fingerprint)
+
+
+def _same_place(a: str | Path, b: str | Path) -> bool:
+    if remote.is_url(a) or remote.is_url(b):
+        return str(a).rstrip("/") == str(b).rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _holds_cache(path: str | Path) -> bool:
+    return remote.exists(str(path), ROOT_META) if remote.is_url(path) else (Path(path) / ROOT_META).is_file()
+
+
+def _copied(key: str) -> bool:
+    """Objects a copy carries: not the lock, nor a killed writer's temporary file."""
+    name = key.rsplit("/", 1)[-1]
+    return not (name == LOCK_NAME or name.startswith(".part-") or name.endswith(".partial"))
+
+
+def copy_cache(src: str | Path, dest_root: str | Path, workers: int = 16, progress: bool = True) -> str | Path:
+    """Copy the complete cache ``src`` under ``dest_root``; return where it landed."""
+    cache = Cache(src)
+    cache.require_complete()
+    dest = destination(cache, dest_root)
+    if _same_place(dest, cache.path):
+        raise CacheError(f"cache copy: {cache.path!r} is already at {dest_root!r}; give another destination")
+    if remote.is_url(dest):
+        remote.check_writable(str(dest))
+    created = remote.created_by_us(dest)
+    if not remote.is_url(dest):
+        Path(dest).mkdir(parents=True, exist_ok=True)
+    try:
+        return _copy(cache, dest, workers, progress)
+    except CacheError:  # a damaged source: nothing worth resuming
+        if created is not None:
+            remote.remove(created)
+        raise
+
+
+def _copy(cache: Cache, dest: str | Path, workers: int, progress: bool) -> str | Path:
+    with writer_lock(dest):
+        if _holds_cache(dest):
+            there = Cache(dest)
+            if there.fingerprint != cache.fingerprint:
+                raise CacheError(f"cache copy: {str(dest)!r} holds fingerprint {there.fingerprint}, not "
+                                 f"{cache.fingerprint}; give another destination")
+            if not there.complete:
+                raise CacheError(f"cache copy: {str(dest)!r} holds an unfinished harvest of this cache; finish it "
+                                 "with `pipeline harvest --resume`, or remove it and copy again")
+            return dest
+        chunks = {chunk_key(name, i) for name in [*cache.array_names, "tokens"] for i in range(cache.n_chunks)}
+        have = remote.listing(dest)
+        todo = {k: n for k, n in remote.listing(cache.path).items()
+                if _copied(k) and k != ROOT_META and have.get(k) != n}
+        bar = tqdm(total=sum(todo.values()), desc="copy", unit="B", unit_scale=True, disable=not progress)
+
+        def one(key: str) -> None:
+            data = remote.read_object(cache.path, key)
+            if key in chunks and not crc_ok(data):
+                raise CacheError(f"cache copy: chunk {key} of {cache.path!r} fails its crc32c check; the "
+                                 "destination is not a cache (run `pipeline cache verify` on the source)")
+            remote.write_object(dest, key, data)
+            bar.update(len(data))
+
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:
+                list(pool.map(one, sorted(todo)))
+        finally:
+            bar.close()
+        remote.write_object(dest, ROOT_META, remote.read_object(cache.path, ROOT_META))  # last: now it is a cache
+    return dest
