@@ -14,6 +14,7 @@ never write one cache at once.
 """
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,6 +87,8 @@ def _copy(cache: Cache, dest: str | Path, workers: int, progress: bool) -> str |
             if not there.complete:
                 raise CacheError(f"cache copy: {str(dest)!r} holds an unfinished harvest of this cache; finish it "
                                  "with `pipeline harvest --resume`, or remove it and copy again")
+            if progress:
+                print(f"cache {dest} is already complete; nothing to copy", file=sys.stderr)
             return dest
         chunks = {chunk_key(name, i) for name in [*cache.array_names, "tokens"] for i in range(cache.n_chunks)}
         have = remote.listing(dest)
