@@ -15,6 +15,9 @@ A local S3 server has no network latency but costs CPU per request (moto is Pyth
 as the reader; a real bucket adds latency, which the concurrent fetch hides, and takes the server's CPU
 off this machine.
 
+Copy (``--section copy``): ``pipeline cache copy`` of that cache up to the server and back down, against
+fsspec's own recursive put and get of the same files.
+
 Harvest (``--section harvest``): tokens/s of one harvest with 1 worker and with 2 (torchrun), to local
 disk and to S3, start-up subtracted (see ``harvest_section``).
 
@@ -35,6 +38,7 @@ from pathlib import Path
 import fsspec
 
 from common import machine, print_table
+from matryoshka.cache.copy import copy_cache
 from matryoshka.cache.format import chunk_key
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
 from matryoshka.cache.store import Cache
@@ -108,6 +112,36 @@ def reader_section(args: argparse.Namespace, tmp: Path) -> None:
                 [[name, f"{tokens / s:,.0f}", f"{raw / s / 1e6:,.0f}", f"{base / s:.2f}x"] for name, s in rows])
 
 
+def copy_section(args: argparse.Namespace, tmp: Path) -> None:
+    """``pipeline cache copy`` up to S3 and back down, against fsspec's own recursive put and get of the same
+    files (no checks, no ordering): what crc-checking every chunk and committing the root last cost."""
+    local = tmp / "copy-src" / "bench-model" / "cache"
+    build(local, args.chunks)
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("copies")
+    stored = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    rows = [("fsspec put -r (baseline up)", timed(lambda: fs.put(str(local), "s3://copies/raw", recursive=True))),
+            ("pipeline cache copy, local -> S3", timed(lambda: copy_cache(local, "s3://copies/team", progress=False))),
+            ("fsspec get -r (baseline down)", timed(lambda: fs.get("s3://copies/raw", str(tmp / "raw-down"),
+                                                                   recursive=True))),
+            ("pipeline cache copy, S3 -> local", timed(lambda: copy_cache(
+                f"s3://copies/team/bench-model/{Cache(local).fingerprint}", tmp / "down", progress=False)))]
+    print(f"\nCopying one cache ({stored / 2**20:.0f} MiB stored, {n_files(local)} objects) to the local S3 "
+          "server and back; the copy runs 16 objects at a time\n")
+    print_table(["what", "seconds", "MB/s", "vs fsspec's own"],
+                [[w, f"{t:.2f}", f"{stored / t / 1e6:,.0f}", f"{rows[i - i % 2][1] / t:.2f}x"]
+                 for i, (w, t) in enumerate(rows)])
+
+
+def n_files(path: Path) -> int:
+    return sum(1 for f in path.rglob("*") if f.is_file())
+
+
 def harvest_run(cmd: list[str], threads: int) -> float:
     """Wall seconds of one harvest command (torch threads per process: ``threads``)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -160,7 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--buffer", type=int, default=0, help="reader buffer in tokens (default: a sixth of the cache)")
-    ap.add_argument("--section", choices=("all", "reader", "harvest"), default="all")
+    ap.add_argument("--section", choices=("all", "reader", "copy", "harvest"), default="all")
     ap.add_argument("--harvest-tokens", type=int, default=0, help="tokens per harvest (default 16,384; a multiple of 1,024)")
     args = ap.parse_args()
     args.harvest_tokens = args.harvest_tokens or 16 * 8 * 128 // (4 if args.quick else 1)
@@ -172,6 +206,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if args.section in ("all", "reader"):
                 reader_section(args, Path(tmp))
+            if args.section in ("all", "copy"):
+                copy_section(args, Path(tmp))
             if args.section in ("all", "harvest"):
                 harvest_section(args, Path(tmp))
     finally:

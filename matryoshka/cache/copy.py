@@ -7,10 +7,10 @@ fsspec URL (local -> S3 to share, S3 -> local to train from local disk).
 
 Every object but the root ``zarr.json`` goes first, each activation and token chunk's crc32c checked on
 the way (a damaged source chunk stops the copy, named, and what this copy created is removed); the root
-``zarr.json``, which makes the destination a cache, goes last. So a copy killed midway is never taken for a cache, and the same command
-again copies only what is missing (an object already there with the source's size is kept: objects are
-written whole, never torn). The destination's writer lock is held throughout, so a copy and a harvest
-never write one cache at once.
+``zarr.json``, which makes the destination a cache, goes last. So a copy killed midway is never taken
+for a cache, and the same command again copies only what is missing (an object already there with the
+source's size is kept: objects are written whole, never torn). The destination's writer lock is held
+throughout, so a copy and a harvest never write one cache at once.
 """
 from __future__ import annotations
 
