@@ -115,7 +115,7 @@ def reader_section(args: argparse.Namespace, tmp: Path) -> None:
 def copy_section(args: argparse.Namespace, tmp: Path) -> None:
     """``pipeline cache copy`` up to S3 and back down, against fsspec's own recursive put and get of the same
     files (no checks, no ordering): what crc-checking every chunk and committing the root last cost."""
-    local = tmp / "copy-src" / "bench-model" / "cache"
+    local = tmp / "copy-src"
     build(local, args.chunks)
     fs = fsspec.filesystem("s3")
     fs.mkdir("copies")
@@ -125,12 +125,13 @@ def copy_section(args: argparse.Namespace, tmp: Path) -> None:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+    shared: list = []
     rows = [("fsspec put -r (baseline up)", timed(lambda: fs.put(str(local), "s3://copies/raw", recursive=True))),
-            ("pipeline cache copy, local -> S3", timed(lambda: copy_cache(local, "s3://copies/team", progress=False))),
+            ("pipeline cache copy, local -> S3",
+             timed(lambda: shared.append(copy_cache(local, "s3://copies/team", progress=False)))),
             ("fsspec get -r (baseline down)", timed(lambda: fs.get("s3://copies/raw", str(tmp / "raw-down"),
                                                                    recursive=True))),
-            ("pipeline cache copy, S3 -> local", timed(lambda: copy_cache(
-                f"s3://copies/team/bench-model/{Cache(local).fingerprint}", tmp / "down", progress=False)))]
+            ("pipeline cache copy, S3 -> local", timed(lambda: copy_cache(shared[0], tmp / "down", progress=False)))]
     print(f"\nCopying one cache ({stored / 2**20:.0f} MiB stored, {n_files(local)} objects) to the local S3 "
           "server and back; the copy runs 16 objects at a time\n")
     print_table(["what", "seconds", "MB/s", "vs fsspec's own"],
