@@ -150,9 +150,9 @@ class ShuffledReader:
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  state: dict[str, Any] | None = None, mirror: bool | None = None) -> None:
         """``mirror``: copy each decompressed block to a buffer on ``device`` and gather batches there
-        (default, and required, off the CPU). The host half is then free as soon as its copy lands, so two blocks
-        decompress back to back; on the CPU it is off (the copy would cost more than it frees) but runs
-        the same schedule, which is how the tests check it without a GPU."""
+        (default, and required, off the CPU). The host half is then free as soon as its copy lands, so
+        two blocks decompress back to back; on the CPU it is off (the copy would cost more than it
+        frees) but runs the same schedule, which is how the tests check it without a GPU."""
         self.cfg = config or ReaderConfig()
         self.cfg.validate()
         if not 0 <= rank < world_size:

@@ -54,10 +54,7 @@ def total_bytes(url: str) -> int:
 
 def keys(url: str) -> set[str]:
     """Every object key under ``url``, relative to it."""
-    fs, root = filesystem(url)
-    fs.invalidate_cache()
-    root = root.rstrip("/")
-    return {p[len(root) + 1:] for p in fs.find(root)}
+    return set(listing(url))
 
 
 def listing(path: str | Path) -> dict[str, int]:
