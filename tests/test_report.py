@@ -15,6 +15,7 @@ from matryoshka.cache import Cache
 from matryoshka.cli import app
 from matryoshka.config import ConfigError, EvaluateConfig, TrainConfig
 from matryoshka.evaluate.contexts import TopContexts, cache_tokenizer, context_text
+from matryoshka.evaluate.report import training_curves
 from matryoshka.evaluate.run import evaluate
 from matryoshka.fixtures import write_cache
 from matryoshka.harvest import harvest
@@ -100,7 +101,14 @@ def test_report_renders_two_runs_with_plots(cache, tmp_path):
             assert ((z["top_rows"][:, 0] >= 0) == live).all()  # every live latent has a context, dead ones none
             assert len(z["density"][live]) == 64 - ev["dead"]
     images = re.findall(r"!\[[^\]]*\]\((report/[^)]+\.png)\)", md)
-    assert sorted(images) == ["report/density.png", "report/fvu_l0.png", "report/prefix_fvu.png"]
+    assert sorted(images) == ["report/density.png", "report/fvu_l0.png", "report/prefix_fvu.png",
+                              "report/training.png"]
+    logged = [json.loads(x) for x in (tmp_path / fp / "mat" / "metrics.jsonl").read_text().splitlines()]
+    with open(tmp_path / fp / "mat" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "tok')  # a line cut short by a kill
+    curves = training_curves(tmp_path / fp / "mat")
+    assert curves["tokens"].tolist() == [r["tokens"] for r in logged] == [1280, 2560, 3072]  # 24 steps of 128
+    assert curves["fvu"].tolist() == [r["fvu"] for r in logged] and curves["dead"].tolist() == [r["dead"] for r in logged]
     for name in images:
         data = (tmp_path / fp / name).read_bytes()
         assert data[:8] == PNG and len(data) > 2000

@@ -1,7 +1,7 @@
 """The report of one cache: every evaluated run of it side by side, in Markdown with PNG plots.
 
-``runs/<fingerprint>/report.md`` and ``runs/<fingerprint>/report/*.png``: the comparison table, the
-feature-density histogram (log10 density of each run's live latents), FVU against L0 across runs, FVU of
+``runs/<fingerprint>/report.md`` and ``runs/<fingerprint>/report/*.png``: the comparison table, each
+run's training curves (FVU and dead latents over tokens, from its metrics.jsonl), the feature-density histogram (log10 density of each run's live latents), FVU against L0 across runs, FVU of
 each Matryoshka prefix against the latents it uses, the hierarchy statistics per group, and the top
 contexts of a few live latents sampled per run. It reads each run's ``eval.json`` and ``eval.npz``
 (density and top contexts), so it can be rebuilt at any time without evaluating again.
@@ -91,6 +91,47 @@ def _prefix_plot(results: list[dict], out: Path) -> str | None:
     return _save(fig, out / "prefix_fvu.png")
 
 
+def training_curves(run_dir: Path) -> dict[str, np.ndarray]:
+    """A run's metrics.jsonl as columns (tokens, fvu, l0, dead, reader_wait), in logged order; a line cut
+    short by a kill is skipped. Empty when the run logged nothing."""
+    rows = []
+    try:
+        for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    except OSError:
+        return {}
+    keys = ("tokens", "fvu", "l0", "dead", "reader_wait")
+    return {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in keys} if rows else {}
+
+
+def _training_plot(results: list[dict], out: Path) -> str | None:
+    """FVU and dead latents over training tokens, every run in one figure (what W&B would show, offline)."""
+    curves = {r["run"]: c for r in results if (c := training_curves(Path(r["path"])))}
+    if not curves:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 6.0), dpi=100)
+    fvu, dead = fig.subplots(2, 1, sharex=True)
+    for run, c in curves.items():
+        fvu.plot(c["tokens"], c["fvu"], label=run)
+        dead.plot(c["tokens"], c["dead"], label=run)
+    fvu.set_yscale("log")
+    fvu.set_ylabel("FVU (training batches)")
+    fvu.set_title("Training curves")
+    dead.set_ylabel("dead latents")
+    dead.set_ylim(bottom=0)
+    dead.yaxis.get_major_locator().set_params(integer=True)
+    dead.set_xlabel("training tokens")
+    for ax in (fvu, dead):
+        ax.grid(alpha=0.3)
+    fvu.legend(fontsize=8)
+    return _save(fig, out / "training.png")
+
+
 def _num(v: Any, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
@@ -170,7 +211,8 @@ def write_report(cache: Cache, results: list[dict[str, Any]], folder: Path, rewr
                 npz[r["run"]] = dict(z)
     images = folder / "report"
     images.mkdir(parents=True, exist_ok=True)
-    plots = [("Feature density", _density_plot(results, npz, images)),
+    plots = [("Training curves", _training_plot(results, images)),
+             ("Feature density", _density_plot(results, npz, images)),
              ("FVU against L0", _fvu_l0_plot(results, images)),
              ("FVU per Matryoshka prefix", _prefix_plot(results, images))]
     m = cache.manifest
