@@ -23,6 +23,7 @@ included.
 from __future__ import annotations
 
 import argparse
+import collections
 import tempfile
 import time
 from collections.abc import Callable
@@ -135,6 +136,29 @@ def floor(size: str, device: str) -> Step:
     return step
 
 
+def read_backs(step: Step, x: torch.Tensor) -> collections.Counter:
+    """The ops of one step that read a device value back to the host (on a GPU each is a sync that drains
+    the queue): item/int/bool of a tensor, nonzero, bincount (which sizes its output by the largest
+    value), boolean-mask indexing. Counted by dispatch, so the CPU counts what a GPU would sync on."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: collections.Counter = collections.Counter()
+    names = {"aten._local_scalar_dense.default": "item", "aten.nonzero.default": "nonzero",
+             "aten.bincount.default": "bincount", "aten.masked_select.default": "masked_select"}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in names:
+                counts[names[str(func)]] += 1
+            elif str(func) == "aten.index.Tensor" and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
+                counts["boolean mask"] += 1
+            return func(*args, **(kwargs or {}))
+    with Count():
+        step(x)
+    return counts
+
+
 def profile(device: str) -> None:
     """The kernels and host-device syncs of ours (default), per size: where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -145,6 +169,9 @@ def profile(device: str) -> None:
         for _ in range(3):
             step(x)
         sync(device)
+        counts = read_backs(step, x)
+        print(f"\n{size}: {sum(counts.values())} device->host read-backs per step of ours (default, no dead "
+              f"latents): {', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}")
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
         with torch_profile(activities=acts) as prof:
             for _ in range(5):

@@ -37,6 +37,19 @@ def test_sparse_prefixes_equal_dense_prefixes():
             torch.testing.assert_close(got[:, g], recon, rtol=1e-5, atol=1e-6)
 
 
+def test_batch_topk_breaks_ties_at_the_threshold_in_row_major_order():
+    acts = torch.tensor([[3.0, 1.0, 1.0], [1.0, 1.0, 0.5]])
+    code = batch_topk(acts, 1)  # k * B = 2: the 3, then the first of four 1s
+    assert code.rows.tolist() == [0, 0] and code.latents.tolist() == [0, 1] and code.values.tolist() == [3.0, 1.0]
+    big = torch.ones(64, 64)
+    bigger = torch.tensor([5, 700, 701, 2000, 4095])
+    big.view(-1)[bigger] = 2.0
+    code = batch_topk(big, 2)  # 128: the five 2s, then the first 123 of the 1s
+    flat = (code.rows * 64 + code.latents).tolist()
+    ones = [i for i in range(4096) if i not in bigger.tolist()][:123]
+    assert flat == sorted(bigger.tolist() + ones)
+
+
 def test_batch_topk_is_one_selection_for_the_whole_batch():
     acts = torch.relu(_x(8, 32))
     code = batch_topk(acts, 2)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .sparse import bag_counts
+
 
 def _bag_sum(weight: torch.Tensor, index: torch.Tensor, bag: torch.Tensor, n_bags: int,
              scale: torch.Tensor) -> torch.Tensor:
     """[n_bags, d]: sum over entries i of ``scale[i] * weight[index[i]]`` into bag ``bag[i]``."""
     order = torch.argsort(bag, stable=True)
-    counts = torch.bincount(bag, minlength=n_bags)
+    counts = bag_counts(bag, n_bags)
     offsets = torch.cumsum(counts, 0) - counts
     return F.embedding_bag(index[order], weight, offsets, mode="sum", per_sample_weights=scale[order])
 

@@ -102,14 +102,15 @@ class Objective:
         low = code.values.min() if len(code.values) else torch.tensor(math.inf, device=code.values.device)
         if self.team is not None:
             low = self.team.all_reduce(low.clone(), "min")  # the global batch's lowest selected value
-        if math.isinf(low):
-            return
+        # On the device, without reading anything back (a host sync stalls the GPU's queue every step):
+        # the EMA step, or (default, first batch) a warm start at the batch's value rather than at 0;
+        # no update while no value was selected.
         t = self.dic.threshold
-        if self.reference or bool(self.started):
-            t.mul_(1 - self.ema).add_(self.ema * low)
-        else:
-            t.copy_(low)  # warm start: the EMA begins at the first batch's value, not at 0
-        self.started.fill_(True)
+        ema = t * (1 - self.ema) + self.ema * low
+        new = ema if self.reference else torch.where(self.started, ema, low)
+        selected = ~torch.isinf(low)
+        t.copy_(torch.where(selected, new, t))
+        self.started |= selected
 
     @torch.no_grad()
     def _update_inactive(self, code: Code, batch: int) -> None:

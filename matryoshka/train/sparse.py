@@ -34,6 +34,12 @@ class Code:
         return out.index_put((self.rows, self.latents), self.values)
 
 
+def bag_counts(bag: torch.Tensor, n_bags: int) -> torch.Tensor:
+    """Entries per bag (``bag`` < ``n_bags``). ``bincount`` would read the largest bag back to the host
+    to size its output (a sync that stalls the GPU's queue); the size is known, so this never syncs."""
+    return torch.zeros(n_bags, dtype=torch.long, device=bag.device).index_add_(0, bag, torch.ones_like(bag))
+
+
 def _sorted(flat: torch.Tensor, values: torch.Tensor, batch: int, width: int) -> Code:
     order = torch.argsort(flat)
     flat, values = flat[order], values[order]
@@ -79,14 +85,14 @@ def batch_topk(acts: torch.Tensor, k: int, team: "Team | None" = None) -> Code:
     t = top.min()
     above = vals > t
     ties = torch.nonzero(vals == t).squeeze(1)
-    counts = torch.stack([above.sum(), torch.tensor(len(ties), device=flat.device)])
     if size > 1:
+        counts = torch.stack([above.sum(), torch.tensor(len(ties), device=flat.device)])
         every = team.all_gather(counts).view(size, 2)
-        free = n - int(every[:, 0].sum()) - int(every[:team.rank, 1].sum())  # earlier ranks' ties go first
+        free = n - every[:, 0].sum() - every[:team.rank, 1].sum()  # earlier ranks' ties go first
     else:
-        free = n - int(counts[0])
-    above[ties[:max(0, min(free, len(ties)))]] = True
-    keep = above & (vals > 0)
+        free = n - above.sum()
+    above[ties] = torch.arange(len(ties), device=flat.device) < free  # the first `free` ties, on the device
+    keep = torch.nonzero(above & (vals > 0)).squeeze(1)  # one read-back for both selections
     return _sorted(idx[keep], vals[keep], b, m)
 
 
@@ -113,7 +119,7 @@ def group_partials(code: Code, W_dec: torch.Tensor, bounds: torch.Tensor) -> tor
     group = torch.bucketize(code.latents, bounds, right=True)
     bag = code.rows * n_groups + group
     # embedding_bag wants bags as offsets into an input sorted by bag; (row, latent) order is (row, group) order.
-    counts = torch.bincount(bag, minlength=code.batch * n_groups)
+    counts = bag_counts(bag, code.batch * n_groups)
     offsets = torch.cumsum(counts, 0) - counts
     out = F.embedding_bag(code.latents, W_dec, offsets, mode="sum", per_sample_weights=code.values.to(W_dec.dtype))
     return out.view(code.batch, n_groups, -1)
