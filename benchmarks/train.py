@@ -150,7 +150,7 @@ def read_backs(step: Step, x: torch.Tensor) -> collections.Counter:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if str(func) in names:
                 counts[names[str(func)]] += 1
-            elif str(func) == "aten.index.Tensor" and any(
+            elif str(func) in ("aten.index.Tensor", "aten.index_put_.default", "aten.index_put.default") and any(
                     isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]):
                 counts["boolean mask"] += 1
             return func(*args, **(kwargs or {}))

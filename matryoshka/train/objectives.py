@@ -119,7 +119,7 @@ class Objective:
         if self.team is not None:
             fired = self.team.all_reduce(fired.to(torch.int32), "max").bool()  # fired on any rank
         self.inactive.add_(1 if self.reference else batch)
-        self.inactive[fired] = 0
+        self.inactive.masked_fill_(fired, 0)  # a boolean-mask assignment would sync (it takes nonzero)
 
     def _aux(self, x: torch.Tensor, acts: torch.Tensor, y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Dead latents' top activations per row, decoded without bias, fit to the residual."""
