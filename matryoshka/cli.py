@@ -226,9 +226,9 @@ def cache_verify(path: str = typer.Argument(..., help="The cache directory or UR
 
 
 @cache_app.command("copy")
-def cache_copy(src: str = typer.Argument(..., help="A complete cache: directory or URL."),
-               dest_root: str = typer.Argument(..., help="A cache root (directory or URL prefix, s3://bucket/cache): "
-                                               "the copy lands at DEST_ROOT/<model>/<fingerprint>."),
+def cache_copy(src: str = typer.Argument(..., metavar="CACHE", help="A complete cache: directory or URL."),
+               dest_root: str = typer.Argument(..., metavar="ROOT", help="A cache root (directory or URL prefix, "
+                                               "s3://bucket/cache): the copy lands at ROOT/<model>/<fingerprint>."),
                workers: int = typer.Option(16, "--workers", help="Objects copied at once."),
                quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
     """Copy a complete cache under another cache root, checking every chunk; resumable."""
