@@ -83,18 +83,18 @@ def numpy_view(t: torch.Tensor) -> np.ndarray:
 _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()  # bits -> value
 
 
-def decode(a: np.ndarray, dtype: str) -> np.ndarray:
+def decode(a: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
     """Stored values as float32 numpy (bf16 bits shifted into the high half of a float32; float8 bits
-    looked up and multiplied by the row's scale)."""
+    looked up and multiplied by the row's scale), written into ``out`` when given (float32 storage
+    needs no conversion and is returned as it is)."""
     if dtype == "bfloat16":
-        bits = np.empty(a.shape, np.uint32)  # widened in place: 8x faster here than astype then shift
-        bits[...] = a
-        bits <<= 16
+        bits = np.empty(a.shape, np.uint32) if out is None else out.view(np.uint32)
+        np.left_shift(a.view(np.uint16), 16, out=bits, dtype=np.uint32)  # one pass: 8x faster than astype, shift
         return bits.view(np.float32)
     if dtype == "float8":
         scale = np.ascontiguousarray(a[..., -SCALE_BYTES:]).view(np.float32)
         with np.errstate(invalid="ignore"):  # a non-finite row decodes to nan; the writer reports it
-            return _FP8_VALUES[a[..., :-SCALE_BYTES]] * scale
+            return np.multiply(_FP8_VALUES[a[..., :-SCALE_BYTES]], scale, out=out)
     return a.astype(np.float32, copy=False)
 
 

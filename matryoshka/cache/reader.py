@@ -429,19 +429,17 @@ class ShuffledReader:
                     for name, dev in zip(self.names, self._dev)}
         # numpy's gather (and cast) run on this thread alone: torch's would spread over OpenMP threads
         # that then wait on the cores the decompression threads are using.
-        return {name: self._gather(host, slots) for name, host in zip(self.names, self._np)}
+        return {name: self._gather(host, slots, width) for name, host, width in zip(self.names, self._np, self.widths)}
 
-    def _gather(self, host: np.ndarray, slots: np.ndarray) -> torch.Tensor:
+    def _gather(self, host: np.ndarray, slots: np.ndarray, width: int) -> torch.Tensor:
         # an epoch's last, smaller batch is the head of a full one: one size of array is ever kept
-        full, n = (self.cfg.batch_size, host.shape[1]), len(slots)
-        rows = self._outputs.get(full, host.dtype)[:n]
+        n = len(slots)
+        rows = self._outputs.get((self.cfg.batch_size, host.shape[1]), host.dtype)[:n]
         np.take(host, slots, axis=0, out=rows, mode="wrap")  # slots are valid; "raise" would copy twice
-        if self.dtype == torch.float32 and self.storage_dtype == "bfloat16":  # training's case: one pass
-            out = self._outputs.get(full, np.float32)[:n]
-            np.left_shift(rows, 16, out=out.view(np.uint32), dtype=np.uint32)  # bf16 bits -> float32's top half
-            return torch.from_numpy(out)
-        if self.dtype == torch.float32:
-            return torch.from_numpy(decode(rows, self.storage_dtype))
+        if self.dtype == torch.float32:  # training's case: widened by numpy on this thread, into a recycled array
+            out = None if self.storage_dtype == "float32" else \
+                self._outputs.get((self.cfg.batch_size, width), np.float32)[:n]
+            return torch.from_numpy(decode(rows, self.storage_dtype, out))
         return from_storage(to_torch(rows, self.storage_dtype), self.storage_dtype, self.dtype)
 
     # -- cursor --------------------------------------------------------------------------------------
