@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from . import remote
 from .format import chunk_key, crc_ok
 from .lock import LOCK_NAME, writer_lock
-from .store import Cache, CacheError
+from .store import Cache, CacheError, cache_location
 
 ROOT_META = "zarr.json"
 
@@ -33,12 +33,8 @@ def destination(cache: Cache, dest_root: str | Path) -> str | Path:
     path (``.../<model>/<fingerprint>``); otherwise it is named from the manifest as harvest names it."""
     parts = str(cache.path).rstrip("/").split("/")
     if len(parts) >= 2 and parts[-1] == cache.fingerprint:
-        model = parts[-2]
-    else:
-        name = cache.manifest["model"]["name"]
-        path_like = name.startswith(("/", ".", "~")) or name.count("/") > 1
-        model = Path(name).name if path_like else name.replace("/", "--")
-    return remote.join(dest_root, model, cache.fingerprint)
+        return remote.join(dest_root, parts[-2], cache.fingerprint)
+    return cache_location(dest_root, cache.manifest)
 
 
 def _same_place(a: str | Path, b: str | Path) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from .format import FORMAT_VERSION, chunk_key, decode
-from .remote import ChunkSource, is_url
+from .remote import ChunkSource, is_url, join
 
 
 class CacheError(ValueError):
@@ -175,3 +175,12 @@ def is_cache(path: Path) -> bool:
         return meta.get("node_type") == "group" and "manifest" in meta.get("attributes", {})
     except (OSError, ValueError):
         return False
+
+
+def cache_location(root: str | Path, manifest: dict[str, Any]) -> Path | str:
+    """Where a cache lives under a cache root: ``<root>/<model>/<fingerprint>``, for harvest and copy alike,
+    so a team sharing one root finds every cache by its fingerprint. The model folder is a local model
+    directory's name, else the Hugging Face id with ``/`` as ``--`` (``synthetic`` for the synthetic source)."""
+    name = manifest["model"]["name"]
+    local = Path(name).expanduser().is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+    return join(root, Path(name).name if local else name.replace("/", "--"), manifest["fingerprint"])

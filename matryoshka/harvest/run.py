@@ -18,7 +18,7 @@ from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk, to_storage
 from ..cache.manifest import build_manifest
 from ..cache import remote
 from ..cache.lock import writer_lock
-from ..cache.store import CacheError
+from ..cache.store import CacheError, cache_location
 from ..cache.writer import CacheWriter, create_arrays
 from ..config import ConfigError, HarvestConfig, site_name
 from ..models import Capture, ModelInfo, check_sites, hook_name, load_model, load_tokenizer, model_info, tokenizer_identity
@@ -70,14 +70,6 @@ def plan(cfg: HarvestConfig) -> Plan:
         seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
         heldout_seqs=heldout)
     return Plan(manifest, info, tokenizer, ds)
-
-
-def default_path(cfg: HarvestConfig, manifest: dict[str, Any]) -> Path | str:
-    if cfg.source == "synthetic":
-        model = "synthetic"
-    else:
-        model = Path(cfg.model).name if Path(cfg.model).expanduser().is_dir() else cfg.model.replace("/", "--")
-    return remote.join(cfg.cache_root, model, manifest["fingerprint"])
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -147,7 +139,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
     p = plan(cfg)
     manifest = p.manifest
     path = (cfg.cache if remote.is_url(cfg.cache) else Path(cfg.cache).expanduser()) if cfg.cache else \
-        default_path(cfg, manifest)
+        cache_location(cfg.cache_root, manifest)
     url = remote.is_url(path)
     shard = worker_shard(cfg)
     if shard.count > 1:
