@@ -10,10 +10,17 @@ cache, so every row measures CPU work (read syscalls, decode, crc, copies), not 
 Rows, all on the same cache in one run: plain ``open().read()`` of every chunk file on all cores (after a
 warm-up pass); zarr's own ``a[r0:r1]`` per chunk, for reference; the decode ceiling, every chunk read,
 crc-checked and decompressed by the codec on a thread pool of one worker per core (best of two passes);
-``ShuffledReader`` for one array (SAE), for the pair (transcoder) and with
-float32 output, each in a fresh process whose peak RSS growth is sampled: a warm-up epoch, then
-``--rounds`` epochs, each followed by a ceiling pass in the same process, the best of each compared;
+on the CPU, the bound for any reader that delivers shuffled batches in host memory: the ceiling's
+decode plus one gather of every row from a random place in a written buffer of the reader's size
+(measured alone), all cores busy; ``ShuffledReader`` for one array (SAE), for the pair (transcoder)
+and with float32 output, each in a fresh process whose peak RSS growth is sampled: a warm-up epoch,
+then ``--rounds`` times an untimed epoch, a timed one and a ceiling pass, the best of each compared;
 and where the consumer's thread spent the best epoch (the reader's ``waited`` and its CPU time).
+
+Streaming is timed in its steady state. A reader decodes ahead of its consumer, so the ceiling pass
+first waits for that work to finish (else the two share the cores and the ceiling reads low), and the
+epoch after a ceiling pass, which starts with blocks decoded during it, is not timed (else it reads
+high). Before this, each timed epoch followed a ceiling pass: ratios read 0.1-0.2 too high.
 
     python benchmarks/reader.py            # 2 x ~590 MiB raw bf16 (150 chunks), buffer 2**18 (~1 min on 2 CPUs)
     python benchmarks/reader.py --quick    # 2 x ~100 MiB raw (25 chunks), buffer 2**16 (~20 s), a smoke run
@@ -41,8 +48,8 @@ import psutil
 import torch
 
 from common import machine, print_table
-from matryoshka.cache.format import chunk_key, decode_chunk
-from matryoshka.cache.reader import ReaderConfig, ShuffledReader
+from matryoshka.cache.format import chunk_key, decode_chunk, numpy_view
+from matryoshka.cache.reader import ReaderConfig, ShuffledReader, host_buffer
 from matryoshka.cache.store import Cache
 from matryoshka.fixtures import write_cache
 
@@ -115,6 +122,25 @@ def zarr_reads(cache: Cache, workers: int) -> float:
     return min(timed_pool(load, list(range(cache.n_chunks)), workers) for _ in range(2))
 
 
+def gather_seconds(buffer_tokens: int, n_arrays: int, batch: int = 4096) -> float:
+    """Median seconds to gather a batch of rows from random places of ``n_arrays`` written buffers of
+    ``buffer_tokens`` rows (bf16, huge pages as the reader's), into reused arrays, on one thread: the
+    copy any reader that delivers shuffled batches in host memory makes, on top of the decode."""
+    bufs = [numpy_view(host_buffer((buffer_tokens, D), torch.bfloat16, pinned=False)) for _ in range(n_arrays)]
+    rng = np.random.default_rng(0)
+    for b in bufs:  # written: pages never written all map the zero page, which stays in cache
+        b[:] = rng.integers(0, 2**16, (1, D), dtype=np.uint16)
+    out = [np.empty((batch, D), np.uint16) for _ in bufs]
+    times = []
+    for _ in range(60):
+        idx = rng.integers(0, buffer_tokens, batch)
+        t0 = time.perf_counter()
+        for b, o in zip(bufs, out):
+            np.take(b, idx, axis=0, out=o, mode="wrap")
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[5:]))
+
+
 def upload_seconds(block_rows: int, n_arrays: int) -> float:
     """Best-of-five seconds of one block's host->device copy (pinned, non-blocking, ``n_arrays`` arrays):
     with a device mirror, every row crosses once this way, so it bounds the reader like the decode does."""
@@ -133,10 +159,11 @@ def upload_seconds(block_rows: int, n_arrays: int) -> float:
 
 def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dtype: torch.dtype | None,
                rounds: int, threads: int, switch_interval: float = 0.0) -> dict[str, Any]:
-    """In a fresh process: after a warm-up epoch, ``rounds`` times one epoch of the reader then one decode
-    ceiling pass of the same arrays, alternating, so both see the same machine (a shared VM's speed
-    drifts by tens of percent within a minute); the best of each. Also peak RSS growth, the stated
-    budget and the number of decode threads the reader started."""
+    """In a fresh process: after a warm-up epoch, ``rounds`` times an untimed epoch, a timed one and one
+    decode ceiling pass of the same arrays, alternating, so both see the same machine (a shared VM's
+    speed drifts by tens of percent within a minute); the best of each. The untimed epoch starts with
+    the blocks decoded during the last ceiling pass; the timed one streams as training does. Also peak
+    RSS growth, the stated budget and the number of decode threads the reader started."""
     proc, peak, done = psutil.Process(), [0], threading.Event()
 
     def sample() -> None:
@@ -154,13 +181,12 @@ def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dty
     cache, workers = Cache(path), os.cpu_count() or 1
     epochs, ceilings, splits = [], [], []
     with ShuffledReader(names, path, cfg, device=device, dtype=dtype) as reader:
-        out_bytes = torch.empty(0, dtype=reader.dtype).element_size()
-        row = sum(reader.widths) * 2  # storage bytes per row, all arrays
-        threads = reader._pool._max_workers
-        budget = cfg.buffer_tokens * row + 2 * cfg.batch_size * sum(reader.widths) * out_bytes
+        threads, budget = reader._pool.workers, reader.host_bytes
         for _ in range(reader.batches_per_epoch):  # warm-up epoch: threads, first block, page cache
             next(reader)
         for _ in range(rounds):
+            for _ in range(reader.batches_per_epoch):
+                next(reader)
             waited, cpu = dict(reader.waited), time.thread_time()
             n, t0 = 0, time.perf_counter()
             for _ in range(reader.batches_per_epoch):
@@ -168,8 +194,9 @@ def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dty
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             epochs.append(time.perf_counter() - t0)
-            split = [(reader.waited[k] - waited[k]) / epochs[-1] for k in ("decode", "upload")]
+            split = [(reader.waited[k] - waited[k]) / epochs[-1] for k in ("decode", "gather", "upload")]
             splits.append([*split, (time.thread_time() - cpu) / epochs[-1]])
+            reader.settle()
             done.set()  # the ceiling's own buffers are not the reader's memory
             ceilings.append(decode_ceiling(cache, names, workers))
             done.clear()
@@ -228,6 +255,13 @@ def main() -> None:
                 rows.append((f"upload bound: host->device copy of pinned blocks of {block:,} rows, {len(names)} "
                              f"array{'s' * (len(names) > 1)}", per_block * n_rows / block, n_rows,
                              len(names) * D * 2, ceil[len(names)]))
+        else:
+            for names in (SAE, PAIR):
+                g = gather_seconds(buffer_tokens, len(names)) * n_rows / 4096 / workers
+                rows.append((f"bound: ceiling's decode + a random-row gather per row from a written {buffer_tokens:,}-row "
+                             f"buffer (alone {g * workers / n_rows * 4096e3:.2f} ms per 4096 rows), {workers} cores, "
+                             f"{len(names)} array{'s' * (len(names) > 1)}", ceil[len(names)] + g, n_rows,
+                             len(names) * D * 2, ceil[len(names)]))
         runs = [("ShuffledReader SAE, 1 array, out bf16", SAE, None),
                 ("ShuffledReader transcoder, 2 arrays, out bf16", PAIR, None),
                 ("ShuffledReader SAE, 1 array, out float32", SAE, torch.float32)]
@@ -244,7 +278,8 @@ def main() -> None:
                 mem.append((what_t, r["rss"], r["budget"]))
                 split.append((what_t, *r["split"]))
 
-    print(f"\nReader throughput: best of {args.rounds} epochs after a warm-up one, batch 4096, buffer_tokens "
+    print(f"\nReader throughput: best of {args.rounds} steady-state epochs (each after an untimed one), batch 4096, "
+          f"buffer_tokens "
           f"{buffer_tokens:,}, exclude_bos, device {args.device}")
     print("   GB/s = delivered activation bytes in storage dtype (bf16, all arrays); readers deliver 127/128 of the "
           "rows (BOS dropped)")
@@ -257,15 +292,16 @@ def main() -> None:
     print_table(["what", "tok/s", "GB/s", "vs ceiling"], table)
     print("   target (issue): ShuffledReader >= 0.80x the decode ceiling")
 
-    print("\nReader peak RSS growth (sampled every 2 ms) against its stated budget "
-          "(the buffer's two halves and 2 batches)")
+    print("\nReader peak RSS growth (sampled every 2 ms) against its stated budget (reader.host_bytes: the buffer's "
+          "two halves and, on the CPU, 4 batches: 2 being gathered, 1 served, 1 still held)")
     print_table(["reader", "peak RSS growth MiB", "budget MiB", "growth / budget"],
                 [[w, f"{r / 2**20:,.0f}", f"{b / 2**20:,.0f}", f"{r / b:.2f}"] for w, r, b in mem])
 
-    print("\nWhere the consumer's thread spent its best epoch: waiting for blocks to decompress, waiting for a "
-          "half's copy to the device, and serving batches on a core or off one (waiting for the GIL or a core)")
-    print_table(["reader", "wait decode", "wait upload", "serving on CPU", "serving off CPU"],
-                [[w, *(f"{x:.0%}" for x in (d, u, c, max(0.0, 1 - d - u - c)))] for w, d, u, c in split])
+    print("\nWhere the consumer's thread spent its best epoch: waiting for blocks to decompress, for workers to "
+          "gather a batch (CPU), for a half's copy to the device, and serving batches on a core or off one (waiting "
+          "for the GIL or a core; on the CPU this includes gathering a batch no worker had begun)")
+    print_table(["reader", "wait decode", "wait gather", "wait upload", "serving on CPU", "serving off CPU"],
+                [[w, *(f"{x:.0%}" for x in (d, g, u, c, max(0.0, 1 - d - g - u - c)))] for w, d, g, u, c in split])
 
     sae = max(n / s for what, s, n, _, _ in rows if what.startswith("ShuffledReader SAE"))
     print(f"\nContext (design.md section 9; GPU figures from an H200, reader figure from this {workers}-CPU machine):")

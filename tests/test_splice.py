@@ -263,7 +263,7 @@ def trained(gpt2_dir, corpus, tmp_path_factory):
     runs = [{"name": "sae", "source": "1.resid_mid", "width": 128, "k": 4, "arch": "batchtopk", "tokens": "2K"},
             {"name": "tc", "source": "1.resid_mid", "target": "1.mlp_out", "width": 128, "k": 4, "arch": "batchtopk",
              "tokens": "2K"}]
-    train(TrainConfig(cache=str(path), runs=runs, runs_dir=str(tmp / "runs"), batch_size=128, buffer_tokens=512,
+    train(TrainConfig(cache=str(path), runs=runs, runs_dir=str(tmp / "runs"), batch_size=128, buffer_tokens=1024,
                       checkpoint_every=100), progress=False)
     return Cache(path), tmp / "runs"
 

@@ -95,7 +95,10 @@ def decode(a: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarr
         scale = np.ascontiguousarray(a[..., -SCALE_BYTES:]).view(np.float32)
         with np.errstate(invalid="ignore"):  # a non-finite row decodes to nan; the writer reports it
             return np.multiply(_FP8_VALUES[a[..., :-SCALE_BYTES]], scale, out=out)
-    return a.astype(np.float32, copy=False)
+    if out is None:
+        return a.astype(np.float32, copy=False)
+    np.copyto(out, a)
+    return out
 
 
 def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:

@@ -2,20 +2,23 @@
 
 How it shuffles. Each epoch takes the split's chunks in a random order (the same order on every rank;
 rank ``r`` of ``w`` takes every ``w``-th chunk, so ranks are disjoint and together cover the split).
-Consecutive chunks of that order form *blocks* of about ``buffer_tokens / 2`` rows. A block's chunks
+Consecutive chunks of that order form *blocks*: the fewest that hold at most ``buffer_tokens / 2`` rows,
+as equal in size as can be (a short last block would mix few chunks, and its quick decode would leave the
+decoders idle while the previous block is served, then the consumer waiting for the next). A block's chunks
 are read sequentially and decompressed by background threads straight into one half of the buffer;
 its rows (BOS rows dropped) are permuted and served as batches while the next block decompresses into
 the other half. A batch that straddles two blocks takes the old block's last rows first. So every row
 of the split is served exactly once per epoch, each epoch in a new order, and a batch is a uniform
-sample of one block: ``buffer_tokens / 2`` rows from ``buffer_tokens / (2 * chunk_tokens)`` chunks.
+sample of one block: up to ``buffer_tokens / 2`` rows from up to ``buffer_tokens / (2 * chunk_tokens)``
+chunks (at least half as many, whatever the split's size).
 
 Memory is the buffer (``buffer_tokens`` rows in two halves) and two batches, whatever the size of the
 cache: a chunk is decompressed in place, never copied into the buffer. On a GPU the buffer is pinned
 and mirrored on the device (``buffer_tokens`` rows there too): each block crosses to the device once,
 in one asynchronous copy, and batches are gathered on the device, so the host's cores only decompress.
 A host half is then free as soon as its copy lands, so the next two blocks decompress back to back
-while one is served: no decode thread waits at a block boundary. Every block but an epoch's last must
-hold a batch (checked at start), or a batch would need rows of three blocks.
+while one is served: no decode thread waits at a block boundary. Every block must
+hold a batch (checked at start; an epoch of one block excepted), or a batch would need rows of three blocks.
 From object storage, an I/O thread fetches the next block's chunks in one concurrent request (plus
 that block's compressed bytes in memory) while the current block is served: the read-ahead that keeps
 a remote cache near local speed.
@@ -38,8 +41,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .format import STORAGE, decode, decode_chunk, from_storage, numpy_view, row_width, to_torch, token_codec
+from .format import (STORAGE, decode, decode_chunk, from_storage, numpy_view, row_bytes, row_width, to_torch,
+                     token_codec)
 from .store import Cache, CacheError
+from .workers import URGENT, PriorityPool, Task
+
+PREPARED = 2
+"""Batches the CPU path has its workers gather ahead of the consumer."""
 
 
 @dataclass
@@ -183,7 +191,9 @@ class ShuffledReader:
             raise CacheError(f"world_size: {world_size} ranks but the {self.cfg.split} split has only "
                              f"{len(self.chunks)} chunks")
         self.chunks_per_block = max(1, self.cfg.buffer_tokens // 2 // self.ct)
+        """The most chunks a block holds (its half of the buffer holds that many)."""
         self.half = self.chunks_per_block * self.ct
+        self._bounds = self._block_bounds(len(self._chunk_order(0)), self.chunks_per_block)
         self._check_blocks_hold_a_batch()
         cuda = self.device.type == "cuda"
         self.mirror = self.device.type != "cpu" if mirror is None else mirror
@@ -202,19 +212,25 @@ class ShuffledReader:
         # cost the serving thread milliseconds)
         self._order_pinned = [torch.empty(self.half, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
             if self.mirror and cuda else []
-        self._outputs = RecycledArrays()  # the CPU path's batches
-        self._pool = ThreadPoolExecutor(self.cfg.threads or default_threads(), thread_name_prefix="cache-read")
+        # the CPU path's batches: the consumer's, the one it may still hold and those being gathered
+        self._outputs = RecycledArrays(keep=(PREPARED + 2) * len(self.sources))
+        # training's case, float32 from a narrower storage dtype: the workers widen the rows as they gather
+        self.widened = self.dtype == torch.float32 and self.storage_dtype != "float32"
+        self._pool = PriorityPool(self.cfg.threads or default_threads(), "cache-read")
+        self._ready: deque[tuple[np.ndarray, list[Task], list[np.ndarray]]] = deque()
+        """CPU path: batches being gathered, in serving order (row ids, gathers, output arrays)."""
+        self._reading: list[list[Future]] = [[], []]  # CPU path: gathers that read each half
         remote = any(c.remote for c, _ in self.sources)
         self._io = ThreadPoolExecutor(1, thread_name_prefix="cache-fetch") if remote else None
-        # Blocks being decompressed, oldest first: (epoch, block, decodes). One at a time without a mirror
-        # (the next block's half still holds rows being served); two with one (a half is free once copied).
-        self._loads: deque[tuple[int, int, list[Future]]] = deque()
+        # Blocks being decompressed, oldest first: (epoch, block, decodes); two at most, one per half.
+        self._loads: deque[tuple[int, int, list[Task]]] = deque()
         self.epoch = -1
         self.last_rows = np.empty(0, np.int64)
         """Cache row ids of the last batch served: with the ``tokens`` array they give each row's context."""
-        self.waited = {"decode": 0.0, "upload": 0.0}
-        """Seconds the consumer's thread has waited for blocks to decompress and (with a mirror) for a
-        half's copy to the device: what is left of its time in ``next`` is serving work."""
+        self.waited = {"decode": 0.0, "gather": 0.0, "upload": 0.0}
+        """Seconds the consumer's thread has waited for blocks to decompress, (on the CPU) for workers
+        to gather a batch and (with a mirror) for a half's copy to the device: what is left of its time
+        in ``next`` is serving work."""
         self._reset_epoch(0)
         if state is not None:
             self.load_state_dict(state)
@@ -229,20 +245,43 @@ class ShuffledReader:
             return len(r) - len(r) // self.ctx
         return int((self.cache.tokens[r.start:r.stop] != self.bos_id).sum())
 
+    @staticmethod
+    def _block_bounds(n_chunks: int, most: int) -> np.ndarray:
+        """Where each block of an epoch's ``n_chunks`` chunks starts (and the last ends): the fewest blocks
+        of at most ``most`` chunks, their sizes differing by one at most."""
+        n_blocks = -(-n_chunks // most)
+        return np.arange(n_blocks + 1) * n_chunks // n_blocks
+
     def _check_blocks_hold_a_batch(self) -> None:
-        """Every block but an epoch's last must serve a whole batch, or a batch would need rows of three
-        blocks while the buffer holds two. Checked against the smallest chunks, whatever the order."""
-        per_rank = -(-len(self.chunks) // self.world_size)
-        if per_rank <= self.chunks_per_block:
-            return  # one block per epoch: it is always the last
+        """Every block must serve a whole batch (an epoch's only one excepted), or a batch would need rows
+        of three blocks while the buffer holds two. Checked against the smallest chunks, whatever the order."""
+        n = int(self._bounds[-1])
         small = np.cumsum(sorted(self._counts.values()))
-        if small[self.chunks_per_block - 1] >= self.cfg.batch_size:
+
+        def fewest(most: int) -> int:  # chunks in the smallest block, 0 if an epoch is one block
+            bounds = self._block_bounds(n, most)
+            return 0 if len(bounds) == 2 else int(np.diff(bounds).min())
+        if not fewest(self.chunks_per_block) or small[fewest(self.chunks_per_block) - 1] >= self.cfg.batch_size:
             return
-        need = 2 * self.ct * (int(np.searchsorted(small, self.cfg.batch_size)) + 1)
-        raise CacheError(f"buffer_tokens: {self.cfg.buffer_tokens} makes blocks of {self.chunks_per_block} chunk(s) of "
-                         f"{self.ct} rows, which can serve as few as {small[self.chunks_per_block - 1]} rows"
+        most = next(m for m in range(self.chunks_per_block + 1, n + 1)
+                    if not fewest(m) or small[fewest(m) - 1] >= self.cfg.batch_size)
+        need = 2 * self.ct * most
+        least = fewest(self.chunks_per_block)
+        raise CacheError(f"buffer_tokens: {self.cfg.buffer_tokens} makes blocks of as few as {least} chunk(s) of "
+                         f"{self.ct} rows, which can serve as few as {small[least - 1]} rows"
                          f"{' without BOS' if self.bos_id is not None else ''}, fewer than batch_size "
                          f"{self.cfg.batch_size}; each half of the buffer must hold a batch: use buffer_tokens >= {need}")
+
+    @property
+    def host_bytes(self) -> int:
+        """Host memory of the reader's buffers: the buffer's two halves and, on the CPU, the batch arrays
+        (``PREPARED`` being gathered, the one served and one the consumer may still hold; with their
+        stored rows when widened to float32). Compressed chunks being read come on top."""
+        buffer = sum(b.numel() * b.element_size() for b in self._buf)
+        if self.mirror:
+            return buffer
+        row = sum(row_bytes(w, self.storage_dtype) + (4 * w if self.widened else 0) for w in self.widths)
+        return buffer + (PREPARED + 2) * self.cfg.batch_size * row
 
     @property
     def batches_per_epoch(self) -> int:
@@ -258,7 +297,7 @@ class ShuffledReader:
     @property
     def _n_blocks(self) -> int:
         """Blocks per epoch (every epoch: ranks keep their number of chunks)."""
-        return -(-len(self._order) // self.chunks_per_block)
+        return len(self._bounds) - 1
 
     def _half(self, epoch: int, block: int) -> int:
         """Blocks alternate between the buffer's halves, across epoch boundaries too."""
@@ -289,9 +328,12 @@ class ShuffledReader:
             out.update({(j, ch): got[(name, ch)] for j, name in items for ch in chunks})
         return out
 
-    def _decode(self, chunk: int, base: int, fetched: Future | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, chunk: int, base: int, fetched: Future | None = None,
+                after: Sequence[Future] = ()) -> tuple[np.ndarray, np.ndarray]:
         """Decompress a chunk into buffer rows ``base ..``; return its served row ids and their slots.
-        ``fetched``: the block's bytes being fetched from object storage (else each chunk is read here)."""
+        ``fetched``: the block's bytes being fetched from object storage (else each chunk is read here).
+        ``after``: gathers still reading the half, which must finish first."""
+        wait(after)
         r = self.cache.chunk_rows(chunk)
         ids = np.arange(r.start, r.stop, dtype=np.int64)
         if self.bos_at_starts:
@@ -321,21 +363,25 @@ class ShuffledReader:
 
     def _start_loading(self) -> None:
         """Begin decompressing the next blocks into the host halves that are free: without a mirror, a
-        half none of whose rows wait to be served; with one, a half whose last block reached the device."""
-        while len(self._loads) < (2 if self.mirror else 1):
+        half none of whose rows wait to be served (those being gathered are, before the decode begins);
+        with one, a half whose last block reached the device."""
+        while len(self._loads) < 2:
             epoch, block = self._next_to_load()
             half = self._half(epoch, block)
+            after: list[Future] = []
             if self.mirror:
                 if self._uploaded[half] is not None:
                     self._wait_upload(half)  # the half's last block has reached the device
             elif self._half_in_use(half):
                 return
+            else:
+                after, self._reading[half] = [f for f in self._reading[half] if not f.done()], []
             order = self._order if epoch == self.epoch else self._chunk_order(epoch)
-            chunks = order[block * self.chunks_per_block:(block + 1) * self.chunks_per_block]
+            chunks = order[self._bounds[block]:self._bounds[block + 1]]
             remote = self._io is not None and not all(c.is_local([(n, ch) for ch in chunks]) for c, n in self.sources)
             fetched = self._io.submit(self._fetch, chunks) if remote else None  # else the decode threads read
-            self._loads.append((epoch, block, [self._pool.submit(self._decode, c, half * self.half + j * self.ct, fetched)
-                                               for j, c in enumerate(chunks)]))
+            self._loads.append((epoch, block, [self._pool.submit(self._decode, c, half * self.half + j * self.ct,
+                                                                 fetched, after) for j, c in enumerate(chunks)]))
 
     def _add_block(self) -> bool:
         """Append the next block, permuted, to the pool; False when the epoch has no more blocks."""
@@ -345,14 +391,14 @@ class ShuffledReader:
         epoch, block, futures = self._loads.popleft()
         assert (epoch, block) == (self.epoch, self._next_block), "blocks join the pool in the order they load"
         t0 = time.perf_counter()
-        parts = [f.result() for f in futures]
+        parts = [t.future.result() for t in futures]
         self.waited["decode"] += time.perf_counter() - t0
         # Permuting the slots shuffles them with the very swaps `permutation(len)` draws, and a row's id is
         # its slot plus its chunk's offset: one shuffle and no gathers (it was half the serving thread's
         # time at a block boundary).
         half = self._half(epoch, block)
         slots = self._rng.permutation(np.concatenate([p[1] for p in parts]))
-        chunks = self._order[block * self.chunks_per_block:(block + 1) * self.chunks_per_block]
+        chunks = self._order[self._bounds[block]:self._bounds[block + 1]]
         base = half * self.half
         offsets = np.array([self.cache.chunk_rows(c).start - base - j * self.ct for j, c in enumerate(chunks)])
         self._pool_parts.append([half, len(slots), self._upload(half, slots)])
@@ -397,67 +443,120 @@ class ShuffledReader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         """The next batch; epochs follow one another for as long as the consumer asks."""
-        b = self.cfg.batch_size
-        while len(self._pool_rows) < b and self._add_block():
-            pass
-        n = min(b, len(self._pool_rows))
-        if n == 0 or (n < b and self.cfg.drop_last):
+        if not self.mirror:
+            return self._next_gathered()
+        n = self._batch_rows()
+        if not n:
             self._reset_epoch(self.epoch + 1)
             return next(self)
-        out = self._serve(n)
+        self.last_rows, _, index, _ = self._take(n)
+        self.batches_this_epoch += 1
         self._start_loading()  # the next block decompresses while this batch is consumed
-        return out
+        device_slots = index[0] if len(index) == 1 else torch.cat(index)  # two parts once per block
+        return {name: from_storage(dev.index_select(0, device_slots), self.storage_dtype, self.dtype)
+                for name, dev in zip(self.names, self._dev)}
 
-    def _serve(self, n: int) -> dict[str, torch.Tensor]:
+    def _batch_rows(self, wait_for_decode: bool = True) -> int | None:
+        """Rows of this epoch's next batch, blocks joining the pool as it needs them; 0 at the epoch's end.
+        None if the batch needs a block still decompressing and ``wait_for_decode`` is False."""
+        b = self.cfg.batch_size
+        while len(self._pool_rows) < b and self._next_block < self._n_blocks:
+            self._start_loading()
+            if not wait_for_decode and not all(t.future.done() for t in self._loads[0][2]):
+                return None
+            self._add_block()
+        n = min(b, len(self._pool_rows))
+        return 0 if n < b and self.cfg.drop_last else n
+
+    def _take(self, n: int) -> tuple[np.ndarray, np.ndarray, list[torch.Tensor], set[int]]:
+        """Take the next ``n`` rows off the pool: their ids, their slots in the host buffer, (with a mirror)
+        their slots on the device, and the halves they are in."""
         rows, slots = self._pool_rows[:n], self._pool_slots[:n]
         self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
-        left, index = n, []
+        left, index, halves = n, [], set()
         while left:
             part = self._pool_parts[0]
             take = min(left, part[1])
+            halves.add(part[0])
             if self.mirror:
                 index.append(part[2].narrow(0, len(part[2]) - part[1], take))
             part[1] -= take
             left -= take
             if not part[1]:
                 self._pool_parts.pop(0)
+        return rows, slots, index, halves
+
+    # -- the CPU path: workers gather the next batches -----------------------------------------------
+    def _next_gathered(self) -> dict[str, torch.Tensor]:
+        """Serve the oldest batch being gathered (gathering it here if no worker has begun), after queueing
+        more. On two cores, the consumer's thread gathering every batch alone left the decoders idle
+        whenever they were ahead; the workers now share both jobs, so no core waits while there is work."""
+        if not self._ready:
+            self._prepare(wait_for_decode=True)
+            if not self._ready:
+                self._reset_epoch(self.epoch + 1)
+                return next(self)
+        rows, tasks, arrays = self._ready.popleft()
+        self._prepare(wait_for_decode=False)
+        self._start_loading()
+        for t in tasks:
+            if not t.run_here():
+                t0 = time.perf_counter()
+                t.future.result()
+                self.waited["gather"] += time.perf_counter() - t0
+            t.future.result()  # an error in the gather is raised here
         self.last_rows = rows
         self.batches_this_epoch += 1
-        if self.mirror:  # a batch straddles two blocks once per block
-            device_slots = index[0] if len(index) == 1 else torch.cat(index)
-            return {name: from_storage(dev.index_select(0, device_slots), self.storage_dtype, self.dtype)
-                    for name, dev in zip(self.names, self._dev)}
-        # numpy's gather (and cast) run on this thread alone: torch's would spread over OpenMP threads
-        # that then wait on the cores the decompression threads are using.
-        return {name: self._gather(host, slots, width) for name, host, width in zip(self.names, self._np, self.widths)}
+        if self.widened:
+            return {name: torch.from_numpy(a) for name, a in zip(self.names, arrays)}
+        return {name: from_storage(to_torch(a, self.storage_dtype), self.storage_dtype, self.dtype)
+                for name, a in zip(self.names, arrays)}
 
-    def _gather(self, host: np.ndarray, slots: np.ndarray, width: int) -> torch.Tensor:
-        # an epoch's last, smaller batch is the head of a full one: one size of array is ever kept
-        n = len(slots)
-        rows = self._outputs.get((self.cfg.batch_size, host.shape[1]), host.dtype)[:n]
-        np.take(host, slots, axis=0, out=rows, mode="wrap")  # slots are valid; "raise" would copy twice
-        if self.dtype == torch.float32:  # training's case: widened by numpy on this thread, into a recycled array
-            out = None if self.storage_dtype == "float32" else \
-                self._outputs.get((self.cfg.batch_size, width), np.float32)[:n]
-            return torch.from_numpy(decode(rows, self.storage_dtype, out))
-        return from_storage(to_torch(rows, self.storage_dtype), self.storage_dtype, self.dtype)
+    def _prepare(self, wait_for_decode: bool) -> None:
+        """Queue the gathers of this epoch's next batches, up to ``PREPARED`` of them, for the workers
+        (ahead of any decompression); without ``wait_for_decode``, stop at a block still decompressing."""
+        b = self.cfg.batch_size
+        while len(self._ready) < PREPARED:
+            n = self._batch_rows(wait_for_decode)
+            if not n:
+                return
+            rows, slots, _, halves = self._take(n)
+            tasks, arrays = [], []
+            for host, width in zip(self._np, self.widths):
+                # an epoch's last, smaller batch is the head of a full one: one size of array is ever kept
+                stored = self._outputs.get((b, host.shape[1]), host.dtype)[:n]
+                wide = self._outputs.get((b, width), np.float32)[:n] if self.widened else None
+                tasks.append(self._pool.submit(self._gather, host, slots, stored, wide, priority=URGENT))
+                arrays.append(stored if wide is None else wide)
+            for h in halves:
+                self._reading[h] += [t.future for t in tasks]
+            self._ready.append((rows, tasks, arrays))
+
+    def _gather(self, host: np.ndarray, slots: np.ndarray, stored: np.ndarray, wide: np.ndarray | None) -> None:
+        """A batch's rows of one array, in the storage dtype, and widened to float32 if ``wide`` is given:
+        numpy on one worker (torch's would spread over OpenMP threads that compete with the decoders)."""
+        np.take(host, slots, axis=0, out=stored, mode="wrap")  # slots are valid; "raise" would copy twice
+        if wide is not None:
+            decode(stored, self.storage_dtype, wide)
 
     # -- cursor --------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
         return {"fingerprint": self.cache.fingerprint, "arrays": list(self.names), "split": self.cfg.split,
                 "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
-                "buffer_tokens": self.cfg.buffer_tokens}
+                "buffer_tokens": self.cfg.buffer_tokens, "blocks": "even"}
 
     def state_dict(self) -> dict[str, Any]:
-        """The cursor: enough to continue this exact stream in a new process."""
+        """The cursor: enough to continue this exact stream in a new process (batches being gathered are
+        rows still waiting)."""
+        waiting = np.concatenate([rows for rows, _, _ in self._ready] + [self._pool_rows])
         return {**self._identity(), "epoch": self.epoch, "next_block": self._next_block,
-                "batches_this_epoch": self.batches_this_epoch, "pool_rows": self._pool_rows.copy(),
+                "batches_this_epoch": self.batches_this_epoch, "pool_rows": waiting,
                 "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in self._identity().items():
-            if state[k] != v:
-                raise CacheError(f"reader cursor: saved {k} {state[k]!r} differs from this reader's {v!r}")
+            if state.get(k) != v:  # a cursor without "blocks" cut its epochs into full blocks and a short last one
+                raise CacheError(f"reader cursor: saved {k} {state.get(k)!r} differs from this reader's {v!r}")
         self._cancel_loads()
         self._reset_epoch(int(state["epoch"]))
         self._next_block = int(state["next_block"])
@@ -465,12 +564,13 @@ class ShuffledReader:
         self._rng.bit_generator.state = state["rng"]
         rows = np.asarray(state["pool_rows"], dtype=np.int64)
         # Decompress the chunks of the waiting rows back into the places an unbroken run had them in.
-        where = {c: divmod(p, self.chunks_per_block) for p, c in enumerate(self._order)}
-        futures = [self._pool.submit(self._decode, int(c), self._half(self.epoch, where[int(c)][0]) * self.half
-                                     + where[int(c)][1] * self.ct) for c in np.unique(rows // self.ct)]
+        block_of = np.searchsorted(self._bounds, np.arange(len(self._order)), side="right") - 1
+        where = {c: (int(b), p - int(self._bounds[b])) for p, (c, b) in enumerate(zip(self._order, block_of))}
+        tasks = [self._pool.submit(self._decode, int(c), self._half(self.epoch, where[int(c)][0]) * self.half
+                                   + where[int(c)][1] * self.ct) for c in np.unique(rows // self.ct)]
         slot_of: dict[int, int] = {}
-        for f in futures:
-            ids, slots = f.result()
+        for t in tasks:
+            ids, slots = t.future.result()
             slot_of.update(zip(ids.tolist(), slots.tolist()))
         self._pool_rows = rows
         self._pool_slots = np.asarray([slot_of[r] for r in rows.tolist()], dtype=np.int64)
@@ -482,16 +582,26 @@ class ShuffledReader:
                 self._pool_parts.append([half, b - a, self._upload(half, self._pool_slots[a:b])])
 
     def _cancel_loads(self) -> None:
-        """Drop the blocks in flight (their decodes finish first: they write into the buffer)."""
-        for _, _, futures in self._loads:
-            for f in futures:
-                f.cancel()
-            wait(futures)
+        """Drop the blocks in flight and the batches being gathered (what has begun finishes first: it
+        writes into the buffer or reads it)."""
+        tasks = [t for _, _, ts in self._loads for t in ts] + [t for _, ts, _ in self._ready for t in ts]
+        for t in tasks:
+            t.cancel()
+        wait([t.future for t in tasks])
         self._loads.clear()
+        self._ready.clear()
+        self._reading = [[], []]
+
+    def settle(self) -> None:
+        """Wait for the work done ahead of the consumer (blocks decompressing, batches being gathered, copies
+        to the device): a benchmark times something else on the same cores only after this."""
+        wait([t.future for _, _, ts in self._loads for t in ts] + [t.future for _, ts, _ in self._ready for t in ts])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         self._cancel_loads()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
         if self._io is not None:
             self._io.shutdown(wait=True)
 

@@ -40,10 +40,11 @@ class Reconstruction:
 def heldout_reader(cache: Cache, arrays: list[str], batch_size: int,
                    device: str | torch.device = "cpu") -> ShuffledReader:
     """Every held-out token once, as float32; a small held-out split gets smaller batches, same tokens.
-    The buffer is the smallest whose blocks hold a batch whatever the chunk size (order is irrelevant here)."""
+    The buffer is small but its blocks, at least half a half of it, hold two batches whatever the chunk size
+    (order is irrelevant here)."""
     a, b = cache.split["heldout"]
     batch_size = min(batch_size, max(1, (b - a) // 2))
-    cfg = ReaderConfig(batch_size=batch_size, buffer_tokens=4 * batch_size + 2 * cache.chunk_tokens, split="heldout")
+    cfg = ReaderConfig(batch_size=batch_size, buffer_tokens=8 * batch_size + 4 * cache.chunk_tokens, split="heldout")
     return ShuffledReader(arrays, cache, cfg, dtype=torch.float32, device=device)
 
 
