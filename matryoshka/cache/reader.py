@@ -12,8 +12,10 @@ of the split is served exactly once per epoch, each epoch in a new order, and a 
 sample of one block: up to ``buffer_tokens / 2`` rows from up to ``buffer_tokens / (2 * chunk_tokens)``
 chunks (at least half as many, whatever the split's size).
 
-Memory is the buffer (``buffer_tokens`` rows in two halves) and two batches, whatever the size of the
-cache: a chunk is decompressed in place, never copied into the buffer. On a GPU the buffer is pinned
+Memory is the buffer (``buffer_tokens`` rows in two halves) and, on the CPU, four batches (see
+:attr:`ShuffledReader.host_bytes`), whatever the size of the cache: a chunk is decompressed in place,
+never copied into the buffer. On the CPU the decode threads also gather the next batches, ahead of any
+decompression waiting in their queue, so whichever job there is keeps every core busy. On a GPU the buffer is pinned
 and mirrored on the device (``buffer_tokens`` rows there too): each block crosses to the device once,
 in one asynchronous copy, and batches are gathered on the device, so the host's cores only decompress.
 A host half is then free as soon as its copy lands, so the next two blocks decompress back to back
