@@ -34,3 +34,16 @@ def test_an_error_reaches_whoever_waits_and_the_task_lets_go_of_its_arguments():
     done = pool.submit(len, big)
     assert done.future.result(timeout=10) == 10 and done.args is None and done.fn is None
     pool.shutdown()
+
+
+def test_an_abandoned_pool_stops_its_threads():
+    import gc
+
+    pool = PriorityPool(2, "abandoned")
+    threads = list(pool._threads)
+    assert pool.submit(sum, [1, 2]).future.result(timeout=10) == 3
+    del pool
+    gc.collect()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)

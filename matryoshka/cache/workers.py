@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import weakref
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 URGENT, LATER = 0, 1
 
@@ -50,33 +51,43 @@ class Task:
         return True
 
 
+def _work(tasks: queue.PriorityQueue) -> None:
+    while True:
+        task = tasks.get()[2]
+        if task is None:
+            return
+        task.run_here()
+        del task  # not held while waiting for the next one: its arrays may be reused
+
+
+def _stop(tasks: queue.PriorityQueue, threads: int, order: Iterator[int]) -> None:
+    """Let ``threads`` workers go once what is queued has run."""
+    for _ in range(threads):
+        tasks.put((LATER + 1, next(order), None))  # a distinct order: tuples never compare their tasks
+
+
 class PriorityPool:
-    """``workers`` threads taking tasks by priority (``URGENT`` first), then in the order submitted."""
+    """``workers`` threads taking tasks by priority (``URGENT`` first), then in the order submitted.
+    Its threads end with :meth:`shutdown`, or once the pool is garbage (a reader nobody closed)."""
 
     def __init__(self, workers: int, name: str) -> None:
         self.workers = workers
         self._queue: queue.PriorityQueue = queue.PriorityQueue()
         self._order = itertools.count()
-        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(workers)]
+        # the threads hold the queue, not the pool, so an abandoned pool is collected and stops them
+        self._threads = [threading.Thread(target=_work, args=(self._queue,), name=f"{name}_{i}", daemon=True)
+                         for i in range(workers)]
         for t in self._threads:
             t.start()
+        self._stop = weakref.finalize(self, _stop, self._queue, workers, self._order)
 
     def submit(self, fn: Callable[..., Any], *args: Any, priority: int = LATER) -> Task:
         task = Task(fn, args)
         self._queue.put((priority, next(self._order), task))
         return task
 
-    def _work(self) -> None:
-        while True:
-            task = self._queue.get()[2]
-            if task is None:
-                return
-            task.run_here()
-            del task  # not held while waiting for the next one: its arrays may be reused
-
     def shutdown(self) -> None:
         """Run what is queued, then stop the threads."""
-        for _ in self._threads:
-            self._queue.put((LATER + 1, next(self._order), None))
+        self._stop()
         for t in self._threads:
             t.join()
