@@ -14,13 +14,14 @@ chunks (at least half as many, whatever the split's size).
 
 Memory is the buffer (``buffer_tokens`` rows in two halves) and, on the CPU, four batches (see
 :attr:`ShuffledReader.host_bytes`), whatever the size of the cache: a chunk is decompressed in place,
-never copied into the buffer. On the CPU the decode threads also gather the next batches, ahead of any
-decompression waiting in their queue, so whichever job there is keeps every core busy. On a GPU the buffer is pinned
-and mirrored on the device (``buffer_tokens`` rows there too): each block crosses to the device once,
-in one asynchronous copy, and batches are gathered on the device, so the host's cores only decompress.
-A host half is then free as soon as its copy lands, so the next two blocks decompress back to back
-while one is served: no decode thread waits at a block boundary. Every block must
-hold a batch (checked at start; an epoch of one block excepted), or a batch would need rows of three blocks.
+never copied into the buffer. On the CPU the decode threads also gather the next batches, ahead of
+any decompression waiting in their queue, so whichever job there is keeps every core busy. On a GPU
+the buffer is pinned and mirrored on the device (``buffer_tokens`` rows there too): each block crosses
+to the device once, in one asynchronous copy, and batches are gathered on the device, so the host's
+cores only decompress. A host half is then free as soon as its copy lands, so the next two blocks
+decompress back to back while one is served: no decode thread waits at a block boundary. Every block
+must hold a batch (checked at start; an epoch of one block excepted), or a batch would need rows of
+three blocks.
 From object storage, an I/O thread fetches the next block's chunks in one concurrent request (plus
 that block's compressed bytes in memory) while the current block is served: the read-ahead that keeps
 a remote cache near local speed.
@@ -502,9 +503,9 @@ class ShuffledReader:
         self._prepare(wait_for_decode=False)
         self._start_loading()
         for t in tasks:
-            if not t.run_here():
+            if not t.run_here() and not t.future.done():  # a worker is on it
                 t0 = time.perf_counter()
-                t.future.result()
+                wait([t.future])
                 self.waited["gather"] += time.perf_counter() - t0
             t.future.result()  # an error in the gather is raised here
         self.last_rows = rows
