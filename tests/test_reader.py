@@ -64,6 +64,25 @@ def test_every_train_row_exactly_once_per_epoch(cache):
         assert all(len(b) == 32 for b in _epoch(r)[:-1])
 
 
+def test_drop_last_serves_full_batches_and_resumes_exactly(cache):
+    """Training's setting: 22 chunks of 60 rows are 41 full batches of 32 and 8 rows left out, each epoch
+    (a different 8); a cursor taken mid-epoch resumes the same stream."""
+    with _reader(cache, drop_last=True) as r:
+        assert r.batches_per_epoch == 41
+        seen = []
+        for epoch in range(2):
+            rows = [x for b in _epoch(r) for x in b]
+            assert len(rows) == len(set(rows)) == 41 * 32 and set(rows) <= _train_rows()
+            seen.append(_train_rows() - set(rows))
+        assert seen[0] != seen[1]
+        for _ in range(5):
+            next(r)
+        cursor = r.state_dict()  # mid-epoch, with batches being gathered
+        expected = [_ids(next(r)) for _ in range(50)]
+        r.load_state_dict(cursor)
+        assert [_ids(next(r)) for _ in range(50)] == expected
+
+
 def test_bos_rows_can_be_kept_and_heldout_split_is_separate(cache):
     with _reader(cache, exclude_bos=False) as r:
         assert sorted(x for b in _epoch(r) for x in b) == sorted(_train_rows(include_bos=True))
