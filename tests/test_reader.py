@@ -145,6 +145,16 @@ def test_the_mirror_schedule_serves_the_same_stream_and_resumes(cache, buffer):
         assert [_ids(next(resumed)) for _ in range(8)] == expected
 
 
+def test_the_stream_does_not_depend_on_the_number_of_threads(cache):
+    """One worker both decompresses and gathers (a decompression waits for gathers reading its half,
+    which go first): the same stream as three workers, with no deadlock."""
+    streams = []
+    for threads in (1, 3):
+        with _reader(cache, threads=threads, buffer_tokens=384) as r:
+            streams.append([_ids(next(r)) for _ in range(2 * r.batches_per_epoch + 3)])
+    assert streams[0] == streams[1]
+
+
 def test_decode_threads_default_to_all_cores_but_a_quarter(cache):
     """The serving thread keeps a quarter of the cores (measured on a 16-core GPU host: 12 decode threads
     beat 16 and 8); on 2 cores both decode."""
