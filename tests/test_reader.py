@@ -310,6 +310,8 @@ def test_memory_stays_bounded_on_a_cache_much_larger_than_the_buffer(tmp_path):
             done.wait(0.005)
 
     base = proc.memory_info().rss
+    with ShuffledReader(["x"], str(path), cfg, mirror=True) as mirrored:  # a mirror on the CPU: the buffer twice
+        assert mirrored.host_bytes == 2 * cfg.buffer_tokens * width * 4
     with ShuffledReader(["x"], str(path), cfg) as r:
         assert r.host_bytes == budget
         t = threading.Thread(target=sample)

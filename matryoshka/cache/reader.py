@@ -281,8 +281,8 @@ class ShuffledReader:
         (``PREPARED`` being gathered, the one served and one the consumer may still hold; with their
         stored rows when widened to float32). Compressed chunks being read come on top."""
         buffer = sum(b.numel() * b.element_size() for b in self._buf)
-        if self.mirror:
-            return buffer
+        if self.mirror:  # batches live on the device, and so does the mirror unless the device is the CPU
+            return buffer + (sum(d.numel() * d.element_size() for d in self._dev) if self.device.type == "cpu" else 0)
         row = sum(row_bytes(w, self.storage_dtype) + (4 * w if self.widened else 0) for w in self.widths)
         return buffer + (PREPARED + 2) * self.cfg.batch_size * row
 
