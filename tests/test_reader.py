@@ -81,6 +81,19 @@ def test_drop_last_serves_full_batches_and_resumes_exactly(cache):
         expected = [_ids(next(r)) for _ in range(50)]
         r.load_state_dict(cursor)
         assert [_ids(next(r)) for _ in range(50)] == expected
+        r.load_state_dict(cursor)
+        next(r)
+        cursor = r.state_dict()
+        r.close()
+        assert _same_cursor(r.state_dict(), cursor)  # closing keeps the rows being gathered waiting
+        with pytest.raises(CacheError, match="reader: it is closed"):
+            next(r)
+    with _reader(cache, drop_last=True, state=cursor) as resumed:
+        assert [_ids(next(resumed)) for _ in range(49)] == expected[1:]
+
+
+def _same_cursor(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) if k == "pool_rows" else a[k] == b[k] for k in a)
 
 
 def test_bos_rows_can_be_kept_and_heldout_split_is_separate(cache):

@@ -234,6 +234,7 @@ class ShuffledReader:
         """Seconds the consumer's thread has waited for blocks to decompress, (on the CPU) for workers
         to gather a batch and (with a mirror) for a half's copy to the device: what is left of its time
         in ``next`` is serving work."""
+        self.closed = False
         self._reset_epoch(0)
         if state is not None:
             self.load_state_dict(state)
@@ -446,6 +447,8 @@ class ShuffledReader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         """The next batch; epochs follow one another for as long as the consumer asks."""
+        if self.closed:
+            raise CacheError("reader: it is closed; a new one given its state_dict() continues the stream")
         if not self.mirror:
             return self._next_gathered()
         n = self._batch_rows()
@@ -603,10 +606,18 @@ class ShuffledReader:
             torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
+        """Stop the threads and let go of the buffers. Batches already served stay valid, and so does the
+        cursor: the rows of batches being gathered still count as waiting."""
+        if self.closed:
+            return
+        ready = list(self._ready)
         self._cancel_loads()
+        self._ready.extend(ready)  # their gathers are cancelled or done; state_dict reads only their rows
         self._pool.shutdown()
         if self._io is not None:
             self._io.shutdown(wait=True)
+        self._buf, self._np, self._dev = [], [], []
+        self.closed = True
 
     def __enter__(self) -> "ShuffledReader":
         return self
