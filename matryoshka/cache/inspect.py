@@ -115,7 +115,7 @@ def verify(cache: Cache, progress: bool = True) -> list[Damage]:
         damage.append(Damage("zarr.json", f"unfinished: {cache.chunks_committed} of {cache.n_chunks} chunks committed"))
     names = cache.array_names + ["tokens"]
     ct = cache.chunk_tokens
-    present = remote.keys(cache.path) if cache.remote else None  # one listing, not a request per chunk
+    present = set(remote.listing(cache.path)) if cache.remote else None  # one listing, not a request per chunk
     root = Path(cache.path)
     for i in tqdm(range(cache.chunks_committed), desc="verify", unit="chunk", disable=not progress):
         r0, r1 = i * ct, min((i + 1) * ct, m["n_tokens"])

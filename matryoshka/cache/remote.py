@@ -52,11 +52,6 @@ def total_bytes(url: str) -> int:
     return int(fs.du(root, total=True))
 
 
-def keys(url: str) -> set[str]:
-    """Every object key under ``url``, relative to it."""
-    return set(listing(url))
-
-
 def listing(path: str | Path) -> dict[str, int]:
     """Every object (file) under a cache path or URL: relative key -> size in bytes."""
     if not is_url(path):

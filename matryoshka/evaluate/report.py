@@ -1,8 +1,9 @@
 """The report of one cache: every evaluated run of it side by side, in Markdown with PNG plots.
 
 ``runs/<fingerprint>/report.md`` and ``runs/<fingerprint>/report/*.png``: the comparison table, each
-run's training curves (FVU and dead latents over tokens, from its metrics.jsonl), the feature-density histogram (log10 density of each run's live latents), FVU against L0 across runs, FVU of
-each Matryoshka prefix against the latents it uses, the hierarchy statistics per group, and the top
+run's training curves (FVU and dead latents over tokens, from its metrics.jsonl), the feature-density
+histogram (log10 density of each run's live latents), FVU against L0 across runs, FVU of each
+Matryoshka prefix against the latents it uses, the hierarchy statistics per group, and the top
 contexts of a few live latents sampled per run. It reads each run's ``eval.json`` and ``eval.npz``
 (density and top contexts), so it can be rebuilt at any time without evaluating again.
 """
