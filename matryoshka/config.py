@@ -196,7 +196,7 @@ class HarvestConfig:
                               "For the synthetic source, the generator's seed.")
     shuffle_buffer: int = opt(10_000, "Documents in the seeded streaming shuffle buffer.")
     bos: str = opt("context", '``context``: every context starts with BOS; ``document``: every document does; ``none``.')
-    writer_threads: int = opt(0, 'Compression/write threads; 0 means one per CPU core.')
+    writer_threads: int = opt(0, 'Compression/write threads; 0 means one per CPU core this process may use (its affinity and cgroup quota).')
 
     def __post_init__(self) -> None:
         self.tokens = parse_count(self.tokens, "tokens")

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from .cache.reader import ReaderConfig, ShuffledReader, default_threads
 from .cache.store import Cache
 from .config import ConfigError
+from .cpus import usable_cpus
 
 
 @dataclass
@@ -136,7 +137,7 @@ class RankStreams:
         self.team, self.data_ranks = team, w
         per = w // team.size
         # each stream's decode threads: its share of the host's cores, less the quarter the default leaves
-        threads = cfg.threads or default_threads(max(1, (os.cpu_count() or 1) // (team.local_size * per)))
+        threads = cfg.threads or default_threads(max(1, usable_cpus() // (team.local_size * per)))
         sub = dataclasses.replace(cfg, batch_size=cfg.batch_size // w, threads=threads)
         self.readers = [ShuffledReader(arrays, cache, sub, rank=r, world_size=w, device=device, dtype=dtype,
                                        state=cursors[r] if cursors is not None else None)

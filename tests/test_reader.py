@@ -182,7 +182,7 @@ def test_training_streams_split_the_default_among_them(cache, monkeypatch):
     from matryoshka.cache.store import Cache
     from matryoshka.distributed import RankStreams, Team
 
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     for data_ranks, want in ((1, [12]), (2, [6, 6])):
         streams = RankStreams(["src"], Cache(str(cache)), ReaderConfig(batch_size=32, buffer_tokens=256), Team(),
                               data_ranks, torch.device("cpu"), torch.float32)

@@ -33,7 +33,6 @@ those rows back into their places and continues the stream where it stopped, bit
 from __future__ import annotations
 
 import mmap
-import os
 import sys
 import time
 from collections import deque
@@ -44,6 +43,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..cpus import usable_cpus
 from .format import (STORAGE, decode, decode_chunk, from_storage, numpy_view, row_bytes, row_width, to_torch,
                      token_codec)
 from .store import Cache, CacheError
@@ -79,11 +79,12 @@ class ReaderConfig:
 
 
 def default_threads(cores: int | None = None) -> int:
-    """Decompression threads for ``cores`` CPU cores (default: this machine's): all but a quarter, left
-    to the serving thread (and CUDA's): on a 16-core H200 host, 12 threads delivered 0.71x (SAE) and
-    0.90x (transcoder) of the decode ceiling, 16 threads 0.53x and 0.62x, 8 threads 0.72x and 0.78x.
-    On 2 cores this is both, which measured 0.62x against 0.47x for one."""
-    n = cores or os.cpu_count() or 1
+    """Decompression threads for ``cores`` CPU cores (default: those this process may use, see
+    :mod:`matryoshka.cpus`): all but a quarter, left to the serving thread (and CUDA's): on a 16-core
+    H200 host, 12 threads delivered 0.71x (SAE) and 0.90x (transcoder) of the decode ceiling, 16 threads
+    0.53x and 0.62x, 8 threads 0.72x and 0.78x. On 2 cores this is both, which measured 0.62x against
+    0.47x for one."""
+    n = cores or usable_cpus()
     return n - n // 4
 
 

@@ -21,6 +21,7 @@ from ..cache.lock import writer_lock
 from ..cache.store import CacheError, cache_location
 from ..cache.writer import CacheWriter, create_arrays
 from ..config import ConfigError, HarvestConfig, site_name
+from ..cpus import usable_cpus
 from ..models import Capture, ModelInfo, check_sites, hook_name, load_model, load_tokenizer, model_info, tokenizer_identity
 from . import synthetic
 from .shards import harvest_shard, worker_shard
@@ -171,7 +172,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
             for stray in [] if url else path.rglob("*.partial"):  # a killed local write (never renamed);
                 stray.unlink()                                     # an object PUT is all or nothing
             group = zarr.open_group(str(path), mode="r+")
-        threads = cfg.writer_threads or os.cpu_count() or 1
+        threads = cfg.writer_threads or usable_cpus()
         writer = CacheWriter(group, manifest, state, threads=threads, batch_seqs=cfg.batch_size)
         writer.guard = lock.check
         _run(cfg, p, writer, progress)

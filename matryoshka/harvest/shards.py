@@ -39,6 +39,7 @@ from ..cache.remote import is_url, join
 from ..cache.store import CacheError
 from ..cache.writer import CacheWriter, complete_attrs, create_arrays, merge_progress
 from ..config import ConfigError, HarvestConfig, parse_shard
+from ..cpus import usable_cpus
 from .tokens import DatasetExhausted
 
 LOCK_WAIT_S = 60.0
@@ -185,7 +186,7 @@ def harvest_shard(cfg: HarvestConfig, p, path: str | Path, shard: Shard, progres
                 _remove_partials(Path(path), chunks)
                 left = (len(chunks) * manifest["storage"]["chunk_tokens"])
                 _check_space(Path(path), manifest, max(0, manifest["n_tokens"] - left))
-            threads = cfg.writer_threads or max(1, (os.cpu_count() or 1) // local)
+            threads = cfg.writer_threads or max(1, usable_cpus() // local)
             writer = CacheWriter(group, manifest, rec["progress"], threads=threads, batch_seqs=cfg.batch_size,
                                  chunks=chunks, record=record)
             writer.guard = lock.check
