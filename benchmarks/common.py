@@ -8,11 +8,14 @@ import psutil
 import torch
 import zarr
 
+from matryoshka.cpus import usable_cpus
+
 
 def machine(device: str) -> str:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     gpu = f", GPU {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
-    return (f"machine: {os.cpu_count()} CPUs ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch "
+    return (f"machine: {os.cpu_count()} CPUs ({cpu}; {usable_cpus()} usable by this process), "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, torch "
             f"{torch.__version__} ({torch.get_num_threads()} threads), zarr {zarr.__version__}, "
             f"numcodecs {numcodecs.__version__}, device {device}{gpu}")
 

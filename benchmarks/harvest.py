@@ -43,6 +43,7 @@ from common import machine, print_table
 from matryoshka.cache.format import STORAGE, decode, encode_chunk, to_storage
 from matryoshka.cache.writer import chunk_sums, nonfinite_rows
 from matryoshka.config import HarvestConfig, parse_count
+from matryoshka.cpus import usable_cpus
 from matryoshka.fixtures import build_model, build_tokenizer, write_corpus
 from matryoshka.harvest import harvest
 from matryoshka.harvest.run import plan
@@ -185,7 +186,7 @@ def codec_table(f32: np.ndarray) -> list[tuple[str, tuple[float, ...]]]:
     numcodecs.blosc.set_nthreads(1)
     bits = to_storage(torch.from_numpy(f32), "bfloat16").numpy().view(np.uint16)
     data = {"bf16": bits, "fp16": f32.astype(np.float16), "fp32": f32}
-    return [(name, codec_row(codec, data, os.cpu_count() or 1)) for name, codec in CODECS.items()]
+    return [(name, codec_row(codec, data, usable_cpus())) for name, codec in CODECS.items()]
 
 
 def writer_table(f32: np.ndarray) -> list[list[str]]:
@@ -220,7 +221,7 @@ def main() -> None:
     args = ap.parse_args()
     args.tokens = args.tokens or (4096 if args.quick else 12288)
     print(machine(args.device))
-    start, ncpu = time.perf_counter(), os.cpu_count() or 1
+    start, ncpu = time.perf_counter(), usable_cpus()
     with tempfile.TemporaryDirectory(prefix="bench-harvest-") as tmp:
         path = gpt2_small_9(Path(tmp), n_docs=(args.tokens + 20 * args.context) // 20, context=args.context)
         rows, f32, note = throughput(path, args, Path(tmp))

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing as mp
-import os
 import sys
 import tempfile
 import threading
@@ -51,6 +50,7 @@ from common import machine, print_table
 from matryoshka.cache.format import chunk_key, decode_chunk, numpy_view
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader, host_buffer
 from matryoshka.cache.store import Cache
+from matryoshka.cpus import usable_cpus
 from matryoshka.fixtures import write_cache
 
 D, CONTEXT, SPC, BOS = 768, 128, 21, 0
@@ -178,7 +178,7 @@ def reader_run(path: str, names: list[str], buffer_tokens: int, device: str, dty
     base = proc.memory_info().rss
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    cache, workers = Cache(path), os.cpu_count() or 1
+    cache, workers = Cache(path), usable_cpus()
     epochs, ceilings, splits = [], [], []
     with ShuffledReader(names, path, cfg, device=device, dtype=dtype) as reader:
         threads, budget = reader._pool.workers, reader.host_bytes
@@ -220,7 +220,7 @@ def main() -> None:
     args = ap.parse_args()
     n_chunks = args.chunks or (25 if args.quick else 150)
     buffer_tokens = 2**16 if args.quick else 2**18
-    workers, start = os.cpu_count() or 1, time.perf_counter()
+    workers, start = usable_cpus(), time.perf_counter()
     print(machine(args.device))
     with tempfile.TemporaryDirectory(prefix="bench-reader-") as tmp:
         path = Path(tmp) / "cache"

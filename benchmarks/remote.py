@@ -42,6 +42,7 @@ from matryoshka.cache.copy import copy_cache
 from matryoshka.cache.format import chunk_key
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
 from matryoshka.cache.store import Cache
+from matryoshka.cpus import usable_cpus
 from reader import PAIR, build
 
 
@@ -168,7 +169,7 @@ def harvest_section(args: argparse.Namespace, tmp: Path) -> None:
             "--chunk-mb", str(seqs_per_chunk * 128 * 768 * 2 / 2**20), "--holdout", "1024", "--quiet"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "matryoshka.cli"] + base[3:]
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     fs = fsspec.filesystem("s3")
     if not fs.exists("bench"):
         fs.mkdir("bench")
