@@ -39,16 +39,57 @@ def s3_server():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
-@pytest.fixture
-def s3_bucket(s3_server) -> str:
-    """A new, empty bucket on the session's S3 server: ``s3://NAME``."""
+@pytest.fixture(scope="session")
+def gs_server():
+    """A real Google Cloud Storage JSON API server (gcp-storage-emulator, in memory) on a free localhost
+    port, for the session. gcsfs finds it the standard way, through ``STORAGE_EMULATOR_HOST`` (subprocesses
+    inherit it), and then needs no credentials."""
+    import logging
+
+    # gcsfs would first ask the server over gRPC whether a bucket is zonal; the emulator speaks only HTTP
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # it logs every 404 it answers
+    server = create_server("127.0.0.1", 0, in_memory=True)
+    server.start()
+    httpd = server._api._httpd
+    port = httpd.server_address[1]  # port 0: the OS chose one, no race with another process
+    report = httpd.handle_error
+
+    def handle_error(request, client_address):  # a client that hung up early is no server error: no traceback
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            report(request, client_address)
+    httpd.handle_error = handle_error
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
+    yield os.environ["STORAGE_EMULATOR_HOST"]
+    server.stop()
+    os.environ.pop("STORAGE_EMULATOR_HOST") if saved is None else os.environ.__setitem__("STORAGE_EMULATOR_HOST", saved)
+
+
+def new_bucket(protocol: str, prefix: str = "test") -> str:
+    """A new, empty bucket on the session's server for ``protocol`` (s3 or gs): ``PROTOCOL://NAME``."""
     import uuid
 
     import fsspec
 
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    fsspec.filesystem("s3").mkdir(name)
-    return f"s3://{name}"
+    name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem(protocol).mkdir(name)
+    return f"{protocol}://{name}"
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the session's S3 server: ``s3://NAME``."""
+    return new_bucket("s3")
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store_bucket(request) -> str:
+    """A new, empty bucket on each kind of object store: S3, then Google Cloud Storage."""
+    request.getfixturevalue(f"{request.param}_server")
+    return new_bucket(request.param)
 
 
 @pytest.fixture(scope="session")

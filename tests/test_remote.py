@@ -1,13 +1,13 @@
-"""Caches on object storage, against a real S3 server (moto's server mode on localhost): harvest writes
-there, train and evaluate read from there, `cache ls|info|verify` work on URLs, and one writer at a time
-holds a lock object with a heartbeat."""
+"""Caches on object storage, against real servers on localhost (S3: moto's server mode; Google Cloud
+Storage: gcp-storage-emulator): harvest writes there, train and evaluate read from there, `cache
+ls|info|verify|copy` work on URLs, and one writer at a time holds a lock object with a heartbeat (S3's
+conditional writes make it race-free; other stores check, write and re-read)."""
 from __future__ import annotations
 
 import json
 import os
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import fsspec
@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import harvest_config
+from conftest import harvest_config, new_bucket
 from matryoshka.cache import Cache, CacheError
 from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ObjectLock
 from matryoshka.cli import app
@@ -35,8 +35,9 @@ RUNS = [{"name": "tc", "source": "1.resid_mid", "target": "1.mlp_out", "width": 
          "tokens": "3K", "dead_tokens": "2K"}]
 
 
-def _s3() -> fsspec.AbstractFileSystem:
-    fs = fsspec.filesystem("s3")
+def _fs(url: str) -> fsspec.AbstractFileSystem:
+    """The filesystem of a bucket URL, its listings fresh."""
+    fs = fsspec.core.url_to_fs(url)[0]
     fs.invalidate_cache()
     return fs
 
@@ -58,11 +59,11 @@ def _same_cache(a: str | Path, b: str | Path) -> None:
     assert json.loads(oa["zarr.json"])["attributes"] == json.loads(ob["zarr.json"])["attributes"]
 
 
-@pytest.fixture(scope="module")
-def bucket(s3_server) -> str:
-    name = f"team-{uuid.uuid4().hex[:8]}"
-    _s3().mkdir(name)
-    return f"s3://{name}"
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def bucket(request) -> str:
+    """A team's bucket on each kind of object store (every test of a cache harvested there runs on both)."""
+    request.getfixturevalue(f"{request.param}_server")
+    return new_bucket(request.param, "team")
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +77,13 @@ def caches(bucket, gpt2_dir, corpus, tmp_path_factory) -> tuple[Path, str]:
     return local, url
 
 
-def test_harvest_to_s3_equals_local_harvest(caches, gpt2_dir, corpus):
+def test_harvest_to_a_bucket_equals_local_harvest(caches, gpt2_dir, corpus):
     local, url = caches
     _same_cache(local, url)
     a, b = Cache(local), Cache(url)
     assert b.complete and b.fingerprint == a.fingerprint and b.remote
     np.testing.assert_array_equal(b.read("1.mlp_out", 0, b.tokens_committed), a.read("1.mlp_out", 0, a.tokens_committed))
-    assert not _s3().exists(f"{url}/{LOCK_NAME}")  # released
+    assert not _fs(url).exists(f"{url}/{LOCK_NAME}")  # released
 
     # The fingerprint decides identity: the same config again reuses it; another one is refused.
     before = _objects(url)
@@ -95,20 +96,20 @@ def test_harvest_to_s3_equals_local_harvest(caches, gpt2_dir, corpus):
     assert _objects(url) == before
 
 
-def test_train_and_evaluate_from_s3_equal_local(caches, tmp_path):
-    """Same rows, same order: training from S3 (with and without a local read-through copy) gives weights
+def test_train_and_evaluate_from_a_bucket_equal_local(caches, tmp_path):
+    """Same rows, same order: training from the bucket (with and without a local read-through copy) gives weights
     bit-identical to training from the local cache, and the same evaluation."""
     local, url = caches
     keep = tmp_path / "chunks"
     out = {}
-    for name, cache, local_dir in (("local", local, None), ("s3", url, None), ("s3+copy", url, keep)):
+    for name, cache, local_dir in (("local", local, None), ("remote", url, None), ("remote+copy", url, keep)):
         cfg = TrainConfig(cache=str(cache), runs=[dict(r) for r in RUNS], runs_dir=str(tmp_path / name),
                           batch_size=128, buffer_tokens=1024, log_every=5, device="cpu", local_cache_dir=local_dir)
         (run,) = train(cfg, progress=False)
         (ev,) = evaluate(EvaluateConfig(cache=str(cache), runs_dir=str(tmp_path / name), batch_size=128,
                                         local_cache_dir=local_dir))
         out[name] = (load_file(run / "checkpoint" / "model.safetensors"), ev)
-    for name in ("s3", "s3+copy"):
+    for name in ("remote", "remote+copy"):
         for k, w in out["local"][0].items():
             assert torch.equal(w, out[name][0][k]), (name, k)
         assert {k: out[name][1][k] for k in ("fvu", "mse", "l0", "tokens")} == \
@@ -137,7 +138,7 @@ def test_cache_ls_info_verify_on_urls(caches, bucket):
     assert r.exit_code == 0 and r.output.startswith("ok:"), r.output
 
     damaged = f"{bucket}/damaged"
-    fs = _s3()
+    fs = _fs(bucket)
     fs.copy(url, damaged, recursive=True)
     blob = bytearray(fs.cat(f"{damaged}/acts/1.mlp_out/c/2/0"))
     blob[len(blob) // 2] ^= 0xFF
@@ -154,14 +155,14 @@ def test_cache_ls_info_verify_on_urls(caches, bucket):
         Cache(f"{bucket}/nothing-here")
 
 
-def test_cache_copy_shares_a_local_cache_on_s3_and_brings_it_back(caches, bucket, gpt2_dir, corpus, tmp_path):
+def test_cache_copy_shares_a_local_cache_on_a_bucket_and_brings_it_back(caches, bucket, gpt2_dir, corpus, tmp_path):
     local, url = caches
     fp = Cache(local).fingerprint
     r = runner.invoke(app, ["cache", "copy", str(local), f"{bucket}/team", "-q"])
     shared = f"{bucket}/team/tiny-gpt2/{fp}"  # where `harvest --cache-root {bucket}/team` puts this config
     assert r.exit_code == 0 and r.output.strip() == shared, r.output
     _same_cache(local, shared)
-    assert not _s3().exists(f"{shared}/{LOCK_NAME}")
+    assert not _fs(shared).exists(f"{shared}/{LOCK_NAME}")
     before = _objects(shared)
     r = runner.invoke(app, ["cache", "copy", str(local), f"{bucket}/team", "-q"])  # already there: a no-op
     assert r.exit_code == 0 and r.output.strip() == shared and _objects(shared) == before
@@ -219,11 +220,11 @@ def test_a_killed_copy_is_no_cache_and_resumes_and_a_damaged_source_is_refused(c
 
 
 def _lock_json(url: str) -> dict:
-    return json.loads(_s3().cat(f"{url}/{LOCK_NAME}"))
+    return json.loads(_fs(url).cat(f"{url}/{LOCK_NAME}"))
 
 
-def test_second_writer_is_refused_naming_the_owner(s3_bucket, gpt2_dir, corpus):
-    url = f"{s3_bucket}/c"
+def test_second_writer_is_refused_naming_the_owner(store_bucket, gpt2_dir, corpus):
+    url = f"{store_bucket}/c"
     with ObjectLock(url, heartbeat_s=0.2) as first:
         h0 = _lock_json(url)["heartbeat"]
         with pytest.raises(CacheLockedError, match=rf"being written by pid {os.getpid()} .*lock {first.owner['id'][:8]}"):
@@ -235,7 +236,7 @@ def test_second_writer_is_refused_naming_the_owner(s3_bucket, gpt2_dir, corpus):
         assert _lock_json(url)["heartbeat"] > h0  # the heartbeat thread refreshes it
         first.check()  # still ours
         assert sorted(_objects(url)) == []  # the refused harvest wrote nothing
-    assert not _s3().exists(f"{url}/{LOCK_NAME}")
+    assert not _fs(url).exists(f"{url}/{LOCK_NAME}")
     with ObjectLock(url):  # free again
         pass
 
@@ -268,7 +269,7 @@ def _age_lock(url: str, seconds: float) -> None:
     """What time does to a dead writer's lock: its heartbeat falls behind."""
     h = _lock_json(url)
     h["heartbeat"] -= seconds
-    _s3().pipe(f"{url}/{LOCK_NAME}", json.dumps(h).encode())
+    _fs(url).pipe(f"{url}/{LOCK_NAME}", json.dumps(h).encode())
 
 
 def test_stale_lock_is_refused_then_broken_with_the_flag(s3_bucket):
@@ -293,15 +294,15 @@ def test_stale_lock_is_refused_then_broken_with_the_flag(s3_bucket):
     dead.release()  # and does not remove the new owner's lock
     assert _lock_json(url)["id"] == taker.owner["id"]
     taker.release()
-    assert not _s3().exists(f"{url}/{LOCK_NAME}")
+    assert not _fs(url).exists(f"{url}/{LOCK_NAME}")
 
 
-def test_a_writer_whose_lock_was_broken_commits_nothing(s3_bucket, tmp_path, monkeypatch):
+def test_a_writer_whose_lock_was_broken_commits_nothing(store_bucket, tmp_path, monkeypatch):
     """The writer asks its lock before every commit: once another writer broke it, nothing more is committed."""
     from matryoshka.cache.writer import CacheWriter
     from matryoshka.fixtures import write_cache
 
-    url = f"{s3_bucket}/c"
+    url = f"{store_bucket}/c"
     stalled = ObjectLock(url, heartbeat_s=3600).acquire()
     _age_lock(url, 120)
     ObjectLock(url, break_lock=True, heartbeat_s=3600).acquire()
@@ -315,7 +316,7 @@ def test_a_writer_whose_lock_was_broken_commits_nothing(s3_bucket, tmp_path, mon
 
 def _committed(url: str) -> int:
     try:
-        return json.loads(_s3().cat(f"{url}/zarr.json"))["attributes"]["progress"]["chunks"]
+        return json.loads(_fs(url).cat(f"{url}/zarr.json"))["attributes"]["progress"]["chunks"]
     except (OSError, ValueError, KeyError):
         return 0
 

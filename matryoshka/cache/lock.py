@@ -21,9 +21,12 @@ random id, and a heartbeat timestamp that a background thread rewrites every ``h
   (milliseconds); staleness compares the owner's clock with the reader's, so clocks must agree to well
   within ``stale_s`` (NTP).
 
-Stores without conditional writes (fsspec backends other than S3 and local files) fall back to
-check-then-write, re-reading the object after writing it; two writers starting within one round trip
-of each other could then both proceed. The README says so.
+Stores without conditional writes (fsspec backends other than S3) fall back to check-then-write,
+re-reading the object after writing it; two writers starting within one round trip of each other could
+then both proceed. Google Cloud Storage is in between: its create-if-absent (``ifGenerationMatch=0``,
+fsspec's ``mode="create"`` in gcsfs) makes acquiring race-free, but gcsfs offers no write conditional on
+an object's generation, so breaking a stale lock and heartbeats check, write and re-read. The README
+says so.
 """
 from __future__ import annotations
 
@@ -107,6 +110,7 @@ class ObjectLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conditional = "s3" in self.fs.protocol
+        self._creates = self._conditional or "gs" in self.fs.protocol  # create-if-absent, at least
 
     # -- the object ----------------------------------------------------------------------------------
     def _body(self) -> bytes:
@@ -142,8 +146,8 @@ class ObjectLock:
             return
         if if_absent and self.fs.exists(self.key):
             raise FileExistsError(self.key)
-        self.fs.pipe_file(self.key, body)
-        time.sleep(0.05)
+        self.fs.pipe_file(self.key, body, **({"mode": "create"} if if_absent and self._creates else {}))
+        time.sleep(0.05)  # then read it back: a store (or an emulator) may ignore the condition
         mine = self._read()
         if mine is None or mine[0].get("id") != self.owner["id"]:
             raise FileExistsError(self.key)
