@@ -40,6 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .retry import retrying
+
 LOCK_NAME = ".writer.lock"
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
@@ -215,8 +217,8 @@ class ObjectLock:
     def check(self) -> None:
         """Raise if this writer no longer holds the lock (called before every commit)."""
         if self._lost is None:
-            try:
-                found = self._read()
+            try:  # through a brief outage (cache/retry.py); a lock broken meanwhile is seen once it is read
+                found = retrying(self._read, f"reading the writer lock of {self.url}")
             except OSError as e:  # not knowing is not holding: stop, resumable, rather than risk a commit
                 raise CacheLockedError(f"cache {self.url}: cannot read this writer's lock before a commit "
                                        f"({e}); nothing more was committed: resume with --resume") from None

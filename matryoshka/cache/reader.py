@@ -46,6 +46,7 @@ import torch
 from ..cpus import usable_cpus
 from .format import (STORAGE, decode, decode_chunk, from_storage, numpy_view, row_bytes, row_width, to_torch,
                      token_codec)
+from .retry import StoreUnavailable
 from .store import Cache, CacheError
 from .workers import URGENT, PriorityPool, Task
 
@@ -351,6 +352,8 @@ class ShuffledReader:
             try:
                 raw = fetched.result()[(j, chunk)] if fetched is not None else c.chunk_bytes(name, chunk)
                 decode_chunk(raw, self.codec, out[base:base + self.ct])
+            except StoreUnavailable as e:
+                raise CacheError(f"cache: chunk {chunk} of {name} in {c.path!r} could not be read: {e}") from None
             except (OSError, ValueError) as e:
                 raise CacheError(f"cache: chunk {chunk} of {name} in {c.path!r} is unreadable ({e}); "
                                  "run `pipeline cache verify`") from None

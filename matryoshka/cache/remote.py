@@ -21,6 +21,8 @@ from typing import Any, Iterable
 
 import fsspec
 
+from .retry import retrying, transient
+
 
 def is_url(path: str | Path) -> bool:
     return "://" in str(path)
@@ -67,7 +69,7 @@ def read_object(path: str | Path, key: str) -> bytes:
     if not is_url(path):
         return (Path(path) / key).read_bytes()
     fs, root = filesystem(str(path))
-    return fs.cat_file(f"{root.rstrip('/')}/{key}")
+    return retrying(lambda: fs.cat_file(f"{root.rstrip('/')}/{key}"), f"reading {path}/{key}")
 
 
 def write_object(path: str | Path, key: str, data: bytes) -> None:
@@ -75,7 +77,7 @@ def write_object(path: str | Path, key: str, data: bytes) -> None:
     a writer killed midway never leaves a torn object."""
     if is_url(path):
         fs, root = filesystem(str(path))
-        fs.pipe_file(f"{root.rstrip('/')}/{key}", data)
+        retrying(lambda: fs.pipe_file(f"{root.rstrip('/')}/{key}", data), f"writing {path}/{key}")
         return
     dest = Path(path) / key
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,7 @@ class ChunkSource:
     def __init__(self, url: str, fingerprint: str, local_cache_dir: str | Path | None = None) -> None:
         self.fs, root = filesystem(url)
         self.root = root.rstrip("/")
+        self.protocol = url.split("://", 1)[0]
         self.local = Path(local_cache_dir).expanduser() / fingerprint if local_cache_dir else None
 
     def has_local(self, keys: Iterable[str]) -> bool:
@@ -167,16 +170,26 @@ class ChunkSource:
             else:
                 missing.append(k)
         if missing:
-            paths = [f"{self.root}/{k}" for k in missing]
-            got = self.fs.cat(paths, on_error="return")
-            for k, p in zip(missing, paths):
-                b = got.get(p)
-                if not isinstance(b, bytes):
-                    raise OSError(f"cannot read {p}: {b!r}")
+            retrying(lambda: self._fetch([k for k in missing if k not in out], out),
+                     f"fetching {len(missing)} chunk(s) of {self.protocol}://{self.root}")
+        return out
+
+    def _fetch(self, keys: list[str], out: dict[str, bytes]) -> None:
+        """Fetch ``keys`` concurrently into ``out``; raise one error of those that failed (one that is
+        not transient first, so a missing object fails at once), keeping what arrived for a retry."""
+        paths = [f"{self.root}/{k}" for k in keys]
+        got = self.fs.cat(paths, on_error="return")
+        errors = []
+        for k, p in zip(keys, paths):
+            b = got.get(p)
+            if isinstance(b, bytes):
                 out[k] = b
                 if self.local is not None:
                     self._keep(k, b)
-        return out
+            else:
+                errors.append(b if isinstance(b, Exception) else OSError(f"cannot read {p}: {b!r}"))
+        if errors:
+            raise min(errors, key=transient)  # False sorts first
 
     def _keep(self, key: str, data: bytes) -> None:
         write_object(self.local, key, data)  # atomic: a reader killed mid-write never leaves a torn chunk

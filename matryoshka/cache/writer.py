@@ -30,8 +30,10 @@ import zarr
 
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import FsspecStore
 
 from .format import STORAGE, chunk_key, compressors, decode, encode_chunk, host_view, row_width, token_codec
+from .retry import retrying
 from .store import ArrayStats, CacheError
 
 
@@ -173,9 +175,10 @@ class CacheWriter:
         self.guard()
         self.committed = self.end
         if self.record is not self.group:  # a shard: the last shard to finish completes the cache
-            self.record.attrs.update({"progress": self._progress_json(self.end), "done": True})
+            self._on_store(lambda: self.record.attrs.update({"progress": self._progress_json(self.end), "done": True}),
+                           "recording the shard's end")
             return
-        self.group.attrs.update(complete_attrs(self._sums, self.n_chunks))
+        self._on_store(lambda: self.group.attrs.update(complete_attrs(self._sums, self.n_chunks)), "completing the cache")
 
     def abort(self) -> None:
         """Stop the threads after an error; committed chunks stay readable."""
@@ -262,8 +265,17 @@ class CacheWriter:
             rows = full
         data = encode_chunk(rows, codec)
         path = f"{self.group.path}/{key}".lstrip("/")
-        sync(self.group.store.set(path, default_buffer_prototype().buffer.from_bytes(data)))
+        self._on_store(lambda: sync(self.group.store.set(path, default_buffer_prototype().buffer.from_bytes(data))),
+                       f"writing {key}")
         return len(data)
+
+    def _on_store(self, write: Callable[[], Any], what: str) -> None:
+        """Run a write of the cache; on object storage, ride out its transient failures (cache/retry.py):
+        every write here (a whole chunk, or the group's attributes) is safe to repeat."""
+        if isinstance(self.group.store, FsspecStore):
+            retrying(write, what)
+        else:
+            write()
 
     def _chunk_done(self, c: _Chunk, sums: dict[str, tuple[int, np.ndarray, float]], stored: int) -> None:
         with self._lock:
@@ -281,7 +293,8 @@ class CacheWriter:
             now = time.monotonic()
             if advanced and w % self.align_chunks == 0 and w < self.end and now - self._last_commit > 0.5:
                 self.guard()
-                self.record.attrs.update({"progress": self._progress_json(w)})
+                self._on_store(lambda: self.record.attrs.update({"progress": self._progress_json(w)}),
+                               f"committing chunks ..{w - 1}")
                 self.committed = w
                 self._last_commit = now
 

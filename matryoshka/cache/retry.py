@@ -1,0 +1,75 @@
+"""Riding out object storage's transient failures: a dropped connection, a timeout, throttling, a 5xx.
+
+A training run that streams a cache from a bucket for hours, or a harvest that writes one, meets these.
+The storage libraries retry a few times within seconds (s3fs and botocore gave up on a refused
+connection after 6-9 s), so a brief outage, or S3 answering ``503 SlowDown`` to a team's GPUs all
+reading one prefix, would otherwise end the run. Here a read or write of chunks is tried again with
+exponential backoff (0.5 s, doubling, at most 15 s apart) for up to ``MATRYOSHKA_STORE_RETRY_S``
+seconds (default 120), with a warning each time. A missing object or a refused permission is not
+transient and fails at once. Chunk writes are safe to repeat: a chunk is one whole object, and
+writing it again writes the same bytes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("matryoshka.cache")
+
+DEFAULT_RETRY_S = 120.0
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# transient errors the storage libraries raise outside OSError (botocore's and aiohttp's own classes)
+_TRANSIENT_NAMES = {"ConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectionError",
+                    "ClientPayloadError"}
+
+
+class StoreUnavailable(OSError):
+    """A store kept failing transiently for the whole retry budget."""
+
+
+def retry_seconds() -> float:
+    """How long a failing read or write of a store is retried (``MATRYOSHKA_STORE_RETRY_S``)."""
+    value = os.environ.get("MATRYOSHKA_STORE_RETRY_S", "")
+    try:
+        return float(value) if value else DEFAULT_RETRY_S
+    except ValueError:
+        raise ValueError(f"MATRYOSHKA_STORE_RETRY_S: {value!r} is not a number of seconds") from None
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a store's error may pass if the call is tried again: a lost or refused connection, a
+    timeout, throttling or a server error (s3fs raises those as OSError; gcsfs as an error with an HTTP
+    ``code``); not a missing object, an existing one or a refused permission."""
+    if isinstance(e, (*_PERMANENT, StoreUnavailable)):
+        return False
+    if isinstance(e, OSError):
+        return True
+    if _TRANSIENT_NAMES & {c.__name__ for c in type(e).__mro__}:
+        return True
+    code = getattr(e, "code", None)
+    return isinstance(code, int) and (code == 429 or code >= 500)
+
+
+def retrying(call: Callable[[], T], what: str) -> T:
+    """``call()``, tried again while it fails transiently, for up to :func:`retry_seconds`; then
+    :class:`StoreUnavailable` says so (an error that is not transient is raised at once, as it is).
+    ``what`` names the operation in the warnings and the error."""
+    budget, start, delay = retry_seconds(), time.monotonic(), 0.5
+    while True:
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - classified just below; anything else is raised as it is
+            waited = time.monotonic() - start
+            if not transient(e):
+                raise
+            if waited + delay > budget:
+                raise StoreUnavailable(f"{what}: the store kept failing for {waited:.0f} s ({type(e).__name__}: {e}); "
+                                       "it may be down or throttling: try again later (MATRYOSHKA_STORE_RETRY_S "
+                                       "sets how long to retry)") from e
+            log.warning("%s failed (%s: %s); retrying in %.1f s (%.0f of %.0f s spent)",
+                        what, type(e).__name__, e, delay, waited, budget)
+            time.sleep(delay)
+            delay = min(2 * delay, 15.0)
