@@ -1,4 +1,4 @@
-"""The `pipeline` command: run (all stages), harvest, train, evaluate, models, and cache ls|info|verify.
+"""The `pipeline` command: run (all stages), harvest, train, evaluate, models, and cache ls|info|verify|copy|rm.
 
 Each stage's flags are generated from its config dataclass (:class:`~matryoshka.config.HarvestConfig`,
 :class:`~matryoshka.config.TrainConfig`), so every flag is a key of the stage's pipeline.yaml section
@@ -21,7 +21,7 @@ from .config import ConfigError, EvaluateConfig, HarvestConfig, TrainConfig, fro
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
                        "and transcoders from it.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect and share caches: ls, info, verify, copy.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect, share and remove caches: ls, info, verify, copy, rm.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -237,6 +237,37 @@ def cache_copy(src: str = typer.Argument(..., metavar="CACHE", help="A complete 
     if workers < 1:
         raise _fail(f"--workers: {workers} must be at least 1")
     typer.echo(str(_run_guarded(lambda: copy_cache(src, dest_root, workers=workers, progress=not quiet))))
+
+
+def _size(n: int) -> str:
+    for unit, d in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= d:
+            return f"{n / d:.1f} {unit}"
+    return f"{n} bytes"
+
+
+@cache_app.command("rm")
+def cache_rm(path: str = typer.Argument(..., metavar="CACHE", help="The cache directory or URL."),
+             yes: bool = typer.Option(False, "--yes", "-y", help="Remove without asking."),
+             break_lock: bool = typer.Option(False, "--break-lock", help="Take over the stale lock of a writer "
+                                             "that died (object storage), as `harvest --break-lock` does.")) -> None:
+    """Delete a cache, unless a writer (harvest, resume, copy) holds it; only a cache, never another folder."""
+    from .cache import Cache
+    from .cache.inspect import describe
+    from .cache.remove import remove_cache
+
+    def go() -> None:
+        about = describe(Cache(path))
+        what = (f"{path} ({about['model']}, {about['sites']}, {about['tokens']:,} tokens, {_size(about['bytes'])}, "
+                f"{about['status']})")
+        if not yes:
+            if not sys.stdin.isatty():
+                raise _fail(f"cache rm: pass --yes to remove {what} without asking")
+            typer.confirm(f"remove {what}?", abort=True)
+        remove_cache(path, break_lock)
+        typer.echo(f"removed {what}")
+
+    _run_guarded(go)
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from matryoshka.cache import Cache, CacheError
 from matryoshka.cache.inspect import describe
+from matryoshka.cache.lock import WriterLock
 from matryoshka.config import ConfigError, HarvestConfig, TrainConfig
 from matryoshka.fixtures import write_cache
 from matryoshka.harvest import harvest
@@ -107,6 +108,12 @@ def test_shard_processes_equal_single_process_and_the_last_completes(single, gpt
         _harvest_config(gpt2_dir, corpus, path, shard="2/2")
     _cli(*_harvest_args(gpt2_dir, corpus, path, "--shard", "0/2"))  # the last shard to finish completes it
     _assert_same_cache(single, path)
+    with WriterLock(path / "shards" / "1"):  # a shard's writer (say, a resume) holds its own lock
+        out = _cli("cache", "rm", str(path), "--yes", check=False)
+        assert out.returncode == 2 and f"cache {path / 'shards' / '1'} is being written by pid" in out.stderr
+    assert Cache(path).complete
+    _cli("cache", "rm", str(path), "--yes")
+    assert not path.exists()
 
 
 # -- data-parallel training ---------------------------------------------------------------------------

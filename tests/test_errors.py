@@ -126,3 +126,27 @@ def test_cache_ls_and_info(gpt2_dir, corpus, tmp_path):
     info = runner.invoke(app, ["cache", "info", str(root / "a" / "one")])
     assert info.exit_code == 0
     assert "blocks.1.hook_mlp_out" in info.output and "512 of 512 tokens committed" in info.output
+
+
+def test_cache_rm_removes_a_cache_and_nothing_else(gpt2_dir, corpus, tmp_path):
+    from matryoshka.cache import Cache
+
+    one, two = tmp_path / "root" / "a" / "one", tmp_path / "root" / "a" / "two"
+    for c in (one, two):
+        assert runner.invoke(app, harvest_args(gpt2_dir, corpus, c)).exit_code == 0
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    run_bad(["cache", "rm", str(notes), "--yes"], "is not a cache")
+    assert (notes / "keep.txt").read_text() == "mine"
+    run_bad(["cache", "rm", str(one)], "pass --yes to remove", str(one), "512 tokens")  # no terminal to ask on
+    with WriterLock(one):  # a harvest, resume or copy writing it
+        run_bad(["cache", "rm", str(one), "--yes"], f"cache {one} is being written by pid")
+    assert Cache(one).complete
+    r = runner.invoke(app, ["cache", "rm", str(one), "--yes"])
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith(f"removed {one} ({gpt2_dir}, 1.resid_mid,1.mlp_out, 512 tokens, ") and \
+        r.output.endswith(" kB, complete)\n")
+    assert not one.exists() and Cache(two).complete
+    ls = runner.invoke(app, ["cache", "ls", str(tmp_path / "root")])
+    assert str(two) in ls.output and str(one) not in ls.output

@@ -176,6 +176,22 @@ def test_cache_copy_shares_a_local_cache_on_a_bucket_and_brings_it_back(caches, 
     _same_cache(local, r.output.strip())
 
 
+def test_cache_rm_on_a_bucket(caches, bucket, gpt2_dir):
+    """Refused while a writer holds the cache's lock object; then every object goes, the root first."""
+    from matryoshka.cache.copy import copy_cache
+
+    local, url = caches
+    doomed = str(copy_cache(local, f"{bucket}/old", workers=4, progress=False))
+    with ObjectLock(doomed, heartbeat_s=3600):
+        run_bad(["cache", "rm", doomed, "--yes"], f"cache {doomed} is being written by pid {os.getpid()}")
+    assert Cache(doomed).complete
+    r = runner.invoke(app, ["cache", "rm", doomed, "--yes"])
+    assert r.exit_code == 0 and r.output.startswith(f"removed {doomed} ({gpt2_dir}, {SITES}, "), r.output
+    assert _objects(doomed) == {} and not _fs(doomed).exists(f"{doomed}/{LOCK_NAME}")
+    assert "no caches under" in runner.invoke(app, ["cache", "ls", f"{bucket}/old"]).output
+    assert Cache(url).complete  # the team's other caches are untouched
+
+
 def test_a_killed_copy_is_no_cache_and_resumes_and_a_damaged_source_is_refused(caches, tmp_path, monkeypatch):
     from matryoshka.cache import copy as copy_module
     from matryoshka.cache import remote

@@ -87,6 +87,15 @@ def write_object(path: str | Path, key: str, data: bytes) -> None:
     os.replace(tmp, dest)
 
 
+def remove_object(path: str | Path, key: str) -> None:
+    """Delete one object (file) under a cache path or URL."""
+    if not is_url(path):
+        (Path(path) / key).unlink()
+        return
+    fs, root = filesystem(str(path))
+    retrying(lambda: fs.rm_file(f"{root.rstrip('/')}/{key}"), f"removing {path}/{key}")
+
+
 def remove(path: str | Path) -> None:
     """Remove a directory tree or everything under a URL (nothing there: nothing to do)."""
     if not is_url(path):
