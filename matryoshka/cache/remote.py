@@ -181,6 +181,9 @@ class ChunkSource:
         if missing:
             retrying(lambda: self._fetch([k for k in missing if k not in out], out),
                      f"fetching {len(missing)} chunk(s) of {self.protocol}://{self.root}")
+            if self.local is not None:  # after the fetch: a local disk's error is not the store's to retry
+                for k in missing:
+                    self._keep(k, out[k])
         return out
 
     def _fetch(self, keys: list[str], out: dict[str, bytes]) -> None:
@@ -193,8 +196,6 @@ class ChunkSource:
             b = got.get(p)
             if isinstance(b, bytes):
                 out[k] = b
-                if self.local is not None:
-                    self._keep(k, b)
             else:
                 errors.append(b if isinstance(b, Exception) else OSError(f"cannot read {p}: {b!r}"))
         if errors:
