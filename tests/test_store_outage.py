@@ -214,3 +214,16 @@ def test_a_harvest_rides_out_an_outage_to_the_same_bytes(outage, gpt2_dir, corpu
     assert "retrying in" in err
     assert Cache(url).complete
     _same_cache(tmp_path / "local", url)
+
+
+def test_an_unreachable_store_or_a_missing_bucket_is_one_line(outage, gpt2_dir, corpus):
+    """Before the LM loads, harvest tells a bucket that does not exist from a store it cannot reach (an
+    existence check answers False for both); any command meeting a storage error says it in one line."""
+    from test_errors import harvest_args, run_bad
+
+    run_bad(harvest_args(gpt2_dir, corpus, "s3://no-such-bucket/c"), "bucket 'no-such-bucket' does not exist")
+    outage.down()
+    run_bad(harvest_args(gpt2_dir, corpus, "s3://no-such-bucket/c"), "cannot reach 's3://no-such-bucket/c' "
+            "(EndpointConnectionError: Could not connect to the endpoint URL", "AWS_ENDPOINT_URL")
+    run_bad(["cache", "ls", "s3://no-such-bucket"], "storage: EndpointConnectionError: Could not connect",
+            "AWS_ENDPOINT_URL")

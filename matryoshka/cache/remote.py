@@ -122,16 +122,31 @@ def check_writable(url: str) -> None:
     """The bucket (the URL's first component) must exist: a typo should fail before the LM loads."""
     from .store import CacheError
 
+    bucket = url.split("://", 1)[-1].strip("/").split("/")[0]
     try:
-        fs, root = filesystem(url)
-        bucket = root.strip("/").split("/")[0]
+        fs, _ = filesystem(url)
         fs.invalidate_cache()
-        ok = "file" in fs.protocol or fs.exists(bucket)
+        if "file" not in fs.protocol:
+            fs.info(bucket)  # not exists(): that answers False for a store it cannot reach, too
+    except FileNotFoundError:
+        raise CacheError(f"cache: cannot write to {url!r}: bucket {bucket!r} does not exist") from None
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
-        raise CacheError(f"cache: cannot reach {url!r} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                         "check the URL, AWS_ENDPOINT_URL and credentials") from None
-    if not ok:
-        raise CacheError(f"cache: cannot write to {url!r}: bucket {bucket!r} does not exist")
+        raise CacheError(f"cache: cannot reach {url!r} ({describe_error(e)}); {STORE_HINT}") from None
+
+
+STORE_HINT = "check the URL, the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), the network and credentials"
+
+
+def describe_error(e: BaseException) -> str:
+    """An error of a storage library in one short line: its type and its message's first line."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+
+
+def is_store_error(e: BaseException) -> bool:
+    """Whether an error comes from the filesystem or a storage library (the user's environment to fix:
+    an endpoint, a network, credentials), not from this tool's own code."""
+    libraries = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
+    return isinstance(e, OSError) or any(c.__module__.split(".")[0] in libraries for c in type(e).__mro__)
 
 
 def find_caches(url: str, max_depth: int = 4) -> list[str]:
