@@ -51,6 +51,9 @@ def outage(s3_server, monkeypatch):
     botocore's own retries off, so each failed attempt takes about 2 s (s3fs's few retries), not 6-9."""
     import s3fs
 
+    from matryoshka.cache import retry
+
+    monkeypatch.setattr(retry, "_last_warning", [-retry.WARN_EVERY_S])  # this test's first retry warns at once
     o = Outage()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{o.port}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

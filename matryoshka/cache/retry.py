@@ -20,6 +20,9 @@ T = TypeVar("T")
 log = logging.getLogger("matryoshka.cache")
 
 DEFAULT_RETRY_S = 120.0
+WARN_EVERY_S = 5.0
+"""At most one retry warning this often, whichever thread retries."""
+_last_warning = [-WARN_EVERY_S]
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 # transient errors the storage libraries raise outside OSError (botocore's and aiohttp's own classes)
 _TRANSIENT_NAMES = {"ConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectionError",
@@ -69,7 +72,10 @@ def retrying(call: Callable[[], T], what: str) -> T:
                 raise StoreUnavailable(f"{what}: the store kept failing for {waited:.0f} s ({type(e).__name__}: {e}); "
                                        "it may be down or throttling: try again later (MATRYOSHKA_STORE_RETRY_S "
                                        "sets how long to retry)") from e
-            log.warning("%s failed (%s: %s); retrying in %.1f s (%.0f of %.0f s spent)",
-                        what, type(e).__name__, e, delay, waited, budget)
+            now = time.monotonic()
+            if now - _last_warning[0] >= WARN_EVERY_S:  # 16 writer threads in one outage: a line, not 16
+                _last_warning[0] = now
+                log.warning("%s failed (%s: %s); retrying in %.1f s (%.0f of %.0f s spent)",
+                            what, type(e).__name__, e, delay, waited, budget)
             time.sleep(delay)
             delay = min(2 * delay, 15.0)
