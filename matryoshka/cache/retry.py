@@ -5,7 +5,7 @@ The storage libraries retry a few times within seconds (s3fs and botocore gave u
 connection after 6-9 s), so a brief outage, or S3 answering ``503 SlowDown`` to a team's GPUs all
 reading one prefix, would otherwise end the run. Here a read or write of chunks is tried again with
 exponential backoff (0.5 s, doubling, at most 15 s apart) for up to ``MATRYOSHKA_STORE_RETRY_S``
-seconds (default 120), with a warning each time. A missing object or a refused permission is not
+seconds (default 120), with a warning (one every 5 s at most). A missing object or a refused permission is not
 transient and fails at once. Chunk writes are safe to repeat: a chunk is one whole object, and
 writing it again writes the same bytes.
 """
