@@ -92,7 +92,7 @@ def test_verify_names_a_damaged_chunk(gpt2_dir, corpus, tmp_path):
     (cache / "tokens" / "c" / "1").unlink()
     bad = runner.invoke(app, ["cache", "verify", str(cache), "-q"])
     assert bad.exit_code == 1
-    assert "DAMAGED acts/1.mlp_out/c/2/0: unreadable (Stored and computed checksum do not match" in bad.output
+    assert "DAMAGED acts/1.mlp_out/c/2/0: unreadable (stored and computed crc32c checksums differ)" in bad.output
     assert "DAMAGED tokens/c/1: missing" in bad.output
 
 
