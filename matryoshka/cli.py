@@ -277,6 +277,9 @@ def cache_rm(path: str = typer.Argument(..., metavar="CACHE", help="The cache di
 
 
 def main() -> None:
+    from .cpus import fit_torch_threads
+
+    fit_torch_threads()
     app(prog_name="pipeline")
 
 

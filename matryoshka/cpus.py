@@ -1,4 +1,4 @@
-"""The CPU cores this process may use: what sizes the reader's decode threads and the writer's.
+"""The CPU cores this process may use: what sizes the reader's decode threads, the writer's and torch's.
 
 ``os.cpu_count()`` counts the machine's cores, not this process's. Under SLURM (``--cpus-per-task``),
 ``taskset`` or ``numactl`` the process's affinity mask is smaller, and in a container (Docker's ``--cpus``,
@@ -16,11 +16,25 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
 
-def usable_cpus() -> int:
+def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
     """Cores this process may run on: its affinity mask, capped by its cgroup's CPU quota."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = cgroup_cpu_limit()
-    return max(1, min(n, quota) if quota else n)
+    quota = cgroup_cpu_limit(root, proc_cgroup)
+    return max(1, min(_affinity(), quota) if quota else _affinity())
+
+
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def fit_torch_threads(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> None:
+    """Size torch's CPU thread pool by the usable cores: call before torch is imported. torch follows
+    the affinity mask but not a cgroup quota: in a pod limited to 4 cores of a 64-core node it would run
+    32 threads, which the quota stalls in turns (CPU training, an LM forward on the CPU). Where a quota
+    leaves fewer cores than the mask, this sets ``OMP_NUM_THREADS``, which torch reads when it starts
+    its pool (importing torch here instead would cost every command, ``--help`` too, 3 s); a value
+    already set wins."""
+    if "OMP_NUM_THREADS" not in os.environ and usable_cpus(root, proc_cgroup) < _affinity():
+        os.environ["OMP_NUM_THREADS"] = str(usable_cpus(root, proc_cgroup))
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:

@@ -54,3 +54,21 @@ def test_a_process_pinned_to_one_core_starts_one_decode_thread():
     machine, usable, threads = map(int, out.stdout.split())
     assert (usable, threads) == (1, 1)
     assert machine == os.cpu_count()
+
+
+def test_torch_threads_fit_a_cgroup_quota(tmp_path):
+    """torch follows the affinity mask but not a quota; the CLI sizes its pool (OMP_NUM_THREADS, if set, wins)."""
+    root, proc = tmp_path / "cg", tmp_path / "proc_cgroup"
+    proc.write_text("0::/pod\n")
+    _tree(root, {"pod/cpu.max": "100000 100000\n"})  # one core's worth of CPU time
+    code = ("import sys; from pathlib import Path; from matryoshka.cpus import fit_torch_threads; "
+            "fit_torch_threads(Path(sys.argv[1]), Path(sys.argv[2])); import torch; print(torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    run = lambda env: subprocess.run([sys.executable, "-c", code, str(root), str(proc)], env=env,  # noqa: E731
+                                     capture_output=True, text=True, check=True).stdout.strip()
+    assert run(env) == "1"
+    assert run({**env, "OMP_NUM_THREADS": "2"}) == "2"
+    (root / "pod/cpu.max").write_text("max 100000\n")  # no quota: torch's own choice
+    own = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert run(env) == own
