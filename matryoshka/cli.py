@@ -44,11 +44,11 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     except Exception as e:
-        from .cache.remote import STORE_HINT, describe_error, is_store_error
+        from .cache.remote import is_store_error, store_error_line
 
         if not is_store_error(e):
             raise  # our own bug: the traceback is for us
-        raise _fail(f"storage: {describe_error(e)}; {STORE_HINT}") from None
+        raise _fail(store_error_line(e)) from None
 
 
 def _option_type(tp: Any) -> type:

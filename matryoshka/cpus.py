@@ -33,8 +33,9 @@ def fit_torch_threads(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP)
     leaves fewer cores than the mask, this sets ``OMP_NUM_THREADS``, which torch reads when it starts
     its pool (importing torch here instead would cost every command, ``--help`` too, 3 s); a value
     already set wins."""
-    if "OMP_NUM_THREADS" not in os.environ and usable_cpus(root, proc_cgroup) < _affinity():
-        os.environ["OMP_NUM_THREADS"] = str(usable_cpus(root, proc_cgroup))
+    usable = usable_cpus(root, proc_cgroup)
+    if "OMP_NUM_THREADS" not in os.environ and usable < _affinity():
+        os.environ["OMP_NUM_THREADS"] = str(usable)
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:

@@ -142,11 +142,23 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
+_STORE_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
+
+
+def _from_store_library(e: BaseException) -> bool:
+    return any(c.__module__.split(".")[0] in _STORE_LIBRARIES for c in type(e).__mro__)
+
+
 def is_store_error(e: BaseException) -> bool:
     """Whether an error comes from the filesystem or a storage library (the user's environment to fix:
-    an endpoint, a network, credentials), not from this tool's own code."""
-    libraries = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
-    return isinstance(e, OSError) or any(c.__module__.split(".")[0] in libraries for c in type(e).__mro__)
+    a disk, an endpoint, a network, credentials), not from this tool's own code."""
+    return isinstance(e, OSError) or _from_store_library(e)
+
+
+def store_error_line(e: BaseException) -> str:
+    """A storage error in one line, with the hint where the store itself may be unreachable."""
+    reach = isinstance(e, (ConnectionError, TimeoutError)) or _from_store_library(e)
+    return f"storage: {describe_error(e)}" + (f"; {STORE_HINT}" if reach else "")
 
 
 def find_caches(url: str, max_depth: int = 4) -> list[str]:
