@@ -230,3 +230,32 @@ def test_an_unreachable_store_or_a_missing_bucket_is_one_line(outage, gpt2_dir, 
             "(EndpointConnectionError: Could not connect to the endpoint URL", "AWS_ENDPOINT_URL")
     run_bad(["cache", "ls", "s3://no-such-bucket"], "storage: EndpointConnectionError: Could not connect",
             "AWS_ENDPOINT_URL")
+
+
+def test_a_full_local_disk_stops_the_copies_not_the_run(s3_server, tmp_path):
+    """``local_cache_dir`` on a disk that fills up: the reader keeps streaming from the store, warns once,
+    and leaves no half-written file. The full disk is real for the process: RLIMIT_FSIZE makes every
+    write past 64 bytes fail (EFBIG), as ENOSPC would."""
+    import json
+    import subprocess
+    import sys
+
+    url = _bucket_cache(tmp_path)
+    cfg = ReaderConfig(batch_size=32, buffer_tokens=128)
+    with ShuffledReader(["x"], url, cfg) as r:
+        want = _stream(r, r.batches_per_epoch)
+    keep = tmp_path / "chunks"
+    code = f"""
+import json, resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as a full disk does
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+from matryoshka.cache import Cache
+from matryoshka.cache.reader import ReaderConfig, ShuffledReader
+with ShuffledReader(["x"], Cache({url!r}, local_cache_dir={str(keep)!r}), ReaderConfig(batch_size=32, buffer_tokens=128)) as r:
+    print(json.dumps([next(r)["x"][:, 0].long().tolist() for _ in range(r.batches_per_epoch)]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == want
+    assert out.stderr.count("cannot keep copies of chunks") == 1 and "File too large" in out.stderr
+    assert not [p for p in keep.rglob(".part-*")]  # no half-written temporary file

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import fsspec
 
-from .retry import retrying, transient
+from .retry import log, retrying, transient
 
 
 def is_url(path: str | Path) -> bool:
@@ -82,9 +82,13 @@ def write_object(path: str | Path, key: str, data: bytes) -> None:
     dest = Path(path) / key
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dest)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dest)
+    except BaseException:  # a full disk, a kill: no half-written temporary file left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def remove_object(path: str | Path, key: str) -> None:
@@ -190,6 +194,8 @@ class ChunkSource:
         self.root = root.rstrip("/")
         self.protocol = url.split("://", 1)[0]
         self.local = Path(local_cache_dir).expanduser() / fingerprint if local_cache_dir else None
+        self.keeping = self.local is not None
+        """Whether fetched chunks are still copied to ``local``: off after the first local write fails."""
 
     def has_local(self, keys: Iterable[str]) -> bool:
         """Whether every key has a local copy (then many threads can read them, no fetch needed)."""
@@ -208,8 +214,8 @@ class ChunkSource:
         if missing:
             retrying(lambda: self._fetch([k for k in missing if k not in out], out),
                      f"fetching {len(missing)} chunk(s) of {self.protocol}://{self.root}")
-            if self.local is not None:  # after the fetch: a local disk's error is not the store's to retry
-                for k in missing:
+            for k in missing:  # after the fetch: a local disk's error is not the store's to retry
+                if self.keeping:
                     self._keep(k, out[k])
         return out
 
@@ -229,4 +235,12 @@ class ChunkSource:
             raise min(errors, key=transient)  # False sorts first
 
     def _keep(self, key: str, data: bytes) -> None:
-        write_object(self.local, key, data)  # atomic: a reader killed mid-write never leaves a torn chunk
+        """Copy a fetched chunk to ``local`` (atomic: a reader killed mid-write never leaves a torn chunk).
+        A local disk that fills up (or is read-only, or over quota) stops the copying, not the run: the
+        chunk is in memory already, and the store still serves every other."""
+        try:
+            write_object(self.local, key, data)
+        except OSError as e:
+            self.keeping = False
+            log.warning("local_cache_dir %s: cannot keep copies of chunks (%s); reading them from the store "
+                        "from now on", self.local, f"{type(e).__name__}: {e}")
