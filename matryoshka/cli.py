@@ -263,14 +263,15 @@ def cache_rm(path: str = typer.Argument(..., metavar="CACHE", help="The cache di
     from .cache.remove import remove_cache
 
     def go() -> None:
-        about = describe(Cache(path))
+        cache = Cache(path)
+        about = describe(cache)
         what = (f"{path} ({about['model']}, {about['sites']}, {about['tokens']:,} tokens, {_size(about['bytes'])}, "
                 f"{about['status']})")
         if not yes:
             if not sys.stdin.isatty():
                 raise _fail(f"cache rm: pass --yes to remove {what} without asking")
             typer.confirm(f"remove {what}?", abort=True)
-        remove_cache(path, break_lock)
+        remove_cache(cache, break_lock)
         typer.echo(f"removed {what}")
 
     _run_guarded(go)

@@ -16,10 +16,11 @@ from .lock import ObjectLock, WriterLock, writer_lock
 from .store import Cache
 
 
-def remove_cache(path: str | Path, break_lock: bool = False) -> None:
-    """Delete the cache at ``path`` (a directory or URL); ``break_lock`` takes over a stale lock of a
-    writer that died on object storage, as ``harvest --break-lock`` does."""
-    cache = Cache(path)  # anything that is not a cache is refused here: rm never deletes what it cannot name
+def remove_cache(cache: Cache | str | Path, break_lock: bool = False) -> None:
+    """Delete a cache (opened already, or a directory or URL); ``break_lock`` takes over a stale lock of
+    a writer that died on object storage, as ``harvest --break-lock`` does."""
+    cache = cache if isinstance(cache, Cache) else Cache(cache)  # anything that is not a cache is refused
+    path = cache.path                                             # here: rm never deletes what it cannot name
     shards = cache.group["shards"].attrs["count"] if "shards" in cache.group else 0
     locks: list[WriterLock | ObjectLock] = [writer_lock(path, break_lock)]
     locks += [writer_lock(remote.join(path, "shards", str(i)), break_lock) for i in range(shards)]
