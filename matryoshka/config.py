@@ -8,6 +8,7 @@ choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -253,7 +254,8 @@ class HarvestConfig:
             seqs = frac * self.n_sequences
         else:
             seqs = parse_count(h, "holdout") / self.context_size
-        chunks = max(1, -(-int(seqs) // seqs_per_chunk) if seqs > 0 else 1)
+        # up, not down: 4.5 sequences need a fifth; the tolerance keeps 29 % of 100 (28.999...) at 29
+        chunks = max(1, math.ceil(seqs / seqs_per_chunk - 1e-9))
         held = chunks * seqs_per_chunk
         if held >= self.n_sequences:
             raise ConfigError(
@@ -340,7 +342,7 @@ class RunConfig:
     tokens: int | str = opt("10M", "Training tokens.")
     skip: bool = opt(False, "A transcoder's linear skip connection.")
     aux_penalty: float = opt(1 / 32, "Weight of the dead-latent auxiliary loss.")
-    dead_tokens: int | str = opt("10M", "default objective: a latent is dead after this many tokens without firing.")
+    dead_tokens: int | str = opt(0, "default objective: a latent is dead after this many tokens without firing; 0 means a tenth of `tokens`, at most 10M.")
     warmup_steps: int = opt(100, "default objective: linear learning-rate warm-up steps.")
     decay_fraction: float = opt(0.2, "default objective: linear decay to 0 over this last fraction of steps.")
     grad_clip: float = opt(1.0, "default objective: clip the gradient's norm (0: off).")
@@ -354,7 +356,8 @@ class RunConfig:
         _choice("arch", self.arch, ARCHS)
         _choice("objective", self.objective, OBJECTIVES)
         self.tokens = parse_count(self.tokens, "tokens")
-        self.dead_tokens = parse_count(self.dead_tokens, "dead_tokens")
+        auto = self.dead_tokens in (0, "0") and not isinstance(self.dead_tokens, bool)  # resolve() fills it
+        self.dead_tokens = 0 if auto else parse_count(self.dead_tokens, "dead_tokens")
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
             raise ConfigError(f"lr: {self.lr!r} must be positive")
         if self.objective == "reference" and self.arch != "matryoshka":
@@ -368,6 +371,9 @@ class RunConfig:
             unit = width // 16
             groups = [unit, 2 * unit, 4 * unit, width - 7 * unit]
         k = self.k or max(1, width // 200)
+        # A latent must be able to die within the run, or the auxiliary loss never revives one: 10M tokens
+        # (OpenAI's TopK SAEs) suits runs of billions, and was the whole of a 10M-token run.
+        dead = self.dead_tokens or min(10_000_000, max(1, self.tokens // 10))
         if self.arch == "matryoshka":
             if any(not isinstance(g, int) or g <= 0 for g in groups) or sum(groups) != width:
                 raise ConfigError(f"group_sizes: {groups} must be positive and sum to the width {width} "
@@ -376,7 +382,7 @@ class RunConfig:
             raise ConfigError(f"group_sizes: only a matryoshka run has groups (run {self.name!r} is {self.arch})")
         if not 0 < k < width:
             raise ConfigError(f"k: {k} must be positive and below the width {width} (run {self.name!r})")
-        return dataclasses.replace(self, width=width, group_sizes=groups, k=k)
+        return dataclasses.replace(self, width=width, group_sizes=groups, k=k, dead_tokens=dead)
 
 
 @dataclass

@@ -89,7 +89,7 @@ def _harvest(cfg: PipelineConfig, progress: bool, echo: Callable[[str], None]) -
 
 def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str], None]) -> list[str]:
     """Train the unfinished runs, one group per step their checkpoints reached."""
-    from .train.export import export_saelens
+    from .train.export import export_missing
     from .train.trainer import saved_steps, train
 
     root = Path(cfg.runs_dir) / cache.fingerprint
@@ -108,8 +108,8 @@ def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str],
         done = saved_steps(root / run.name, resolved, total) or 0
         if done < total:
             groups.setdefault(done, []).append(run)
-        elif not (root / run.name / "saelens" / "cfg.json").is_file():  # killed between its last save and export
-            export_saelens(root / run.name, root / run.name / "saelens", cache.manifest)
+        else:  # a kill between its last checkpoint and its export leaves the export missing
+            export_missing(root / run.name, cache.manifest)
     if not groups:
         echo(f"train: all {len(cfg.runs)} runs are finished")
         return []
@@ -126,7 +126,9 @@ def _current(run_dir: Path, fingerprint: str) -> bool:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    weights = run_dir / "checkpoint" / "model.safetensors"
+    from .train.load import checkpoint_dir
+
+    weights = checkpoint_dir(run_dir) / "model.safetensors"
     return result.get("fingerprint") == fingerprint and path.stat().st_mtime_ns >= weights.stat().st_mtime_ns
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from matryoshka.cli import _flags_from, _config_from
-from matryoshka.config import ConfigError, HarvestConfig, TrainConfig, load_pipeline, parse_count, parse_sites
+from matryoshka.config import ConfigError, HarvestConfig, RunConfig, TrainConfig, load_pipeline, parse_count, parse_sites
 
 
 @pytest.mark.parametrize("text, n", [("4096", 4096), (4096, 4096), ("64K", 64_000), ("200M", 200_000_000),
@@ -21,6 +21,14 @@ def test_parse_count(text, n):
 def test_parse_count_rejects(bad):
     with pytest.raises(ConfigError, match="tokens"):
         parse_count(bad)
+
+
+@pytest.mark.parametrize("tokens, dead, want", [("10M", 0, 1_000_000), ("20M", "0", 2_000_000), ("1B", 0, 10_000_000),
+                                                ("50", 0, 5), ("9", 0, 1), ("10M", "2M", 2_000_000), ("10M", "50M", 50_000_000)])
+def test_dead_tokens_default_to_a_tenth_of_the_run(tokens, dead, want):
+    """0 resolves to tokens / 10, capped at 10M, so a latent can die (and be revived) within any run."""
+    run = RunConfig(name="r", source="8.resid_mid", tokens=tokens, dead_tokens=dead)
+    assert run.resolve(768).dead_tokens == want
 
 
 def test_parse_sites_layers_and_explicit():
@@ -38,6 +46,9 @@ def test_tokens_round_up_to_whole_contexts_and_holdout():
     assert cfg.n_sequences == 8
     assert cfg.holdout_sequences(seqs_per_chunk=2) == 2  # 1 % of 8 sequences -> one whole chunk
     assert HarvestConfig(tokens="100K", context_size=100, layers=1, holdout="2K").holdout_sequences(3) == 21
+    # rounded up to whole chunks, from a fraction of a sequence too, and with no float error
+    assert HarvestConfig(tokens=128_000, context_size=128, layers=1, holdout="0.45%").holdout_sequences(4) == 8
+    assert HarvestConfig(tokens=576 * 100, context_size=576, layers=1, holdout="29%").holdout_sequences(1) == 29
     with pytest.raises(ConfigError, match="leaves no training data"):
         HarvestConfig(tokens=256, context_size=128, layers=1, holdout="60%").holdout_sequences(2)
 

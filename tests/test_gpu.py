@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from test_reader import cache  # noqa: F401  (the module-scoped reader cache fixture)
-from test_train import RUNS, _cfg, _weights
+from test_train import RUNS, _cfg, _weights, kill_after_first_checkpoint
 
 from matryoshka.fixtures import write_cache
 from matryoshka.train.sparse import batch_topk
@@ -108,3 +108,54 @@ def test_gpu_bf16_autocast_training_learns(harvested, tmp_path):  # noqa: F811
     assert lines[-1]["fvu"] < min(0.5, 0.7 * lines[0]["fvu"])  # 0.75 -> 0.445 on an H200, as float32 on a CPU
     assert all(v.dtype == torch.float32 for v in _weights(path).values() if v.is_floating_point())  # master weights
     assert np.isfinite([x["loss"] for x in lines]).all()
+
+
+def test_gpu_harvest_writes_the_cpu_harvest(gpt2_dir, corpus, tmp_path):
+    """Activations copied off the GPU without blocking reach the cache whole: the writer waits on an event
+    of the tensors' own device (here cuda:0 named explicitly, which the harvest makes current)."""
+    from conftest import harvest_config
+
+    from matryoshka.cache import Cache
+    from matryoshka.harvest import harvest
+
+    paths = {d: harvest(harvest_config(gpt2_dir, corpus, tmp_path / d, device=d), progress=False)
+             for d in ("cpu", "cuda:0")}
+    cpu, gpu = Cache(paths["cpu"]), Cache(paths["cuda:0"])
+    assert cpu.fingerprint == gpu.fingerprint
+    for name in cpu.array_names:
+        a, b = cpu.read(name, 0, cpu.tokens_committed), gpu.read(name, 0, gpu.tokens_committed)
+        assert np.abs(a).sum() > 0
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_gpu_training_resumes_after_a_kill(harvested, tmp_path):  # noqa: F811
+    """The checkpoint's state is loaded onto the GPU, its CPU generator state included: resuming must put
+    that back on the CPU (set_rng_state takes no CUDA tensor)."""
+    import os
+    import subprocess
+
+    from matryoshka.cache import Cache
+
+    runs = [{**RUNS[0], "tokens": "200K"}]  # 782 steps of 256: the kill lands long before the end
+    args = kill_after_first_checkpoint(harvested, tmp_path / "runs", runs, device="cuda")
+    done = subprocess.run(args, env=dict(os.environ), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = tmp_path / "runs" / Cache(harvested).fingerprint / runs[0]["name"]
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 782, 5)) + [782]
+
+
+def test_reconstruction_metrics_of_a_gpu_dictionary_equal_the_cpu_ones(harvested):
+    """`reconstruction` reads the held-out rows onto the dictionary's device."""
+    from matryoshka.cache import Cache
+    from matryoshka.evaluate.metrics import reconstruction
+    from matryoshka.train.dictionary import Dictionary
+
+    torch.manual_seed(0)
+    dic = Dictionary(64, 64, 128, 4, "matryoshka", [32, 96], transcoder=False, skip=False).eval()
+    cache = Cache(harvested)
+    cpu = reconstruction(dic, cache, "1.resid_mid", batch_size=512)
+    gpu = reconstruction(dic.cuda(), cache, "1.resid_mid", batch_size=512)
+    assert gpu.tokens == cpu.tokens and gpu.dead == cpu.dead
+    np.testing.assert_allclose(gpu.prefix_fvu, cpu.prefix_fvu, rtol=1e-4)
+    np.testing.assert_allclose(gpu.density, cpu.density, atol=1e-3)

@@ -312,3 +312,37 @@ def test_no_lm_skips_in_one_line_and_an_unloadable_model_suggests_it(trained, tm
     gone = _copy_with(cache, tmp_path / "gone", lambda m: m["model"].update(resolved=str(tmp_path / "no-model")))
     bad = CliRunner().invoke(app, _evaluate_args(gone, runs))
     assert bad.exit_code == 2 and "--no-lm" in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_a_bos_that_is_also_the_eos_is_left_out_by_position_everywhere(gpt2_dir, corpus, tmp_path):
+    """GPT-2's BOS id also separates documents inside a context. Under the context policy only position 0 of
+    each context is a BOS row, for the statistics, the reader and the splice alike (they once disagreed:
+    the statistics and the splice dropped the separators too, the reader did not)."""
+    from transformers import AutoTokenizer
+
+    from matryoshka.cache.reader import ReaderConfig, ShuffledReader
+
+    model = tmp_path / "gpt2-bos-is-eos"
+    shutil.copytree(gpt2_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.eos_token = tok.bos_token
+    tok.save_pretrained(model)
+    cache = Cache(harvest(harvest_config(model, corpus, tmp_path / "cache", sites="1.resid_mid"), progress=False))
+    ctx, bos, n = cache.manifest["context_size"], cache.manifest["bos"]["token_id"], cache.manifest["n_tokens"]
+    tokens = np.asarray(cache.tokens[:])
+    start = np.arange(n) % ctx == 0
+    assert (tokens[start] == bos).all() and (tokens[~start] == bos).sum() > 5  # separators mid-context
+    x = cache.read("1.resid_mid", 0, n).astype(np.float64)
+    stats = cache.stats("1.resid_mid")
+    assert stats.count == n - n // ctx
+    np.testing.assert_allclose(stats.mean, x[~start].mean(0), rtol=1e-9, atol=1e-12)
+    served = []
+    for split in ("train", "heldout"):
+        with ShuffledReader(["1.resid_mid"], cache, ReaderConfig(batch_size=16, buffer_tokens=256, split=split)) as r:
+            for _ in range(r.batches_per_epoch):
+                next(r)
+                served += r.last_rows.tolist()
+    assert sorted(served) == np.flatnonzero(~start).tolist()
+    lm = LM.load(cache, tokens=128, batch_size=3, device="cpu")
+    assert torch.equal(lm.bos, torch.zeros_like(lm.bos).index_fill_(1, torch.tensor([0]), True))
+    assert int(lm.scored.sum()) == len(lm.tokens) * (ctx - 2)

@@ -60,3 +60,23 @@ def test_local_formats_and_pretokenized_ids_agree(corpus, tokenizer, tmp_path):
     assert not np.array_equal(first(50, dataset=str(corpus), seed=1), ref)  # the seed orders the documents
     unshuffled = first(50, dataset=str(corpus), seed=None)
     assert list(unshuffled[0, 1:6]) == ids[0][:5]
+
+
+def test_empty_documents_are_skipped_in_text_and_in_token_ids(corpus, tokenizer, tmp_path):
+    """An empty document adds no separator, whichever column it comes from."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = corpus.read_text().splitlines()
+    with_empty = [d for i, doc in enumerate(docs) for d in ([doc, ""] if i % 3 == 0 else [doc])]
+    ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in with_empty]
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": with_empty, "input_ids": ids}), parquet)
+
+    def first(n, **kw):
+        cfg = HarvestConfig(layers=0, context_size=16, seed=None, **kw)
+        return np.stack([c for c, _ in zip(contexts(cfg, tokenizer), range(n))])
+
+    ref = first(50, dataset=str(corpus))
+    np.testing.assert_array_equal(first(50, dataset=str(parquet)), ref)
+    np.testing.assert_array_equal(first(50, dataset=str(parquet), token_column="input_ids"), ref)

@@ -103,30 +103,64 @@ def test_many_configs_from_one_read_equal_each_alone(cache, tmp_path):
             assert torch.equal(w[k], together[run["name"]][k]), (run["name"], k)
 
 
-def test_killed_training_resumes_bitwise(cache, tmp_path):
-    whole = {p.name: _weights(p) for p in train(_cfg(cache, tmp_path / "whole", runs=RUNS[:2], checkpoint_every=20),
-                                                progress=False)}
-    config = tmp_path / "pipeline.yaml"
-    config.write_text(yaml.safe_dump({"train": {"runs": RUNS[:2], "batch_size": 256, "buffer_tokens": 2048,
-                                                "checkpoint_every": 20, "log_every": 5}}))
+def kill_after_first_checkpoint(cache: Path, runs_dir: Path, runs: list[dict], device: str = "cpu") -> list[str]:
+    """Start `pipeline train` in a subprocess and SIGKILL it once every run has a checkpoint (20 steps
+    apart: the kill lands between two); return the command line that resumes it."""
+    config = runs_dir.parent / f"{runs_dir.name}.yaml"
+    config.write_text(yaml.safe_dump({"train": {"runs": runs, "batch_size": 256, "buffer_tokens": 2048,
+                                                "checkpoint_every": 20, "log_every": 5, "device": device}}))
     args = [sys.executable, "-m", "matryoshka.cli", "train", "--cache", str(cache), "--config", str(config),
-            "--runs-dir", str(tmp_path / "killed"), "--quiet"]
+            "--runs-dir", str(runs_dir), "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    state = tmp_path / "killed" / Cache(cache).fingerprint / "tc" / "checkpoint" / "state.pt"
+    state = runs_dir / Cache(cache).fingerprint / runs[-1]["name"] / "checkpoint" / "state.pt"
     deadline = time.monotonic() + 120
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "training finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = torch.load(state, weights_only=False)["step"]
+    return args
+
+
+def _logged(run_dir: Path) -> list[tuple[int, float]]:
+    return [(x["step"], x["loss"]) for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_killed_training_resumes_bitwise(cache, tmp_path):
+    """Killed, resumed: the same weights and the same metrics lines as an uninterrupted run, also when
+    the kill left what it can leave: metrics lines past the checkpoint, a line cut short, and a
+    checkpoint swap stopped between its renames (only checkpoint.old/ and a partial checkpoint.tmp/)."""
+    whole = {p.name: p for p in train(_cfg(cache, tmp_path / "whole", runs=RUNS[:2], checkpoint_every=20),
+                                      progress=False)}
+    args = kill_after_first_checkpoint(cache, tmp_path / "killed", RUNS[:2])
+    killed = tmp_path / "killed" / Cache(cache).fingerprint
+    step = torch.load(killed / "tc" / "checkpoint" / "state.pt", weights_only=False)["step"]
     assert 0 < step < 157
-    subprocess.run(args, env=env, check=True, capture_output=True)
-    for name, w in whole.items():
-        resumed = _weights(tmp_path / "killed" / Cache(cache).fingerprint / name)
+    (killed / "tc" / "checkpoint").rename(killed / "tc" / "checkpoint.old")
+    (killed / "tc" / "checkpoint.tmp").mkdir()
+    (killed / "tc" / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half a file")
+    for name in whole:
+        with open(killed / name / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step + 5, "loss": 123.0}) + '\n{"step": ')
+    subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}, check=True,
+                   capture_output=True)
+    for name, run in whole.items():
+        w, resumed = _weights(run), _weights(killed / name)
         for k in w:
             assert torch.equal(w[k], resumed[k]), (name, k)
+        assert _logged(killed / name) == _logged(run)
+    assert sorted(p.name for p in (killed / "tc").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
+
+
+def test_a_run_killed_before_its_export_is_exported_by_the_next_train(cache, tmp_path):
+    (run,) = train(_cfg(cache, tmp_path, runs=RUNS[2:]), progress=False)
+    want = (run / "saelens" / "sae_weights.safetensors").read_bytes()
+    for p in (run / "saelens").iterdir():
+        p.unlink()
+    assert train(_cfg(cache, tmp_path, runs=RUNS[2:]), progress=False) == [run]
+    assert (run / "saelens" / "sae_weights.safetensors").read_bytes() == want
+    assert json.loads((run / "saelens" / "cfg.json").read_text())["d_sae"] == 256
 
 
 @pytest.mark.parametrize("run, message", [

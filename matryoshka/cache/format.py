@@ -101,6 +101,20 @@ def decode(a: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarr
     return out
 
 
+def bos_rows(bos: dict[str, Any], positions, tokens=None):
+    """Which rows are BOS rows, the attention-sink outliers that statistics, the reader and the LM splice
+    all leave out: under the ``context`` policy the BOS that opens each context (position 0), under
+    ``document`` every token with the BOS id (each opens a document), with no BOS id none. GPT-2's BOS
+    id is also the separator between documents inside a context; under ``context`` those separators
+    are ordinary tokens, as in the model's pre-training. ``positions`` (in the context) and ``tokens``
+    (needed for ``document`` only) are numpy arrays or torch tensors of one shape; so is the result."""
+    if bos["token_id"] is None:
+        return positions < 0
+    if bos["policy"] == "context":
+        return positions == 0
+    return tokens == bos["token_id"]
+
+
 def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
     """Stored values as a torch tensor of the storage dtype, without a copy (float8: its uint8 rows)."""
     t = torch.from_numpy(a)

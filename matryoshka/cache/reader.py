@@ -44,8 +44,8 @@ import numpy as np
 import torch
 
 from ..cpus import usable_cpus
-from .format import (STORAGE, decode, decode_chunk, from_storage, numpy_view, row_bytes, row_width, to_torch,
-                     token_codec)
+from .format import (STORAGE, bos_rows, decode, decode_chunk, from_storage, numpy_view, row_bytes, row_width,
+                     to_torch, token_codec)
 from .retry import StoreUnavailable
 from .store import Cache, CacheError
 from .workers import URGENT, PriorityPool, Task
@@ -185,13 +185,15 @@ class ShuffledReader:
         self.ctx = m["context_size"]
         self.ct = self.cache.chunk_tokens
         self.chunks = self.cache.split_chunks(self.cfg.split)
-        self.bos_id = m["bos"]["token_id"] if self.cfg.exclude_bos else None
-        self.bos_at_starts = self.bos_id is not None and m["bos"]["policy"] == "context"
+        # the BOS rows to leave out (format.bos_rows); under the context policy they are found by position
+        # alone, without reading the tokens
+        self.bos = m["bos"] if self.cfg.exclude_bos and m["bos"]["token_id"] is not None else None
+        self.bos_by_position = self.bos is not None and self.bos["policy"] == "context"
         self._counts = {c: self._chunk_tokens(c) for c in self.chunks}  # rows each chunk serves
         self.split_tokens = sum(self._counts.values())
         if self.cfg.batch_size > self.split_tokens:
             raise CacheError(f"batch_size: {self.cfg.batch_size} is larger than the {self.cfg.split} split "
-                             f"({self.split_tokens} tokens{' without BOS' if self.bos_id is not None else ''})")
+                             f"({self.split_tokens} tokens{' without BOS' if self.bos is not None else ''})")
         if len(self.chunks) < world_size:
             raise CacheError(f"world_size: {world_size} ranks but the {self.cfg.split} split has only "
                              f"{len(self.chunks)} chunks")
@@ -245,11 +247,12 @@ class ShuffledReader:
     def _chunk_tokens(self, chunk: int) -> int:
         """Rows this chunk contributes (BOS rows excluded)."""
         r = self.cache.chunk_rows(chunk)
-        if self.bos_id is None:
+        if self.bos is None:
             return len(r)
-        if self.bos_at_starts:
+        if self.bos_by_position:  # a chunk is whole contexts
             return len(r) - len(r) // self.ctx
-        return int((self.cache.tokens[r.start:r.stop] != self.bos_id).sum())
+        ids = np.arange(r.start, r.stop)
+        return int((~bos_rows(self.bos, ids % self.ctx, self.cache.tokens[r.start:r.stop])).sum())
 
     @staticmethod
     def _block_bounds(n_chunks: int, most: int) -> np.ndarray:
@@ -275,7 +278,7 @@ class ShuffledReader:
         least = fewest(self.chunks_per_block)
         raise CacheError(f"buffer_tokens: {self.cfg.buffer_tokens} makes blocks of as few as {least} chunk(s) of "
                          f"{self.ct} rows, which can serve as few as {small[least - 1]} rows"
-                         f"{' without BOS' if self.bos_id is not None else ''}, fewer than batch_size "
+                         f"{' without BOS' if self.bos is not None else ''}, fewer than batch_size "
                          f"{self.cfg.batch_size}; each half of the buffer must hold a batch: use buffer_tokens >= {need}")
 
     @property
@@ -342,12 +345,10 @@ class ShuffledReader:
         wait(after)
         r = self.cache.chunk_rows(chunk)
         ids = np.arange(r.start, r.stop, dtype=np.int64)
-        if self.bos_at_starts:
-            ids = ids[ids % self.ctx != 0]
-        elif self.bos_id is not None:
-            tokens = decode_chunk(self.cache.chunk_bytes("tokens", chunk), token_codec(self.codec),
-                                  np.empty(self.ct, np.int32))[: len(r)]
-            ids = ids[tokens != self.bos_id]
+        if self.bos is not None:
+            tokens = None if self.bos_by_position else decode_chunk(
+                self.cache.chunk_bytes("tokens", chunk), token_codec(self.codec), np.empty(self.ct, np.int32))[: len(r)]
+            ids = ids[~bos_rows(self.bos, ids % self.ctx, tokens)]
         for j, ((c, name), out) in enumerate(zip(self.sources, self._np)):
             try:
                 raw = fetched.result()[(j, chunk)] if fetched is not None else c.chunk_bytes(name, chunk)

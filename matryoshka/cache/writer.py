@@ -32,7 +32,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore
 
-from .format import STORAGE, chunk_key, compressors, decode, encode_chunk, host_view, row_width, token_codec
+from .format import (STORAGE, bos_rows, chunk_key, compressors, decode, encode_chunk, host_view, row_width,
+                     token_codec)
 from .retry import retrying
 from .store import ArrayStats, CacheError
 
@@ -98,7 +99,6 @@ class CacheWriter:
         self.n_chunks = -(-self.n_rows // self.chunk_rows)
         chunks = chunks if chunks is not None else range(self.n_chunks)
         self.first, self.end = chunks.start, chunks.stop
-        self.bos_id = manifest["bos"]["token_id"]
         self.names = list(manifest["arrays"])
         self.codec: str = st["codec"]
         self.token_codec = token_codec(self.codec)
@@ -139,10 +139,11 @@ class CacheWriter:
         """Queue one batch: tokens [B, T] and, per array, storage-dtype activations [B, T, d] on any device.
 
         GPU tensors are copied to pinned host memory without blocking; the copy completes in the
-        background while the LM runs the next batch.
+        background while the LM runs the next batch. Each copy runs on its tensor's own device (several
+        with ``--device-map``), so the writer waits for an event recorded on each of those devices, not
+        on the current one.
         """
         self._raise_if_failed()
-        event = None
         host: dict[str, torch.Tensor] = {}
         for name, t in acts.items():
             if t.device.type == "cuda":
@@ -151,12 +152,13 @@ class CacheWriter:
                 host[name] = h
             else:
                 host[name] = t
-        if any(t.device.type == "cuda" for t in acts.values()):
-            event = torch.cuda.Event()
-            event.record()
+        events = []
+        for device in {t.device for t in acts.values() if t.device.type == "cuda"}:
+            events.append(torch.cuda.Event())
+            events[-1].record(torch.cuda.current_stream(device))
         while True:
             try:
-                self._incoming.put((tokens.cpu(), host, event), timeout=0.5)
+                self._incoming.put((tokens.cpu(), host, events), timeout=0.5)
                 return
             except queue.Full:
                 self._raise_if_failed()
@@ -201,8 +203,8 @@ class CacheWriter:
             while (item := self._incoming.get()) is not None:
                 if self._errors:
                     continue
-                tokens, host, event = item
-                if event is not None:
+                tokens, host, events = item
+                for event in events:
                     event.synchronize()
                 self._assemble(tokens.reshape(-1).numpy(), {n: host_view(t, self.dtype).reshape(-1, t.shape[-1])
                                                             for n, t in host.items()})
@@ -237,7 +239,7 @@ class CacheWriter:
     def _write_chunk(self, c: _Chunk) -> None:
         try:
             r0 = c.index * self.chunk_rows
-            keep = c.tokens != self.bos_id if self.bos_id is not None else np.ones(c.rows, bool)
+            keep = ~bos_rows(self.manifest["bos"], (r0 + np.arange(c.rows)) % self.manifest["context_size"], c.tokens)
             sums = {}
             for n, a in c.acts.items():
                 x = decode(a, self.dtype)

@@ -51,15 +51,17 @@ def heldout_reader(cache: Cache, arrays: list[str], batch_size: int,
 @torch.no_grad()
 def reconstruction(dic: Dictionary, cache: Cache, source: str, target: str | None = None, batch_size: int = 4096,
                    dense_above: float = 0.1) -> Reconstruction:
-    """Evaluate ``dic`` (in the cache's units, e.g. from ``matryoshka.load``) on every held-out token once."""
+    """Evaluate ``dic`` (in the cache's units, e.g. from ``matryoshka.load``, on any device) on every held-out
+    token once."""
     target = target or source
-    mu = torch.as_tensor(cache.stats(target).mean, dtype=torch.float64)
+    device = dic.W_enc.device
+    mu = torch.as_tensor(cache.stats(target).mean, dtype=torch.float64, device=device)
     arrays = list(dict.fromkeys([source, target]))
-    sse = torch.zeros(dic.n_groups, dtype=torch.float64)
+    sse = torch.zeros(dic.n_groups, dtype=torch.float64, device=device)
     sst = s1 = s2 = cos = 0.0
-    fired = torch.zeros(dic.width, dtype=torch.float64)
+    fired = torch.zeros(dic.width, dtype=torch.float64, device=device)
     n = nnz = 0
-    with heldout_reader(cache, arrays, batch_size) as reader:
+    with heldout_reader(cache, arrays, batch_size, device) as reader:
         for _ in range(reader.batches_per_epoch):
             batch = next(reader)
             x, y = batch[source], batch[target]
@@ -76,7 +78,8 @@ def reconstruction(dic: Dictionary, cache: Cache, source: str, target: str | Non
             nnz += len(code.values)
     d = dic.d_out
     seed_sst = s2 - s1 * s1 / (n * d)
-    density = (fired / n).numpy()
+    density = (fired / n).cpu().numpy()
+    sse = sse.cpu()
     bounds = [0, *dic.bounds.tolist()]
     return Reconstruction(
         tokens=n, fvu=float(sse[-1] / sst), fvu_seed=float(sse[-1] / seed_sst), mse=float(sse[-1] / (n * d)),

@@ -40,7 +40,7 @@ import numpy as np
 from ..cache import Cache, CacheError
 from ..config import EvaluateConfig
 from ..train.dictionary import Dictionary
-from ..train.load import load
+from ..train.load import checkpoint_dir, load
 from .contexts import TopContexts
 from .features import feature_metrics, heldout_codes
 from .ground_truth import ground_truth
@@ -51,17 +51,18 @@ from .splice import LM, dictionary_fn, no_lm_reason
 def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Path]:
     if run is not None:
         p = Path(run)
-        if not (p / "checkpoint" / "model.safetensors").is_file():
+        if not (checkpoint_dir(p) / "model.safetensors").is_file():
             raise CacheError(f"evaluate: {run!r} is not a trained run (no checkpoint/model.safetensors)")
         return [p]
     root = Path(runs_dir)
     if cache is not None:
         root = root / Cache(cache).fingerprint
-    runs = sorted(p.parent.parent for p in root.glob("**/checkpoint/model.safetensors"))
+    runs = sorted({p.parent.parent for p in root.glob("**/checkpoint*/model.safetensors")
+                   if p.parent == checkpoint_dir(p.parent.parent)})
     if not runs:
         raise CacheError(f"evaluate: no trained runs under {str(root)!r}; train some with `pipeline train`")
     if cache is None:
-        runs = [max(runs, key=lambda p: (p / "checkpoint" / "model.safetensors").stat().st_mtime)]
+        runs = [max(runs, key=lambda p: (checkpoint_dir(p) / "model.safetensors").stat().st_mtime)]
     return runs
 
 

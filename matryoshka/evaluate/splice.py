@@ -8,11 +8,12 @@ Everything downstream of the site sees the replacement (see :func:`matryoshka.mo
 function takes and returns float32 rows, whatever dtype the LM computes in; its output is cast to the
 LM's dtype before it goes back in.
 
-BOS. A position whose token is the cache's BOS id is neither spliced (the site keeps the value the model
-computes there) nor scored. The scored predictions are those at positions t < T-1 where neither token t
-nor token t+1 is BOS: the prediction made from a BOS (the same in every splice) and the prediction of a
-BOS (a document boundary) are left out. With no BOS id (``--bos none``) every position is spliced and
-every prediction scored. Over the S scored predictions, with p the clean model's next-token
+BOS. A BOS position (as the reader and the statistics define it, :func:`~matryoshka.cache.format.bos_rows`:
+position 0 of each context under the ``context`` policy, every BOS token under ``document``) is neither
+spliced (the site keeps the value the model computes there) nor scored. The scored predictions are those
+at positions t < T-1 where neither t nor t+1 is a BOS position: the prediction made from a BOS (the same
+in every splice) and the prediction of a BOS (a document boundary, under ``document``) are left out.
+With no BOS id (``--bos none``) every position is spliced and every prediction scored. Over the S scored predictions, with p the clean model's next-token
 distribution and q the spliced (or ablated) model's:
 
     CE                 = -(1/S) sum log q(x_{t+1})                          (clean CE: with p)
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import Cache, CacheError
+from ..cache.format import bos_rows
 from ..config import SITES, ConfigError
 from ..models import hook_site, input_device, load_model, model_info
 
@@ -78,6 +80,8 @@ class LM:
         n = min(-(-int(tokens) // ctx), (b - a) // ctx)
         self.tokens = torch.from_numpy(np.asarray(cache.tokens[a:a + n * ctx], dtype=np.int64).reshape(n, ctx))
         self.bos_id: int | None = cache.manifest["bos"]["token_id"]
+        self.bos = bos_rows(cache.manifest["bos"], torch.arange(ctx).expand(n, ctx), self.tokens)
+        """[N, T] bool: the BOS positions."""
         self._ablations: dict[str, tuple[float, float]] = {}
 
     @classmethod
@@ -103,9 +107,7 @@ class LM:
     @property
     def scored(self) -> torch.Tensor:
         """[N, T-1] bool: which next-token predictions count (see the module docstring)."""
-        if self.bos_id is None:
-            return torch.ones(self.tokens.shape[0], self.tokens.shape[1] - 1, dtype=torch.bool)
-        ok = self.tokens != self.bos_id
+        ok = ~self.bos
         return ok[:, :-1] & ok[:, 1:]
 
     def _site(self, name: str) -> tuple[int, str]:
@@ -144,7 +146,7 @@ class LM:
         for s in tqdm(starts, desc=desc, unit="batch", disable=not self.progress, leave=False):
             toks = self.tokens[s:s + self.batch_size].to(dev)
             scored = scored_all[s:s + self.batch_size].to(dev)
-            keep = toks == self.bos_id if self.bos_id is not None else torch.zeros_like(toks, dtype=torch.bool)
+            keep = self.bos[s:s + self.batch_size].to(dev)
             targets = toks[:, 1:][scored][:, None]
             lp_clean = self._logprobs(toks, scored)
             p_clean = lp_clean.exp()

@@ -217,6 +217,9 @@ def _run(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool, desc:
     ctx = cfg.context_size
     start_seq, first_seq = writer.start_row // ctx, writer.first * manifest["storage"]["seqs_per_chunk"]
     n_seqs = writer.end_row // ctx
+    device = torch.device(cfg.device) if cfg.device else None
+    if device is not None and device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # else pinned buffers and events open a context on GPU 0 too
     model = load_model(info, dtype=cfg.model_dtype, device=cfg.device, device_map=cfg.device_map, tokenizer=tokenizer,
                        progress=progress)
     names = {(a["layer"], a["site"]): n for n, a in manifest["arrays"].items()}

@@ -86,7 +86,8 @@ def token_stream(ds, cfg: HarvestConfig, tokenizer) -> Iterator[list[int]]:
     """Token ids of each document, tokenized in batches (or read as given from ``token_column``)."""
     if cfg.token_column:
         for row in ds:
-            yield list(row[cfg.token_column])
+            if ids := list(row[cfg.token_column]):  # an empty document is skipped, as an empty text is
+                yield ids
         return
     batch: list[str] = []
     for row in ds:

@@ -23,6 +23,12 @@ def _architecture(dic) -> str:
     return "topk" if dic.arch == "topk" else "jumprelu"
 
 
+def export_missing(run_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """Export a finished run unless its export is there (``cfg.json`` is written last)."""
+    if not (Path(run_dir) / "saelens" / "cfg.json").is_file():
+        export_saelens(run_dir, Path(run_dir) / "saelens", manifest)
+
+
 def export_saelens(run: str | Path, out: str | Path, manifest: dict[str, Any] | None = None) -> Path:
     """Write ``out/cfg.json`` and ``out/sae_weights.safetensors`` for the run at ``run``."""
     dic = load(run)

@@ -19,6 +19,13 @@ from safetensors.torch import load_file
 from .dictionary import Dictionary
 
 
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """Where a run folder's checkpoint is: ``checkpoint/``, or ``checkpoint.old/`` when a save was killed
+    between moving the last checkpoint aside and renaming the new one into place."""
+    ck, old = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.old"
+    return old if not ck.is_dir() and old.is_dir() else ck
+
+
 def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
     """A run folder (``runs/<cache>/<run>``), its ``checkpoint/`` folder, or a W&B artifact reference
     ``wandb:ENTITY/PROJECT/NAME:VERSION`` (downloaded first; needs the network), as a :class:`Dictionary`
@@ -28,7 +35,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
 
         path = Path(wandb.Api().artifact(str(path)[len("wandb:"):], type="model").download())
     path = Path(path)
-    ck = path / "checkpoint" if (path / "checkpoint").is_dir() else path
+    ck = checkpoint_dir(path)
+    ck = ck if ck.is_dir() else path
     if not (ck / "model.safetensors").is_file():
         raise FileNotFoundError(f"load: {str(path)!r} holds no trained run (no checkpoint/model.safetensors)")
     cfg = json.loads((ck / "config.json").read_text())

@@ -28,7 +28,8 @@ from ..cache.reader import ReaderConfig
 from ..distributed import RankStreams, Team
 from ..config import ConfigError, RunConfig, TrainConfig
 from .dictionary import Dictionary
-from .export import export_saelens
+from .export import export_missing, export_saelens
+from .load import checkpoint_dir
 from .objectives import Objective
 
 
@@ -98,7 +99,9 @@ class Run:
 
     # -- files ---------------------------------------------------------------------------------------
     def save(self, cursor: dict[str, Any]) -> None:
-        """Write the checkpoint atomically: a new folder, renamed over the old one."""
+        """Write the checkpoint as a new folder, then swap it in: the old one is moved aside, the new one
+        renamed into place, the old one deleted. A kill at any point leaves a whole checkpoint, which
+        :func:`checkpoint_dir` finds (``checkpoint.old/`` between the two renames)."""
         tmp = self.dir / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -111,12 +114,13 @@ class Run:
         final = self.dir / "checkpoint"
         old = self.dir / "checkpoint.old"
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # left by a kill after the last swap's renames
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
 
     def load(self) -> dict[str, Any] | None:
-        ck = self.dir / "checkpoint"
+        ck = checkpoint_dir(self.dir)
         if saved_steps(self.dir, self.cfg, self.total_steps) is None or not (ck / "state.pt").exists():
             return None
         self.dic.load_state_dict(load_file(ck / "model.safetensors", device=str(self.dic.W_dec.device)))
@@ -138,7 +142,7 @@ def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
     """Steps done by the checkpoint in ``run_dir`` (None: there is none), read from its config.json
     without loading weights. A checkpoint trained with another resolved config (``cfg.resolve``) or
     another number of steps (batch size, tokens) is refused: resuming it would mix two runs."""
-    path = run_dir / "checkpoint" / "config.json"
+    path = checkpoint_dir(run_dir) / "config.json"
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
@@ -149,6 +153,22 @@ def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
         raise ConfigError(f"train.runs.{cfg.name}: {str(run_dir)!r} was trained with another {', '.join(changed)}; "
                           "rename the run or delete its folder")
     return int(saved["step"])
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the metrics lines of steps up to ``step`` (and drop a line cut off by a kill)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def _json_value(v: Any) -> float | list:
@@ -179,6 +199,11 @@ def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
     runs = [Run(r, cache, root, cfg.batch_size, device, team if team.size > 1 else None) for r in cfg.runs]
     states = [r.load() for r in runs]
     active = [r for r in runs if not r.done]
+    for r in runs if team.leader else []:
+        if r.done:  # a kill between its last checkpoint and its export leaves the export missing
+            export_missing(r.dir, cache.manifest)
+        else:  # metrics logged after the checkpoint it resumes from are logged again
+            _trim_metrics(r.dir / "metrics.jsonl", r.step)
     if not active:
         return [r.dir for r in runs]
     resumed = {s["step"]: s for r, s in zip(runs, states) if s is not None and not r.done}
@@ -187,7 +212,7 @@ def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
                          "resume them with separate configs, or with `pipeline run`, which groups them by step")
     state = next(iter(resumed.values()), None)
     if state is not None:
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # loaded onto the run's device with the rest of the state
     arrays = sorted({a for r in active for a in (r.source, r.target)})
     cursors = state["cursor"] if state is not None else None  # one per data rank
     if isinstance(cursors, dict):  # a checkpoint written before data-parallel training: one stream
@@ -273,6 +298,6 @@ def _log_artifact(wandb_run: Any, run: Run, cache: Cache) -> None:
     import wandb
 
     art = wandb.Artifact(run.cfg.name, type="model", metadata={**run.describe(), "fingerprint": cache.fingerprint})
-    art.add_dir(str(run.dir / "checkpoint"), name="checkpoint")
+    art.add_dir(str(checkpoint_dir(run.dir)), name="checkpoint")
     art.add_dir(str(run.dir / "saelens"), name="saelens")
     wandb_run.log_artifact(art)
