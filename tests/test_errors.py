@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from matryoshka.cache.lock import WriterLock
+from matryoshka.cache import Cache
+from matryoshka.cache.format import STORAGE, encode_chunk
+from matryoshka.cache.lock import WriterLock, writer_lock
 from matryoshka.cli import app
 
 runner = CliRunner()
@@ -90,10 +93,16 @@ def test_verify_names_a_damaged_chunk(gpt2_dir, corpus, tmp_path):
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
     (cache / "tokens" / "c" / "1").unlink()
+    # a whole, checksummed chunk of another chunking (half the rows): blosc alone would decode it short
+    c = Cache(cache)
+    rows = np.zeros((c.chunk_tokens // 2, c.manifest["arrays"]["1.mlp_out"]["width"]), STORAGE[c.storage_dtype][0])
+    (cache / "acts" / "1.mlp_out" / "c" / "1" / "0").write_bytes(encode_chunk(rows, c.manifest["storage"]["codec"]))
     bad = runner.invoke(app, ["cache", "verify", str(cache), "-q"])
     assert bad.exit_code == 1
     assert "DAMAGED acts/1.mlp_out/c/2/0: unreadable (stored and computed crc32c checksums differ)" in bad.output
     assert "DAMAGED tokens/c/1: missing" in bad.output
+    assert f"DAMAGED acts/1.mlp_out/c/1/0: unreadable (the chunk decodes to {rows.nbytes} bytes, not the " \
+           f"{2 * rows.nbytes} of a chunk of this array)" in bad.output
 
 
 def test_non_finite_activations_name_hook_and_tokens(gpt2_dir, corpus, tmp_path):
@@ -150,3 +159,11 @@ def test_cache_rm_removes_a_cache_and_nothing_else(gpt2_dir, corpus, tmp_path):
     assert not one.exists() and Cache(two).complete
     ls = runner.invoke(app, ["cache", "ls", str(tmp_path / "root")])
     assert str(two) in ls.output and str(one) not in ls.output
+    # a link to a cache is refused (rmtree would not follow it), and what else a cache folder holds stays
+    (tmp_path / "link").symlink_to(two)
+    run_bad(["cache", "rm", str(tmp_path / "link"), "--yes"], "is a symbolic link to", str(two))
+    assert Cache(two).complete
+    (two / "README.txt").write_text("notes on this cache")
+    assert not Cache(f"file://{two}").remote and isinstance(writer_lock(f"file://{two}"), WriterLock)  # flock
+    assert runner.invoke(app, ["cache", "rm", f"file://{two}", "--yes"]).exit_code == 0  # a file:// URL: local
+    assert sorted(p.name for p in two.iterdir()) == ["README.txt"]

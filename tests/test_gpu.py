@@ -153,9 +153,9 @@ def test_reconstruction_metrics_of_a_gpu_dictionary_equal_the_cpu_ones(harvested
 
     torch.manual_seed(0)
     dic = Dictionary(64, 64, 128, 4, "matryoshka", [32, 96], transcoder=False, skip=False).eval()
-    cache = Cache(harvested)
-    cpu = reconstruction(dic, cache, "1.resid_mid", batch_size=512)
-    gpu = reconstruction(dic.cuda(), cache, "1.resid_mid", batch_size=512)
+    store = Cache(harvested)
+    cpu = reconstruction(dic, store, "1.resid_mid", batch_size=512)
+    gpu = reconstruction(dic.cuda(), store, "1.resid_mid", batch_size=512)
     assert gpu.tokens == cpu.tokens and gpu.dead == cpu.dead
     np.testing.assert_allclose(gpu.prefix_fvu, cpu.prefix_fvu, rtol=1e-4)
     np.testing.assert_allclose(gpu.density, cpu.density, atol=1e-3)

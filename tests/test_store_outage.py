@@ -183,6 +183,16 @@ def test_which_errors_are_transient(monkeypatch):
         == [True] * 6
     assert [transient(e) for e in (FileNotFoundError(), PermissionError(), HttpError(404), NoCredentialsError(),
                                    StoreUnavailable("gave up"), ValueError())] == [False] * 6
+    # S3's own codes, as s3fs translates them: a malformed request is answered at once, not retried for minutes
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    def s3(code: str) -> BaseException:
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": code}}, "GetObject"))
+    assert [transient(s3(c)) for c in ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                                      "SomethingNew")] == [True] * 5
+    assert [transient(s3(c)) for c in ("PermanentRedirect", "InvalidBucketName", "InvalidArgument",
+                                      "KeyTooLongError", "NotImplemented", "AccessDenied", "NoSuchKey")] == [False] * 7
     assert retry_seconds() == 120
     monkeypatch.setenv("MATRYOSHKA_STORE_RETRY_S", "2.5")
     assert retry_seconds() == 2.5

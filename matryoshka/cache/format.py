@@ -180,6 +180,12 @@ def decode_chunk(raw: bytes, codec: str, out: np.ndarray) -> np.ndarray:
     body = np.frombuffer(raw, dtype=np.uint8)[:-4]
     if not crc_ok(raw, body):
         raise ValueError("stored and computed crc32c checksums differ")
+    # blosc decodes a shorter chunk into a larger buffer without a word, leaving the rest as it was: a chunk
+    # of another chunking (a copy gone wrong) must fail here, not serve stale rows. Bytes 4-7 of a blosc
+    # header are the decoded size.
+    size = len(body) if codec == "none" else int.from_bytes(body[4:8].tobytes(), "little") if len(body) >= 16 else -1
+    if size != out.nbytes:
+        raise ValueError(f"the chunk decodes to {size} bytes, not the {out.nbytes} of a chunk of this array")
     if codec == "none":
         out.reshape(-1).view(np.uint8)[:] = body
     else:

@@ -28,7 +28,7 @@ def find_caches(root: str | Path, max_depth: int = 4) -> Iterator[Path | str]:
     if remote.is_url(root):
         yield from remote.find_caches(str(root), max_depth)
         return
-    root = Path(root)
+    root = Path(remote.local_path(root))
     if not root.is_dir():
         raise CacheError(f"cache ls: {str(root)!r} is not a directory")
     base = len(root.parts)
@@ -140,7 +140,7 @@ def verify(cache: Cache, progress: bool = True) -> list[Damage]:
             try:
                 decode_chunk(data, *_decoder(cache, n, scratch))
             except Exception as e:  # noqa: BLE001 - any decode failure is damage
-                found.append(Damage(chunk_key(n, i), f"unreadable ({str(e).splitlines()[0][:80]})"))
+                found.append(Damage(chunk_key(n, i), f"unreadable ({str(e).splitlines()[0][:120]})"))
         return found
 
     workers = 16 if cache.remote else usable_cpus()  # object storage: requests in flight, not cores

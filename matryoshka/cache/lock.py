@@ -248,6 +248,6 @@ class ObjectLock:
 
 def writer_lock(path: str | Path, break_lock: bool = False) -> WriterLock | ObjectLock:
     """The lock for a cache path: ``flock`` for a directory, a lock object for an fsspec URL."""
-    from .remote import is_url
+    from .remote import is_url, local_path
 
-    return ObjectLock(str(path), break_lock=break_lock) if is_url(path) else WriterLock(Path(path))
+    return ObjectLock(str(path), break_lock=break_lock) if is_url(path) else WriterLock(Path(local_path(path)))

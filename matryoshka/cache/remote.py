@@ -6,9 +6,11 @@ credentials and endpoints come from the storage library's usual environment (for
 through its ``FsspecStore``; this module adds what zarr does not: listing, sizes, removal, and fetching the
 chunks of a reader's block in one concurrent request, since object storage is bound by latency, not bandwidth.
 
-The optional local read-through copy (``local_cache_dir``) keeps every fetched chunk under
-``<dir>/<fingerprint>/<key>``. Committed chunks never change, and the fingerprint names the rows they
-hold, so a copy can never be stale; each is still checked by its crc32c when it is decoded.
+The optional local read-through copy (``local_cache_dir``) keeps every fetched chunk that passes its
+crc32c check under ``<dir>/<fingerprint>-<tokens>x<chunk tokens>/<key>``. Committed chunks never change;
+the fingerprint names the rows a cache holds, and the layout says which rows each chunk holds (caches of
+one fingerprint may differ in token count or chunk size: a harvest extended under another ``--cache``), so
+a copy can never be stale; each is still checked by its crc32c when it is decoded.
 """
 from __future__ import annotations
 
@@ -21,11 +23,19 @@ from typing import Any, Iterable
 
 import fsspec
 
+from .format import crc_ok
 from .retry import log, retrying, transient
 
 
 def is_url(path: str | Path) -> bool:
-    return "://" in str(path)
+    """An fsspec URL of object storage; a ``file://`` URL is a local path (see :func:`local_path`)."""
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def local_path(path: str | Path) -> str | Path:
+    """``file:///x`` as the path ``/x``, anything else as it is: a local cache gets ``flock``, renamed
+    commits and created directories whichever way it is named."""
+    return str(path)[len("file://"):] if str(path).startswith("file://") else path
 
 
 def filesystem(url: str) -> tuple[Any, str]:
@@ -189,11 +199,12 @@ def find_caches(url: str, max_depth: int = 4) -> list[str]:
 class ChunkSource:
     """Stored chunk bytes of one remote cache: many keys fetched concurrently, optionally kept locally."""
 
-    def __init__(self, url: str, fingerprint: str, local_cache_dir: str | Path | None = None) -> None:
+    def __init__(self, url: str, name: str, local_cache_dir: str | Path | None = None) -> None:
+        """``name``: the folder of this cache's copies under ``local_cache_dir`` (see the module docstring)."""
         self.fs, root = filesystem(url)
         self.root = root.rstrip("/")
         self.protocol = url.split("://", 1)[0]
-        self.local = Path(local_cache_dir).expanduser() / fingerprint if local_cache_dir else None
+        self.local = Path(local_path(local_cache_dir)).expanduser() / name if local_cache_dir else None
         self.keeping = self.local is not None
         """Whether fetched chunks are still copied to ``local``: off after the first local write fails."""
 
@@ -215,7 +226,7 @@ class ChunkSource:
             retrying(lambda: self._fetch([k for k in missing if k not in out], out),
                      f"fetching {len(missing)} chunk(s) of {self.protocol}://{self.root}")
             for k in missing:  # after the fetch: a local disk's error is not the store's to retry
-                if self.keeping:
+                if self.keeping and crc_ok(out[k]):  # a damaged chunk is not kept past the store's repair
                     self._keep(k, out[k])
         return out
 

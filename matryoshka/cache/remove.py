@@ -6,14 +6,20 @@ still writing it is refused by name, exactly as a second writer would be. Then t
 goes first: from that moment no reader, `cache ls` or harvest sees a cache there, so an interrupted
 removal leaves objects but never a cache with chunks missing. Readers hold no lock: a training run
 reading the cache when it is removed stops with an unreadable chunk.
+
+Only the cache's own entries go: its zarr nodes (``acts``, ``tokens``, ``shards``, ``ground_truth``: every
+child folder with a ``zarr.json``), its lock and a killed writer's temporary files; then the folder, if
+nothing else is in it. Whatever else was put there stays, and a cache at a bucket's root leaves the
+bucket. A symbolic link is refused rather than followed halfway.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from . import remote
-from .lock import ObjectLock, WriterLock, writer_lock
-from .store import Cache
+from .lock import LOCK_NAME, ObjectLock, WriterLock, writer_lock
+from .store import Cache, CacheError
 
 
 def remove_cache(cache: Cache | str | Path, break_lock: bool = False) -> None:
@@ -21,6 +27,9 @@ def remove_cache(cache: Cache | str | Path, break_lock: bool = False) -> None:
     a writer that died on object storage, as ``harvest --break-lock`` does."""
     cache = cache if isinstance(cache, Cache) else Cache(cache)  # anything that is not a cache is refused
     path = cache.path                                             # here: rm never deletes what it cannot name
+    if not cache.remote and Path(path).is_symlink():
+        raise CacheError(f"cache rm: {path!r} is a symbolic link to {str(Path(path).resolve())!r}; remove the "
+                         "cache there, or just the link")
     shards = cache.group["shards"].attrs["count"] if "shards" in cache.group else 0
     locks: list[WriterLock | ObjectLock] = [writer_lock(path, break_lock)]
     locks += [writer_lock(remote.join(path, "shards", str(i)), break_lock) for i in range(shards)]
@@ -29,7 +38,28 @@ def remove_cache(cache: Cache | str | Path, break_lock: bool = False) -> None:
         for lock in locks:
             held.append(lock.acquire())
         remote.remove_object(path, "zarr.json")
-        remote.remove(path)
+        _remove_entries(path)
     finally:
         for lock in reversed(held):
             lock.release()
+    if not cache.remote:
+        for leftover in (LOCK_NAME,):
+            (Path(path) / leftover).unlink(missing_ok=True)
+        if not any(Path(path).iterdir()):
+            Path(path).rmdir()
+
+
+def _remove_entries(path: str) -> None:
+    """Delete the cache's zarr nodes and a killed writer's temporary files under ``path`` (errors raise:
+    a cache half removed must not be reported removed)."""
+    if remote.is_url(path):
+        keys = list(remote.listing(path))
+        nodes = {k.split("/", 1)[0] for k in keys if k.count("/") == 1 and k.endswith("/zarr.json")}
+    else:
+        keys = [p.name for p in Path(path).iterdir()]
+        nodes = {k for k in keys if (Path(path) / k / "zarr.json").is_file()}
+    for name in sorted(nodes):
+        remote.remove(remote.join(path, name)) if remote.is_url(path) else shutil.rmtree(Path(path) / name)
+    for key in keys:
+        if "/" not in key and (key.startswith(".part-") or key.endswith(".partial")):
+            remote.remove_object(path, key)

@@ -11,6 +11,7 @@ writing it again writes the same bytes.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -24,6 +25,11 @@ WARN_EVERY_S = 5.0
 """At most one retry warning this often, whichever thread retries."""
 _last_warning = [-WARN_EVERY_S]
 _PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# s3fs raises S3's error codes as OSError with an errno (s3fs/errors.py): these say the request itself is wrong
+# (a bad argument or bucket name, a key too long, the wrong region, a method the store lacks), and asking
+# again cannot help; its 5xx, SlowDown, timeouts and unknown codes (EIO) are transient
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.EPERM, errno.ENOTEMPTY, errno.EMSGSIZE, errno.ENAMETOOLONG, errno.ENOSYS,
+                     errno.EREMCHG}
 # transient errors the storage libraries raise outside OSError (botocore's and aiohttp's own classes)
 _TRANSIENT_NAMES = {"ConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectionError",
                     "ClientPayloadError"}
@@ -45,11 +51,12 @@ def retry_seconds() -> float:
 def transient(e: BaseException) -> bool:
     """Whether a store's error may pass if the call is tried again: a lost or refused connection, a
     timeout, throttling or a server error (s3fs raises those as OSError; gcsfs as an error with an HTTP
-    ``code``); not a missing object, an existing one or a refused permission."""
+    ``code``); not a missing object, an existing one, a refused permission or a request the store calls
+    malformed (a bad bucket name, a key too long, the wrong region)."""
     if isinstance(e, (*_PERMANENT, StoreUnavailable)):
         return False
     if isinstance(e, OSError):
-        return True
+        return e.errno not in _PERMANENT_ERRNOS
     if _TRANSIENT_NAMES & {c.__name__ for c in type(e).__mro__}:
         return True
     code = getattr(e, "code", None)

@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from .format import FORMAT_VERSION, chunk_key, decode
-from .remote import ChunkSource, is_url, join
+from .remote import ChunkSource, is_url, join, local_path
 
 
 class CacheError(ValueError):
@@ -49,9 +49,9 @@ class Cache:
     def __init__(self, path: str | Path, local_cache_dir: str | Path | None = None) -> None:
         """Open a local directory or an fsspec URL (``file://``, ``s3://``, ``gs://``). For a URL,
         ``local_cache_dir`` keeps a local copy of every chunk read (see :mod:`.remote`)."""
-        self.path = str(path)
+        self.path = str(local_path(path))
         self.remote = is_url(self.path)
-        if not self.remote and not (Path(path) / "zarr.json").is_file():
+        if not self.remote and not (Path(self.path) / "zarr.json").is_file():
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr.json); run `pipeline harvest` "
                              "or list caches with `pipeline cache ls`")
         try:
@@ -68,7 +68,8 @@ class Cache:
         self.progress: dict[str, Any] = attrs.get("progress", {"chunks": 0})
         self.complete: bool = bool(attrs.get("complete", False))
         self._stats = attrs.get("stats")
-        self._chunks = ChunkSource(self.path, self.fingerprint, local_cache_dir) if self.remote else None
+        layout = f"{self.fingerprint}-{self.manifest['n_tokens']}x{self.chunk_tokens}"  # see remote.py
+        self._chunks = ChunkSource(self.path, layout, local_cache_dir) if self.remote else None
 
     @property
     def fingerprint(self) -> str:
@@ -181,6 +182,6 @@ def cache_location(root: str | Path, manifest: dict[str, Any]) -> Path | str:
     """Where a cache lives under a cache root: ``<root>/<model>/<fingerprint>``, for harvest and copy alike,
     so a team sharing one root finds every cache by its fingerprint. The model folder is a local model
     directory's name, else the Hugging Face id with ``/`` as ``--`` (``synthetic`` for the synthetic source)."""
-    name = manifest["model"]["name"]
+    root, name = local_path(root), manifest["model"]["name"]
     local = Path(name).expanduser().is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1
     return join(root, Path(name).name if local else name.replace("/", "--"), manifest["fingerprint"])

@@ -139,7 +139,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
     """Run the harvest described by ``cfg`` and return the cache's path (a URL stays a string)."""
     p = plan(cfg)
     manifest = p.manifest
-    path = (cfg.cache if remote.is_url(cfg.cache) else Path(cfg.cache).expanduser()) if cfg.cache else \
+    given = remote.local_path(cfg.cache) if cfg.cache else None
+    path = (given if remote.is_url(given) else Path(given).expanduser()) if given else \
         cache_location(cfg.cache_root, manifest)
     url = remote.is_url(path)
     shard = worker_shard(cfg)
