@@ -368,9 +368,10 @@ def test_bad_input(cache, tmp_path):
         ShuffledReader(["src"], str(partial))
 
 
-def test_an_fsspec_url_serves_the_same_stream(cache):
+def test_a_file_url_is_the_local_cache(cache):
+    """``file://`` names the local directory (its flock, its reads); object storage is tests/test_remote.py's."""
     with _reader(cache) as local, _reader(f"file://{cache}") as url:
-        assert url.cache.path.startswith("file://")
+        assert url.cache.path == str(cache) and not url.cache.remote
         assert _epoch(local) == _epoch(url)
 
 

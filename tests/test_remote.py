@@ -115,9 +115,10 @@ def test_train_and_evaluate_from_a_bucket_equal_local(caches, tmp_path):
         assert {k: out[name][1][k] for k in ("fvu", "mse", "l0", "tokens")} == \
                {k: out["local"][1][k] for k in ("fvu", "mse", "l0", "tokens")}
         assert out[name][1]["tokens"] > 0
-    # the local copy holds the remote chunks byte for byte, under the cache's fingerprint
-    fp = Cache(url).fingerprint
-    kept = {str(p.relative_to(keep / fp)): p.read_bytes() for p in (keep / fp).rglob("*") if p.is_file()}
+    # the local copy holds the remote chunks byte for byte, under the cache's fingerprint and layout
+    c = Cache(url)
+    folder = keep / f"{c.fingerprint}-{c.manifest['n_tokens']}x{c.chunk_tokens}"
+    kept = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     remote = _objects(url)
     assert kept and all(remote[k] == v for k, v in kept.items())
     assert any(k.startswith("acts/1.mlp_out/c/") for k in kept)
