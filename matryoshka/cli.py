@@ -83,7 +83,8 @@ def _flags_from(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter
 def _config_from(cls: type, section: str, config: Path | None, flags: dict[str, Any]) -> Any:
     base: dict[str, Any] = {}
     if config is not None:
-        base = dataclasses.asdict(getattr(load_pipeline(config), section))
+        given = getattr(load_pipeline(config), section)
+        base = dataclasses.asdict(given) if given is not None else {}
         base = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(cls)}}
     base.update({k: v for k, v in flags.items() if v is not None})
     return from_dict(cls, base, section)
@@ -140,6 +141,8 @@ def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[
 
     def go() -> None:
         cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run})
+        if config is not None and flags.get("runs_dir") is None and cfg.runs_dir == EvaluateConfig.runs_dir:
+            cfg = dataclasses.replace(cfg, runs_dir=load_pipeline(config).train.runs_dir)  # as `pipeline run` does
         results = evaluate(cfg, progress=not quiet)
         typer.echo(table(results))
         for report in dict.fromkeys(r["report"] for r in results if "report" in r):
@@ -277,11 +280,27 @@ def cache_rm(path: str = typer.Argument(..., metavar="CACHE", help="The cache di
     _run_guarded(go)
 
 
-def main() -> None:
+def main() -> int:
+    """The console script. A usage error (an unknown flag, a value of the wrong type) is one line too,
+    like every other bad input, rather than click's framed usage block."""
+    try:
+        from typer._click.exceptions import UsageError  # typer >= 0.2x carries its own click
+    except ImportError:
+        from click.exceptions import UsageError
+
     from .cpus import fit_torch_threads
 
     fit_torch_threads()
-    app(prog_name="pipeline")
+    try:
+        code = app(prog_name="pipeline", standalone_mode=False)
+    except UsageError as e:
+        where = e.ctx.command_path if e.ctx is not None else "pipeline"
+        typer.echo(f"error: {e.format_message()} (see `{where} --help`)", err=True)
+        return 2
+    except typer.Abort:
+        typer.echo("Aborted!", err=True)
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

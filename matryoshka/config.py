@@ -115,6 +115,36 @@ def _positive_ints(config: Any, *names: str) -> None:
             raise ConfigError(f"{name}: {v!r} must be a positive integer")
 
 
+def _finite(config: Any) -> None:
+    """No float field of ``config`` may be nan or infinite (YAML's .nan and .inf pass every comparison
+    that tests a range, and then fail deep inside a run)."""
+    for f in dataclasses.fields(config):
+        v = getattr(config, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name}: {v!r} must be a finite number")
+
+
+def check_device(name: str | None) -> None:
+    """``device`` must name a device torch knows and this machine has: one line, not torch's traceback."""
+    if name is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count or (device.index or 0) >= count:
+            raise ConfigError(f"device: {name!r}, but torch {torch.__version__} sees {count} CUDA device(s) on this "
+                              "machine; use cpu" + (f" or cuda:0..{count - 1}" if count else ""))
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r}, but this machine has no MPS device; use cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device: {name!r} is not supported; use cpu, cuda or cuda:N")
+
+
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
@@ -143,6 +173,7 @@ class SyntheticConfig:
     target_noise: float = opt(0.01, "Standard deviation of the Gaussian noise added to every coordinate of the target.")
 
     def __post_init__(self) -> None:
+        _finite(self)
         _positive_ints(self, "d_model", "n_parents", "children")
         if not isinstance(self.d_target, int) or isinstance(self.d_target, bool) or self.d_target < 0:
             raise ConfigError(f"d_target: {self.d_target!r} must be 0 (d_model) or a positive integer")
@@ -158,6 +189,11 @@ class SyntheticConfig:
     @property
     def n_features(self) -> int:
         return self.n_parents * (1 + self.children)
+
+
+MODEL_ONLY = ("model", "revision", "dataset", "dataset_config", "dataset_split", "dataset_revision", "text_column",
+              "token_column", "model_dtype", "device_map", "shuffle_buffer")
+"""Harvest keys of the language-model source only."""
 
 
 @dataclass
@@ -204,8 +240,14 @@ class HarvestConfig:
         _positive_ints(self, "context_size", "batch_size", "shuffle_buffer")
         if self.context_size < 2:
             raise ConfigError(f"context_size: {self.context_size} must be at least 2")
-        if not isinstance(self.chunk_mb, (int, float)) or self.chunk_mb <= 0:
+        if not isinstance(self.chunk_mb, (int, float)) or isinstance(self.chunk_mb, bool) or self.chunk_mb <= 0:
             raise ConfigError(f"chunk_mb: {self.chunk_mb!r} must be a positive number")
+        _finite(self)
+        if not isinstance(self.writer_threads, int) or isinstance(self.writer_threads, bool) or self.writer_threads < 0:
+            raise ConfigError(f"writer_threads: {self.writer_threads!r} must be 0 (one per usable core) or a positive "
+                              "integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ConfigError(f"seed: {self.seed!r} must be a non-negative integer (or null: the dataset's order)")
         _choice("dtype", self.dtype, STORAGE_DTYPES)
         _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
         _choice("codec", self.codec, CODECS)
@@ -230,6 +272,10 @@ class HarvestConfig:
         if not isinstance(s, SyntheticConfig):
             s = from_dict(SyntheticConfig, s or {}, "synthetic")
         self.synthetic = s
+        for f in dataclasses.fields(self):  # a model's settings would be silently ignored
+            if f.name in MODEL_ONLY and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{f.name}: {getattr(self, f.name)!r} means nothing to source: synthetic (no model "
+                                  f"or dataset); set source: model, or drop {f.name}")
         if len(self.site_list) > 2:
             raise ConfigError(f"sites: the synthetic source writes one array (x) and optionally a second (the "
                               f"target); {len(self.site_list)} sites were given")
@@ -274,7 +320,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
         raise ConfigError(f"{path}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(names))}")
     try:
         built = cls(**data)
-    except ConfigError as e:  # the dataclass's own check: the most specific message
+    except ConfigError as e:  # the dataclass's own check, unless a YAML type was wrong (that says more)
+        _check_types(cls, data, path)
         raise ConfigError(str(e) if str(e).startswith(f"{path}.") else f"{path}.{e}") from None
     except (TypeError, ValueError, AttributeError) as e:
         _check_types(cls, data, path)
@@ -358,8 +405,22 @@ class RunConfig:
         self.tokens = parse_count(self.tokens, "tokens")
         auto = self.dead_tokens in (0, "0") and not isinstance(self.dead_tokens, bool)  # resolve() fills it
         self.dead_tokens = 0 if auto else parse_count(self.dead_tokens, "dead_tokens")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ConfigError(f"lr: {self.lr!r} must be positive")
+        if "/" in self.name or "\\" in self.name or self.name in (".", ".."):
+            raise ConfigError(f"name: {self.name!r} must be a plain folder name (no '/', not '.' or '..'): runs land "
+                              "in runs_dir/<cache fingerprint>/<name>")
+        for key, low, high in (("lr", 0, None), ("aux_penalty", 0, None), ("grad_clip", 0, None),
+                               ("decay_fraction", 0, 1)):
+            v = getattr(self, key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ConfigError(f"{key}: {v!r} is a {type(v).__name__}; expected a number")
+            if not math.isfinite(v) or v < low or (high is not None and v > high) or (key == "lr" and v == 0):
+                bound = "positive" if key == "lr" else f"between {low} and {high}" if high is not None else "0 or more"
+                raise ConfigError(f"{key}: {v!r} must be {bound}")
+        for key in ("width", "k", "warmup_steps", "seed"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{key}: {v!r} must be a non-negative integer" +
+                                  (" (0: the seed's default)" if key in ("width", "k") else ""))
         if self.objective == "reference" and self.arch != "matryoshka":
             raise ConfigError(f"objective: 'reference' reproduces the seed's Matryoshka BatchTopK; arch is {self.arch!r}")
 
@@ -444,6 +505,7 @@ class EvaluateConfig:
     device: str | None = opt(None, "Device for the LM and the spliced dictionaries (default: cuda if available, else cpu).")
 
     def __post_init__(self) -> None:
+        _finite(self)
         self.lm_tokens = parse_count(self.lm_tokens, "lm_tokens")
         _positive_ints(self, "lm_batch_size", "batch_size")
         if not isinstance(self.dense_above, (int, float)) or not 0 < self.dense_above < 1:
@@ -464,7 +526,8 @@ class EvaluateConfig:
 class PipelineConfig:
     """The whole of pipeline.yaml. Later stages add their sections here."""
 
-    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    harvest: HarvestConfig | None = field(default_factory=HarvestConfig)
+    """None: the file has no harvest section; ``pipeline run`` trains from ``train.cache`` as it is."""
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
@@ -472,22 +535,23 @@ class PipelineConfig:
 def load_pipeline(path: str | Path) -> PipelineConfig:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config: {str(p)!r} does not exist")
+        raise ConfigError(f"config: {str(p)!r} " + ("is a directory, not a YAML file" if p.is_dir() else "does not exist"))
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {p} is not UTF-8 text (is it a YAML file?)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {p} must be a mapping of sections")
     known = {f.name for f in dataclasses.fields(PipelineConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section; valid sections are {', '.join(sorted(known))}")
-    cfg = PipelineConfig(harvest=from_dict(HarvestConfig, data.get("harvest") or {}, "harvest"),
+    cfg = PipelineConfig(harvest=from_dict(HarvestConfig, data["harvest"] or {}, "harvest") if "harvest" in data else None,
                          train=from_dict(TrainConfig, data.get("train") or {}, "train"),
                          evaluate=from_dict(EvaluateConfig, data.get("evaluate") or {}, "evaluate"))
-    if "harvest" in data:  # one pipeline: its runs read what its harvest writes
-        check_pipeline(cfg)
+    check_pipeline(cfg)
     return cfg
 
 
@@ -510,7 +574,10 @@ def check_pipeline(cfg: PipelineConfig) -> None:
     """Cross-section checks, before anything runs: every run reads arrays the harvest writes, and its
     width, groups and k fit. A run whose width follows the model (``width: 0``) is checked against the
     model's config only when it sets groups or k (the defaults always fit) and the config can be read
-    (a local directory, the HF cache, or the network); otherwise the trainer checks it against the cache."""
+    (a local directory, the HF cache, or the network); otherwise the trainer checks it against the cache.
+    Without a harvest section there is nothing to check against before the cache is opened."""
+    if cfg.harvest is None:
+        return
     arrays = harvested_arrays(cfg.harvest)
     width: list[int | None] = []  # the model's width, read at most once (None: its config is unreachable)
     for i, run in enumerate(cfg.train.runs):

@@ -100,9 +100,10 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
     try:
         cfg = AutoConfig.from_pretrained(resolved, revision=revision)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""  # e.g. no network and not in the HF cache
         raise ConfigError(
-            f"model: cannot load {name!r} ({type(e).__name__}); give a local directory with config.json "
-            f"or a Hugging Face id such as {', '.join(sorted(ALIASES))}") from None
+            f"model: cannot load {name!r} ({type(e).__name__}{': ' + why if why else ''}); give a local directory "
+            f"with config.json or a Hugging Face id such as {', '.join(sorted(ALIASES))}") from None
     arch = cfg.model_type
     if arch not in _RECIPES:
         raise ConfigError(f"model: {name!r} is a {arch!r} model; supported: {', '.join(SUPPORTED.values())}")

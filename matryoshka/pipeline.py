@@ -66,7 +66,13 @@ def _check_sections(cfg: PipelineConfig) -> None:
     h, t, e = cfg.harvest, cfg.train, cfg.evaluate
     if not t.runs:
         raise ConfigError("train.runs: no runs to train; list at least one under train.runs")
-    if h.cache and t.cache and Path(h.cache) != Path(t.cache):
+    if h is None and not t.cache:
+        raise ConfigError("harvest: the file has no harvest section and no train.cache; add a harvest section "
+                          "(what to harvest) or train.cache (a cache to train from)")
+    if h is not None and h.shard is not None:
+        raise ConfigError(f"harvest.shard: {h.shard!r} writes one worker's part of a cache; pipeline run needs the "
+                          "whole: harvest the shards with `pipeline harvest --shard I/N`, then run without shard")
+    if h is not None and h.cache and t.cache and Path(h.cache) != Path(t.cache):
         raise ConfigError(f"train.cache: {t.cache!r} differs from harvest.cache {h.cache!r}; pipeline run trains "
                           "on the cache its harvest writes, so give one of them")
     for key in ("run", "cache"):
@@ -81,6 +87,10 @@ def _check_sections(cfg: PipelineConfig) -> None:
 def _harvest(cfg: PipelineConfig, progress: bool, echo: Callable[[str], None]) -> Path:
     from .harvest import harvest
 
+    if cfg.harvest is None:  # nothing to harvest: train from the cache as it is
+        Cache(cfg.train.cache).require_complete()
+        echo(f"harvest: none asked; training from {cfg.train.cache}")
+        return cfg.train.cache
     h = dataclasses.replace(cfg.harvest, resume=True, cache=cfg.harvest.cache or cfg.train.cache or None)
     path = harvest(h, progress=progress)
     echo(f"harvest: {path} is complete")

@@ -83,3 +83,34 @@ def test_every_config_key_is_a_flag_and_flags_override_yaml(tmp_path: Path):
 def test_repository_pipeline_yaml_is_valid():
     cfg = load_pipeline(Path(__file__).parents[1] / "pipeline.yaml")
     assert cfg.harvest.site_list
+
+
+@pytest.mark.parametrize("cls, kw, message", [
+    (RunConfig, {"lr": float("nan")}, "lr: nan must be positive"),
+    (RunConfig, {"lr": "0.01"}, "lr: '0.01' is a str; expected a number"),
+    (RunConfig, {"width": -5}, "width: -5 must be a non-negative integer"),
+    (RunConfig, {"decay_fraction": 5.0}, "decay_fraction: 5.0 must be between 0 and 1"),
+    (RunConfig, {"grad_clip": -1}, "grad_clip: -1 must be 0 or more"),
+    (RunConfig, {"aux_penalty": float("inf")}, "aux_penalty: inf must be 0 or more"),
+    (RunConfig, {"warmup_steps": -10}, "warmup_steps: -10 must be a non-negative integer"),
+    (RunConfig, {"name": "/tmp/escaped"}, "name: '/tmp/escaped' must be a plain folder name"),
+    (HarvestConfig, {"seed": -1}, "seed: -1 must be a non-negative integer"),
+    (HarvestConfig, {"chunk_mb": float("inf")}, "chunk_mb: inf must be a finite number"),
+    (HarvestConfig, {"source": "synthetic", "model": "google/gemma-2-2b"},
+     "model: 'google/gemma-2-2b' means nothing to source: synthetic"),
+    (HarvestConfig, {"source": "synthetic", "synthetic": {"magnitude_std": float("nan")}},
+     "magnitude_std: nan must be a finite number"),
+])
+def test_impossible_values_are_one_line_errors(cls, kw, message):
+    base = {"name": "r", "source": "8.resid_mid"} if cls is RunConfig else {"layers": 0, "sites": "resid_mid"}
+    with pytest.raises(ConfigError) as e:
+        cls(**{**base, **kw})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_that_is_not_a_yaml_file(tmp_path: Path):
+    (tmp_path / "bad.yaml").write_bytes(b"harvest:\n  model: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_pipeline(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        load_pipeline(tmp_path)

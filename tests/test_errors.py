@@ -53,6 +53,41 @@ def test_bad_input_writes_nothing(gpt2_dir, corpus, tmp_path, flags, fragments):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_folder_that_is_not_a_cache_is_not_harvested_into(gpt2_dir, corpus, tmp_path):
+    """Else its files would lie among the chunks, and `cache rm` would be asked to delete them too."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mycode.py").write_text("print('mine')")
+    run_bad(harvest_args(gpt2_dir, corpus, project), "is a folder that is not a cache and holds 1 other entry",
+            "mycode.py", "new or empty folder")
+    assert sorted(p.name for p in project.iterdir()) == ["mycode.py"]
+    (project / "mycode.py").unlink()
+    assert runner.invoke(app, harvest_args(gpt2_dir, corpus, project)).exit_code == 0  # an empty one is fine
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--codec", "zstd"], "is complete with codec 'lz4', not the 'zstd'"),
+    (["--holdout", "40%"], "is complete with held-out split [0, 128], not the [0, 256]"),
+])
+def test_a_complete_cache_refuses_settings_it_was_not_harvested_with(gpt2_dir, corpus, tmp_path, flags, fragment):
+    """Codec, chunk size and held-out split are not in the fingerprint: asked for anew, they are refused, not
+    silently dropped."""
+    cache = tmp_path / "c"
+    assert runner.invoke(app, harvest_args(gpt2_dir, corpus, cache)).exit_code == 0
+    run_bad(harvest_args(gpt2_dir, corpus, cache) + flags, fragment, "harvest to another --cache")
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--writer-threads", "-1"], ["writer_threads: -1"]),
+    (["--chunk-mb", "nan"], ["chunk_mb: nan must be a finite number"]),
+    (["--device", "foo"], ["device: 'foo' is not a device"]),
+    (["--device", "cuda:99"], ["device: 'cuda:99', but torch"]),
+])
+def test_more_bad_input_is_one_line(gpt2_dir, corpus, tmp_path, flags, fragments):
+    run_bad(harvest_args(gpt2_dir, corpus, tmp_path / "c") + flags, *fragments)
+    assert not (tmp_path / "c").exists()
+
+
 def test_unwritable_path(gpt2_dir, corpus, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
@@ -167,3 +202,20 @@ def test_cache_rm_removes_a_cache_and_nothing_else(gpt2_dir, corpus, tmp_path):
     assert not Cache(f"file://{two}").remote and isinstance(writer_lock(f"file://{two}"), WriterLock)  # flock
     assert runner.invoke(app, ["cache", "rm", f"file://{two}", "--yes"]).exit_code == 0  # a file:// URL: local
     assert sorted(p.name for p in two.iterdir()) == ["README.txt"]
+
+
+def test_usage_errors_are_one_line_too():
+    """The console script turns click's framed usage block into one line, exit status 2."""
+    import subprocess
+    import sys
+
+    for args, fragment in ((["run", "--bogus"], "No such option: --bogus (see `pipeline run --help`)"),
+                           (["harvest", "--context-size", "1.5"], "Invalid value for '--context-size'")):
+        r = subprocess.run([sys.executable, "-m", "matryoshka.cli", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stdout == "", r
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
+
+
+def test_train_without_a_cache_says_so():
+    run_bad(["train", "--config", str(Path(__file__).parent.parent / "pipeline.yaml")],
+            "cache: none given; pass --cache CACHE")

@@ -181,6 +181,10 @@ def test_killed_in_harvest_then_in_training_resumes_to_the_uninterrupted_result(
     (lambda c: c["harvest"].update(layers=1.5), "harvest.layers: 1.5 is a float; expected"),
     (lambda c: c["evaluate"].update(runs_dir="elsewhere"), "evaluate.runs_dir: 'elsewhere' differs from train.runs_dir"),
     (lambda c: c["evaluate"].update(cache="x"), "evaluate.cache: pipeline run evaluates the runs of train.runs"),
+    (lambda c: c["harvest"].update(shard="0/2"), "harvest.shard: '0/2' writes one worker's part of a cache"),
+    (lambda c: c.pop("harvest"), "harvest: the file has no harvest section and no train.cache"),
+    (lambda c: c["train"]["runs"][0].update(decay_fraction=5.0), "train.runs[0].decay_fraction: 5.0 must be between"),
+    (lambda c: c["train"]["runs"][0].update(name="../elsewhere"), "train.runs[0].name: '../elsewhere' must be a plain"),
 ])
 def test_config_errors_name_their_key_path_before_anything_runs(gpt2_dir, corpus, tmp_path, edit, message):
     config = _config(gpt2_dir, corpus, tmp_path)
@@ -191,6 +195,32 @@ def test_config_errors_name_their_key_path_before_anything_runs(gpt2_dir, corpus
     assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
     assert message in out.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml"]  # nothing harvested or trained
+
+
+def test_a_file_without_a_harvest_section_trains_from_train_cache_as_it_is(whole, tmp_path):
+    """No harvest is assumed (once, a default GPT-2 harvest was, and its arrays checked against the runs)."""
+    root, _, first, _ = whole
+    cfg = {"train": {"cache": first.cache, "runs": [dict(RUNS[2], name="again")], "runs_dir": str(tmp_path / "runs"),
+                     "batch_size": 256, "buffer_tokens": 2048}, "evaluate": {"batch_size": 1024}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(cfg))
+    before = _mtimes(root / "cache")
+    out, lines = _run(tmp_path / "p.yaml")
+    assert lines[0] == f"harvest: none asked; training from {first.cache}"
+    assert out.trained == ["again"] and out.results[0]["run"] == "again" and _mtimes(root / "cache") == before
+
+
+def test_evaluate_with_a_config_finds_the_runs_under_train_runs_dir(whole, tmp_path):
+    """As `pipeline run` does, `pipeline evaluate --config` follows train.runs_dir when evaluate sets none."""
+    import shutil
+
+    root, _, first, _ = whole
+    fp = Cache(first.cache).fingerprint
+    shutil.copytree(root / "runs" / fp / "btk", tmp_path / "mine" / fp / "btk", ignore=shutil.ignore_patterns("eval.json"))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"train": {"runs_dir": str(tmp_path / "mine")}}))
+    out = CliRunner().invoke(app, ["evaluate", "--config", str(tmp_path / "p.yaml"), "--cache", first.cache,
+                                   "--no-lm", "--no-features", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "mine" / fp / "btk" / "eval.json").is_file()
 
 
 def test_group_sizes_of_a_model_width_run_are_checked_from_the_models_config(gpt2_dir, corpus, tmp_path):

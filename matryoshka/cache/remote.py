@@ -64,6 +64,16 @@ def total_bytes(url: str) -> int:
     return int(fs.du(root, total=True))
 
 
+def entries(path: str | Path) -> list[str]:
+    """The names directly under a directory or URL prefix (none if nothing is there)."""
+    if not is_url(path):
+        return [p.name for p in Path(path).iterdir()] if Path(path).is_dir() else []
+    fs, root = filesystem(str(path))
+    fs.invalidate_cache()
+    root = root.rstrip("/")
+    return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)] if fs.exists(root) else []
+
+
 def listing(path: str | Path) -> dict[str, int]:
     """Every object (file) under a cache path or URL: relative key -> size in bytes."""
     if not is_url(path):

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..cache import Cache, CacheError
-from ..config import EvaluateConfig
+from ..config import EvaluateConfig, check_device
 from ..train.dictionary import Dictionary
 from ..train.load import checkpoint_dir, load
 from .contexts import TopContexts
@@ -69,6 +69,7 @@ def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> lis
 def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None) -> list[dict[str, Any]]:
     """Evaluate runs (see the module docstring; ``runs``: these run folders instead), write their eval.json,
     return the results. Each cache's LM is loaded once for all of its runs."""
+    check_device(cfg.device)
     cache, batch_size, dense_above, local_cache_dir = cfg.cache, cfg.batch_size, cfg.dense_above, cfg.local_cache_dir
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)

@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk, to_storage
 from ..cache.manifest import build_manifest
 from ..cache import remote
-from ..cache.lock import writer_lock
+from ..cache.lock import LOCK_NAME, writer_lock
 from ..cache.store import CacheError, cache_location
 from ..cache.writer import CacheWriter, create_arrays
-from ..config import ConfigError, HarvestConfig, site_name
+from ..config import ConfigError, HarvestConfig, check_device, site_name
 from ..cpus import usable_cpus
 from ..models import Capture, ModelInfo, check_sites, hook_name, load_model, load_tokenizer, model_info, tokenizer_identity
 from . import synthetic
@@ -40,6 +40,7 @@ class Plan:
 
 def plan(cfg: HarvestConfig) -> Plan:
     """Validate the config against the model, tokenizer and dataset, and write the manifest."""
+    check_device(cfg.device)
     if cfg.source == "synthetic":
         return Plan(synthetic.manifest(cfg), None, None, None)
     info = model_info(cfg.model, cfg.revision)
@@ -86,6 +87,21 @@ def _check_writable(path: Path) -> None:
         raise ConfigError(f"cache: cannot write to {str(path)!r} ({str(probe)!r} is not a writable directory)")
 
 
+CACHE_ENTRIES = {"zarr.json", "acts", "tokens", "shards", "ground_truth", LOCK_NAME}
+"""What a cache folder holds (a killed writer's temporary files aside)."""
+
+
+def _check_not_foreign(path: Path | str) -> None:
+    """A folder that is not a cache must be new or empty: the cache would be written among someone's files,
+    and ``cache rm`` would be asked to delete it with them."""
+    names = remote.entries(path)
+    foreign = [n for n in names if n not in CACHE_ENTRIES and not n.startswith(".part-") and not n.endswith(".partial")]
+    if foreign and "zarr.json" not in names:
+        raise ConfigError(f"cache: {str(path)!r} is a folder that is not a cache and holds {len(foreign)} other "
+                          f"entr{'y' if len(foreign) == 1 else 'ies'} ({', '.join(sorted(foreign)[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}); give --cache a new or empty folder")
+
+
 def _check_space(path: Path, manifest: dict[str, Any], start_row: int) -> None:
     dtype = manifest["storage"]["dtype"]
     per_token = sum(row_bytes(a["width"], dtype) for a in manifest["arrays"].values()) + 4
@@ -117,6 +133,16 @@ def _existing(path: Path | str, manifest: dict[str, Any], resume: bool,
         if old["n_tokens"] < manifest["n_tokens"]:
             raise CacheError(f"cache: {str(path)!r} is complete with {old['n_tokens']} tokens; extending it "
                              f"to {manifest['n_tokens']} is not supported yet: harvest to another --cache")
+        # settings outside the fingerprint (codec, chunk size, held-out split) must not be dropped silently;
+        # a larger cache's chunking and split follow from its own token count
+        same_size = old["n_tokens"] == manifest["n_tokens"]
+        for key, was, now in [("codec", old["storage"]["codec"], manifest["storage"]["codec"]),
+                              *([("chunk_tokens", old["storage"]["chunk_tokens"], manifest["storage"]["chunk_tokens"]),
+                                 ("held-out split", old["split"]["heldout"], manifest["split"]["heldout"])]
+                                if same_size else [])]:
+            if was != now:
+                raise CacheError(f"cache: {str(path)!r} is complete with {key} {was!r}, not the {now!r} this "
+                                 "harvest asks for; harvest to another --cache, or leave the setting as it was")
         return {"complete": True}
     progress = attrs.get("progress", {"chunks": 0})
     if not resume:
@@ -143,6 +169,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
     path = (given if remote.is_url(given) else Path(given).expanduser()) if given else \
         cache_location(cfg.cache_root, manifest)
     url = remote.is_url(path)
+    _check_not_foreign(path)
     shard = worker_shard(cfg)
     if shard.count > 1:
         remote.check_writable(path) if url else _check_writable(path)

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..cache import Cache, CacheError
 from ..cache.reader import ReaderConfig
 from ..distributed import RankStreams, Team
-from ..config import ConfigError, RunConfig, TrainConfig
+from ..config import ConfigError, RunConfig, TrainConfig, check_device
 from .dictionary import Dictionary
 from .export import export_missing, export_saelens
 from .load import checkpoint_dir
@@ -192,6 +192,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
 def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
     if not cfg.runs:
         raise ConfigError("train.runs: no runs to train; list at least one under train.runs")
+    check_device(cfg.device)
+    if not cfg.cache:
+        raise ConfigError("cache: none given; pass --cache CACHE (or set train.cache in the config)")
     cache = Cache(cfg.cache, local_cache_dir=cfg.local_cache_dir)
     cache.require_complete()
     device = torch.device(cfg.device or (f"cuda:{team.local_rank}" if torch.cuda.is_available() else "cpu"))
