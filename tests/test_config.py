@@ -62,7 +62,7 @@ def test_yaml_round_trip_and_key_paths(tmp_path: Path):
     with pytest.raises(ConfigError, match=r"^harvest\.modle: unknown key; valid keys are .*model"):
         load_pipeline(p)
     p.write_text(yaml.safe_dump({"harvest": {"layers": 8, "context_size": "long"}}))
-    with pytest.raises(ConfigError, match=r"^harvest\.context_size: 'long' must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"^harvest\.context_size: 'long' is a str; expected an integer"):
         load_pipeline(p)
     p.write_text(yaml.safe_dump({"harvst": {}}))
     with pytest.raises(ConfigError, match=r"^harvst: unknown section"):

@@ -110,3 +110,15 @@ def test_document_policy_and_unshuffled_order(gpt2_dir, corpus, tmp_path, tokeni
     assert toks[0] == tokenizer.bos_token_id
     assert list(toks[1:1 + len(first_doc)]) == first_doc
     assert toks[1 + len(first_doc)] == tokenizer.bos_token_id
+
+
+def test_aliases_of_one_model_share_its_cache_folder():
+    """The folder follows the resolved id: one model, one fingerprint, one path, however it was spelled."""
+    from matryoshka.cache.store import cache_location
+
+    def where(name: str, resolved: str) -> str:
+        return str(cache_location("root", {"model": {"name": name, "resolved": resolved}, "fingerprint": "fp"}))
+    assert where("gpt2", "openai-community/gpt2") == where("openai-community/gpt2", "openai-community/gpt2") \
+        == "root/openai-community--gpt2/fp"
+    assert where("./models/tiny", "/abs/models/tiny") == "root/tiny/fp"
+    assert where("synthetic", "synthetic") == "root/synthetic/fp"

@@ -181,7 +181,9 @@ def is_cache(path: Path) -> bool:
 def cache_location(root: str | Path, manifest: dict[str, Any]) -> Path | str:
     """Where a cache lives under a cache root: ``<root>/<model>/<fingerprint>``, for harvest and copy alike,
     so a team sharing one root finds every cache by its fingerprint. The model folder is a local model
-    directory's name, else the Hugging Face id with ``/`` as ``--`` (``synthetic`` for the synthetic source)."""
-    root, name = local_path(root), manifest["model"]["name"]
+    directory's name, else the resolved Hugging Face id with ``/`` as ``--`` (``gpt2`` and
+    ``openai-community/gpt2`` are one model, one fingerprint and so one folder; ``synthetic`` for the
+    synthetic source)."""
+    root, name = local_path(root), manifest["model"].get("resolved") or manifest["model"]["name"]
     local = Path(name).expanduser().is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1
     return join(root, Path(name).name if local else name.replace("/", "--"), manifest["fingerprint"])

@@ -169,12 +169,11 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
     path = (given if remote.is_url(given) else Path(given).expanduser()) if given else \
         cache_location(cfg.cache_root, manifest)
     url = remote.is_url(path)
+    remote.check_writable(path) if url else _check_writable(path)
     _check_not_foreign(path)
     shard = worker_shard(cfg)
     if shard.count > 1:
-        remote.check_writable(path) if url else _check_writable(path)
         return harvest_shard(cfg, p, path, shard, progress)
-    remote.check_writable(path) if url else _check_writable(path)
     created = remote.created_by_us(path)  # removed again if this run leaves nothing worth resuming
     if not url:
         path.mkdir(parents=True, exist_ok=True)
