@@ -532,12 +532,27 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the
+    last, so ``lr: 0.01`` under ``lr: 0.001`` would pass unseen."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config: {key!r} is given twice in one mapping (line {key_node.start_mark.line + 1}); "
+                                  "YAML would keep the last silently")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_pipeline(path: str | Path) -> PipelineConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: {str(p)!r} " + ("is a directory, not a YAML file" if p.is_dir() else "does not exist"))
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config: {p} is not valid YAML ({str(e).splitlines()[0]})") from None
     except UnicodeDecodeError:

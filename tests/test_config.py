@@ -114,3 +114,9 @@ def test_a_config_that_is_not_a_yaml_file(tmp_path: Path):
         load_pipeline(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
         load_pipeline(tmp_path)
+
+
+def test_a_key_given_twice_is_an_error(tmp_path: Path):
+    (tmp_path / "p.yaml").write_text("harvest:\n  layers: 8\n  tokens: 1M\n  tokens: 2M\n")
+    with pytest.raises(ConfigError, match=r"config: 'tokens' is given twice in one mapping \(line 4\)"):
+        load_pipeline(tmp_path / "p.yaml")

@@ -159,7 +159,9 @@ def test_non_finite_activations_name_hook_and_tokens(gpt2_dir, corpus, tmp_path)
 def test_cache_commands_on_a_non_cache(tmp_path):
     run_bad(["cache", "info", str(tmp_path)], "is not a cache")
     run_bad(["cache", "verify", str(tmp_path / "nope")], "is not a cache")
-    run_bad(["cache", "ls", str(tmp_path / "nope")], "is not a directory")
+    run_bad(["cache", "ls", str(tmp_path / "nope")], "does not exist (no cache has been harvested there)")
+    (tmp_path / "file").write_text("x")
+    run_bad(["cache", "ls", str(tmp_path / "file")], "is not a directory")
 
 
 def test_cache_ls_and_info(gpt2_dir, corpus, tmp_path):

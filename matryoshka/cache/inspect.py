@@ -30,7 +30,8 @@ def find_caches(root: str | Path, max_depth: int = 4) -> Iterator[Path | str]:
         return
     root = Path(remote.local_path(root))
     if not root.is_dir():
-        raise CacheError(f"cache ls: {str(root)!r} is not a directory")
+        raise CacheError(f"cache ls: {str(root)!r} " + ("is not a directory" if root.exists() else
+                                                        "does not exist (no cache has been harvested there)"))
     base = len(root.parts)
     for dirpath, dirnames, _ in os.walk(root):
         p = Path(dirpath)
