@@ -423,3 +423,30 @@ def test_writer_finds_non_finite_rows_from_the_stored_bits_and_sums_in_float64(d
     served = decode(to_storage(x[:3], dtype).numpy(), dtype).astype(np.float64)
     count, total, sq = chunk_sums(decode(to_storage(x[:3], dtype).numpy(), dtype))
     assert count == 3 and np.array_equal(total, served.sum(0)) and sq == pytest.approx((served**2).sum(), rel=1e-15)
+
+
+def test_data_ranks_with_drop_last_stay_in_step_and_never_serve_a_row_twice(cache):
+    """22 training chunks over 3 ranks: 8, 7 and 7 of them, so the ranks' rows differ. With drop_last (how
+    training reads), every rank serves the batches the smallest one fills (7 x 60 rows // 32 = 13), so the
+    streams stay in one epoch, step by step, and a global batch (one batch per rank) never holds a row twice;
+    the cursor still resumes across the epoch boundary the cut makes."""
+    readers = [_reader(cache, rank=r, world_size=3, drop_last=True) for r in range(3)]
+    try:
+        for epoch in range(3):
+            assert [r.batches_in_epoch(epoch) for r in readers] == [13, 13, 13]
+            seen: set[int] = set()
+            for _ in range(13):
+                rows = [x for r in readers for x in _ids(next(r))]
+                assert [r.epoch for r in readers] == [epoch] * 3
+                assert len(set(rows)) == len(rows) == 96 and not seen & set(rows)
+                seen |= set(rows)
+            assert seen < _train_rows()
+        state = readers[0].state_dict()
+        want = [_ids(next(readers[0])) for _ in range(20)]
+    finally:
+        for r in readers:
+            r.close()
+    with _reader(cache, rank=0, world_size=3, drop_last=True, state=state) as resumed:
+        assert [_ids(next(resumed)) for _ in range(20)] == want
+    with pytest.raises(CacheError, match="batch_size: 448 rows is more than one of the 3 ranks holds in epoch 0"):
+        _reader(cache, rank=1, world_size=3, drop_last=True, batch_size=448, buffer_tokens=1024)

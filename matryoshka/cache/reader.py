@@ -294,14 +294,24 @@ class ShuffledReader:
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches this rank serves per epoch (all epochs are the same size)."""
-        n = sum(self._counts[c] for c in self._chunk_order(0))
-        return n // self.cfg.batch_size if self.cfg.drop_last else -(-n // self.cfg.batch_size)
+        """Batches this rank serves in the current epoch (see :meth:`batches_in_epoch`)."""
+        return self.batches_in_epoch(max(self.epoch, 0))
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches this rank serves in ``epoch``. One rank: every epoch alike. Several: a rank's rows change
+        from epoch to epoch (its chunks do), and with ``drop_last`` every rank serves the same number, the
+        most the rank with the fewest rows can fill, so the ranks' streams stay in the same epoch step by
+        step and a global batch (one batch of each rank) never holds a row twice."""
+        b, order = self.cfg.batch_size, self._chunk_order(epoch, every_rank=True)
+        rows = [sum(self._counts[c] for c in order[r::self.world_size]) for r in range(self.world_size)]
+        return min(rows) // b if self.cfg.drop_last else -(-rows[self.rank] // b)
 
     # -- the epoch's plan ----------------------------------------------------------------------------
-    def _chunk_order(self, epoch: int) -> list[int]:
+    def _chunk_order(self, epoch: int, every_rank: bool = False) -> list[int]:
+        """This rank's chunks of ``epoch`` in order (``every_rank``: the epoch's whole order, which rank ``r``
+        takes every ``world_size``-th chunk of, from the ``r``-th)."""
         order = np.random.default_rng([self.cfg.seed, epoch]).permutation(np.asarray(self.chunks))
-        return [int(c) for c in order[self.rank::self.world_size]]
+        return [int(c) for c in (order if every_rank else order[self.rank::self.world_size])]
 
     @property
     def _n_blocks(self) -> int:
@@ -323,6 +333,22 @@ class ShuffledReader:
         # waiting ones last] of each block in the pool, oldest first
         self._pool_parts: list[list[Any]] = []
         self.batches_this_epoch = 0
+        self._taken = 0  # batches taken off the pool this epoch: served, or being gathered
+        self._epoch_batches = self.batches_in_epoch(epoch)
+        if self.cfg.drop_last and not self._epoch_batches:
+            raise CacheError(f"batch_size: {self.cfg.batch_size} rows is more than one of the {self.world_size} "
+                             f"ranks holds in epoch {epoch} of the {self.cfg.split} split; use fewer ranks, a "
+                             "smaller batch or a larger split")
+
+    def _next_epoch(self) -> None:
+        """Start the next epoch, dropping this one's blocks still loading: with ``drop_last`` an epoch can end
+        before its last blocks are needed (its rank's batch count is reached)."""
+        stale = [t for e, _, ts in self._loads if e == self.epoch for t in ts]
+        for t in stale:
+            t.cancel()
+        wait([t.future for t in stale])  # begun ones finish writing their half first
+        self._loads = deque(load for load in self._loads if load[0] != self.epoch)
+        self._reset_epoch(self.epoch + 1)
 
     # -- decompression (background threads) ----------------------------------------------------------
     def _fetch(self, chunks: list[int]) -> dict[tuple[int, int], bytes]:
@@ -458,7 +484,7 @@ class ShuffledReader:
             return self._next_gathered()
         n = self._batch_rows()
         if not n:
-            self._reset_epoch(self.epoch + 1)
+            self._next_epoch()
             return next(self)
         self.last_rows, _, index, _ = self._take(n)
         self.batches_this_epoch += 1
@@ -471,6 +497,8 @@ class ShuffledReader:
         """Rows of this epoch's next batch, blocks joining the pool as it needs them; 0 at the epoch's end.
         None if the batch needs a block still decompressing and ``wait_for_decode`` is False."""
         b = self.cfg.batch_size
+        if self.cfg.drop_last and self._taken >= self._epoch_batches:  # the rows left wait for no batch
+            return 0
         while len(self._pool_rows) < b and self._next_block < self._n_blocks:
             self._start_loading()
             if not wait_for_decode and not all(t.future.done() for t in self._loads[0][2]):
@@ -484,6 +512,7 @@ class ShuffledReader:
         their slots on the device, and the halves they are in."""
         rows, slots = self._pool_rows[:n], self._pool_slots[:n]
         self._pool_rows, self._pool_slots = self._pool_rows[n:], self._pool_slots[n:]
+        self._taken += 1
         left, index, halves = n, [], set()
         while left:
             part = self._pool_parts[0]
@@ -505,7 +534,7 @@ class ShuffledReader:
         if not self._ready:
             self._prepare(wait_for_decode=True)
             if not self._ready:
-                self._reset_epoch(self.epoch + 1)
+                self._next_epoch()
                 return next(self)
         rows, tasks, arrays = self._ready.popleft()
         self._prepare(wait_for_decode=False)
@@ -571,7 +600,7 @@ class ShuffledReader:
         self._cancel_loads()
         self._reset_epoch(int(state["epoch"]))
         self._next_block = int(state["next_block"])
-        self.batches_this_epoch = int(state["batches_this_epoch"])
+        self.batches_this_epoch = self._taken = int(state["batches_this_epoch"])  # batches being gathered wait again
         self._rng.bit_generator.state = state["rng"]
         rows = np.asarray(state["pool_rows"], dtype=np.int64)
         # Decompress the chunks of the waiting rows back into the places an unbroken run had them in.
