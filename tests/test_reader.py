@@ -99,7 +99,7 @@ def _same_cursor(a: dict, b: dict) -> bool:
 def test_bos_rows_can_be_kept_and_heldout_split_is_separate(cache):
     with _reader(cache, exclude_bos=False) as r:
         assert sorted(x for b in _epoch(r) for x in b) == sorted(_train_rows(include_bos=True))
-    with _reader(cache, split="heldout", batch_size=8, buffer_tokens=16) as r:
+    with _reader(cache, split="heldout", batch_size=8, buffer_tokens=128) as r:
         assert sorted(x for b in _epoch(r) for x in b) == [x for x in range(HELD * CTX) if x % CTX]
 
 
@@ -283,7 +283,7 @@ def test_the_reader_counts_the_time_its_consumer_waited_for_decompression(cache,
 
 
 def test_output_dtype_is_the_consumers_choice(cache):
-    cfg = ReaderConfig(batch_size=32, buffer_tokens=64)
+    cfg = ReaderConfig(batch_size=32, buffer_tokens=128)
     with ShuffledReader(["src"], str(cache), cfg, dtype=torch.bfloat16) as r:
         b = next(r)
         assert b["src"].dtype == torch.bfloat16 and list(b) == ["src"]
@@ -346,18 +346,20 @@ def test_bad_input(cache, tmp_path):
         ShuffledReader(["mlp_out"], str(cache))
     with pytest.raises(CacheError, match="buffer_tokens: 48 is smaller than two batches of 32"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=48))
+    with pytest.raises(CacheError, match=r"buffer_tokens: 96 is less than two chunks of 64 rows; .* >= 128"):
+        ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=16, buffer_tokens=96))
     with pytest.raises(CacheError, match=r"buffer_tokens: 128 makes blocks of as few as 1 chunk\(s\) of 64 rows, which can "
                        r"serve as few as 60 rows without BOS, fewer than batch_size 64; .* use buffer_tokens >= 256"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=64, buffer_tokens=128))
     with pytest.raises(CacheError, match="mirror: False needs device cpu, not meta"):
-        ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=64), device="meta", mirror=False)
+        ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=128), device="meta", mirror=False)
     with pytest.raises(CacheError, match="batch_size: 5000 is larger than the train split"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=5000, buffer_tokens=10000))
     n = 8 * CTX
     other = write_cache(tmp_path / "other", {"tgt": _rows(n, 4)}, np.zeros(n, int), CTX, SPC, fingerprint="other")
     with pytest.raises(CacheError, match="different caches"):
         ShuffledReader(["src", (str(other), "tgt")], str(cache))
-    with ShuffledReader(["src", (str(cache), "tgt")], str(cache), ReaderConfig(batch_size=32, buffer_tokens=64)) as same:
+    with ShuffledReader(["src", (str(cache), "tgt")], str(cache), ReaderConfig(batch_size=32, buffer_tokens=128)) as same:
         b = next(same)
         assert torch.equal(b["src"][:, 0], -b["tgt"][:, 0])
     import zarr
@@ -450,3 +452,22 @@ def test_data_ranks_with_drop_last_stay_in_step_and_never_serve_a_row_twice(cach
         assert [_ids(next(resumed)) for _ in range(20)] == want
     with pytest.raises(CacheError, match="batch_size: 448 rows is more than one of the 3 ranks holds in epoch 0"):
         _reader(cache, rank=1, world_size=3, drop_last=True, batch_size=448, buffer_tokens=1024)
+
+
+def test_a_reader_stopped_by_an_error_refuses_to_go_on(tmp_path):
+    """An unreadable chunk ends the stream's place in it (the batch being served is lost), so the reader
+    says so on every later call instead of serving a stream with a hole, and gives no cursor."""
+    n = 8 * SPC * CTX
+    path = write_cache(tmp_path / "c", {"src": _rows(n, 8)}, np.ones(n, int), CTX, SPC)
+    chunk = path / "acts" / "src" / "c" / "5" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    with ShuffledReader(["src"], str(path), ReaderConfig(batch_size=16, buffer_tokens=128)) as r:
+        with pytest.raises(CacheError, match="chunk 5 of src .* is unreadable"):
+            for _ in range(r.batches_per_epoch):
+                next(r)
+        with pytest.raises(CacheError, match=r"reader: it stopped at an error \(CacheError: cache: chunk 5"):
+            next(r)
+        with pytest.raises(CacheError, match="its cursor is lost"):
+            r.state_dict()

@@ -197,7 +197,10 @@ class ShuffledReader:
         if len(self.chunks) < world_size:
             raise CacheError(f"world_size: {world_size} ranks but the {self.cfg.split} split has only "
                              f"{len(self.chunks)} chunks")
-        self.chunks_per_block = max(1, self.cfg.buffer_tokens // 2 // self.ct)
+        if self.cfg.buffer_tokens < 2 * self.ct:  # else each half would silently hold a whole chunk anyway
+            raise CacheError(f"buffer_tokens: {self.cfg.buffer_tokens} is less than two chunks of {self.ct} rows; "
+                             f"each half of the buffer holds whole chunks: use buffer_tokens >= {2 * self.ct}")
+        self.chunks_per_block = self.cfg.buffer_tokens // 2 // self.ct
         """The most chunks a block holds (its half of the buffer holds that many)."""
         self.half = self.chunks_per_block * self.ct
         self._bounds = self._block_bounds(len(self._chunk_order(0)), self.chunks_per_block)
@@ -239,6 +242,8 @@ class ShuffledReader:
         to gather a batch and (with a mirror) for a half's copy to the device: what is left of its time
         in ``next`` is serving work."""
         self.closed = False
+        self.failed: str | None = None
+        """The error that stopped the stream, if one did (see :meth:`__next__`)."""
         self._reset_epoch(0)
         if state is not None:
             self.load_state_dict(state)
@@ -477,9 +482,21 @@ class ShuffledReader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        """The next batch; epochs follow one another for as long as the consumer asks."""
+        """The next batch; epochs follow one another for as long as the consumer asks. After an error (an
+        unreadable chunk) the reader's place in the stream is lost: it refuses to go on, and a new reader
+        given an earlier cursor (a checkpoint's) continues the stream."""
         if self.closed:
             raise CacheError("reader: it is closed; a new one given its state_dict() continues the stream")
+        if self.failed is not None:
+            raise CacheError(f"reader: it stopped at an error ({self.failed}); a new reader given an earlier "
+                             "state_dict() continues the stream")
+        try:
+            return self._next()
+        except BaseException as e:
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise
+
+    def _next(self) -> dict[str, torch.Tensor]:
         if not self.mirror:
             return self._next_gathered()
         n = self._batch_rows()
@@ -588,6 +605,9 @@ class ShuffledReader:
     def state_dict(self) -> dict[str, Any]:
         """The cursor: enough to continue this exact stream in a new process (batches being gathered are
         rows still waiting)."""
+        if self.failed is not None:
+            raise CacheError(f"reader: it stopped at an error ({self.failed}); its cursor is lost, take an "
+                             "earlier one")
         waiting = np.concatenate([rows for rows, _, _ in self._ready] + [self._pool_rows])
         return {**self._identity(), "epoch": self.epoch, "next_block": self._next_block,
                 "batches_this_epoch": self.batches_this_epoch, "pool_rows": waiting,
@@ -598,6 +618,7 @@ class ShuffledReader:
             if state.get(k) != v:  # a cursor without "blocks" cut its epochs into full blocks and a short last one
                 raise CacheError(f"reader cursor: saved {k} {state.get(k)!r} differs from this reader's {v!r}")
         self._cancel_loads()
+        self.failed = None  # a consistent place in the stream again
         self._reset_epoch(int(state["epoch"]))
         self._next_block = int(state["next_block"])
         self.batches_this_epoch = self._taken = int(state["batches_this_epoch"])  # batches being gathered wait again
