@@ -61,7 +61,7 @@ def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
                                   holdout=2048 if quick else 8192, cache=str(work / "cache"), seed=None),
                     progress=False)
     width, groups = (3072, [192, 384, 768, 1728]) if quick else (12_288, [768, 1536, 3072, 6912])
-    train(TrainConfig(cache=str(cache), runs_dir=str(work / "runs"), batch_size=1024, buffer_tokens=4096,
+    train(TrainConfig(cache=str(cache), runs_dir=str(work / "runs"), batch_size=1024, buffer_tokens=8192,
                       runs=[{"name": "sae", "source": "8.resid_mid", "width": width, "group_sizes": groups, "k": 64,
                              "tokens": 4096 if quick else 8192, "warmup_steps": 1}]), progress=False)
     has_lm = "lm" in {f.name for f in dataclasses.fields(EvaluateConfig)}

@@ -106,7 +106,7 @@ def test_reader_streams_aligned_rows(tmp_path):
     a, b = c.split["train"]
     rows = []
     with ShuffledReader(["0.resid_mid", "0.mlp_out", FEATURES], c,
-                        ReaderConfig(batch_size=64, buffer_tokens=512, split="train", seed=1), dtype=torch.float32) as r:
+                        ReaderConfig(batch_size=64, buffer_tokens=1024, split="train", seed=1), dtype=torch.float32) as r:
         for _ in range(r.batches_per_epoch):
             batch = next(r)
             codes = batch[FEATURES].double().numpy()
