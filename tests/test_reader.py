@@ -471,3 +471,11 @@ def test_a_reader_stopped_by_an_error_refuses_to_go_on(tmp_path):
             next(r)
         with pytest.raises(CacheError, match="its cursor is lost"):
             r.state_dict()
+
+
+def test_a_cursor_of_a_reader_that_kept_bos_rows_is_refused_by_name(cache):
+    with _reader(cache, exclude_bos=False) as r:
+        next(r)
+        state = r.state_dict()
+    with pytest.raises(CacheError, match="reader cursor: saved exclude_bos False differs from this reader's True"):
+        _reader(cache, state=state)

@@ -600,7 +600,8 @@ class ShuffledReader:
     def _identity(self) -> dict[str, Any]:
         return {"fingerprint": self.cache.fingerprint, "arrays": list(self.names), "split": self.cfg.split,
                 "seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
-                "buffer_tokens": self.cfg.buffer_tokens, "blocks": "even"}
+                "buffer_tokens": self.cfg.buffer_tokens, "blocks": "even",
+                "exclude_bos": self.cfg.exclude_bos}
 
     def state_dict(self) -> dict[str, Any]:
         """The cursor: enough to continue this exact stream in a new process (batches being gathered are
