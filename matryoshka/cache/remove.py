@@ -42,9 +42,8 @@ def remove_cache(cache: Cache | str | Path, break_lock: bool = False) -> None:
     finally:
         for lock in reversed(held):
             lock.release()
-    if not cache.remote:
-        for leftover in (LOCK_NAME,):
-            (Path(path) / leftover).unlink(missing_ok=True)
+    if not cache.remote:  # (an object lock deletes itself on release)
+        (Path(path) / LOCK_NAME).unlink(missing_ok=True)
         if not any(Path(path).iterdir()):
             Path(path).rmdir()
 
