@@ -300,7 +300,7 @@ class ShuffledReader:
     @property
     def batches_per_epoch(self) -> int:
         """Batches this rank serves in the current epoch (see :meth:`batches_in_epoch`)."""
-        return self.batches_in_epoch(max(self.epoch, 0))
+        return self._epoch_batches
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Batches this rank serves in ``epoch``. One rank: every epoch alike. Several: a rank's rows change
