@@ -103,7 +103,7 @@ def site_name(layer: int, site: str) -> str:
 
 
 def opt(default: Any, help: str) -> Any:
-    """A config field with its help text, shown by the CLI and the README's reference."""
+    """A config field with its help text, shown by the CLI and docs/configuration.md (generated from it)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -202,8 +202,8 @@ class HarvestConfig:
 
     source: str = opt("model", "``model``: run the LM; ``synthetic``: generate activations with a known ground truth "
                                "(settings in ``synthetic``; no model, dataset or tokenizer is used).")
-    synthetic: SyntheticConfig | str | None = opt(None, "``source: synthetic`` settings, a mapping (README, "
-                                                        "\"Synthetic ground truth\"); on the command line a YAML mapping that replaces the config's.")
+    synthetic: SyntheticConfig | str | None = opt(None, "``source: synthetic`` settings, a mapping "
+                                                        "(docs/synthetic.md); on the command line a YAML mapping that replaces the config's.")
     model: str = opt("gpt2", 'HF model name (``gpt2``, ``google/gemma-2-2b``) or a local directory saved with save_pretrained.')
     revision: str | None = opt(None, "Model revision (branch, tag or commit) on the Hub.")
     dataset: str = opt("Skylion007/openwebtext", 'HF dataset name (streamed) or a local .txt (one document per line), .jsonl or .parquet file.')

@@ -31,7 +31,7 @@ def fit_torch_threads(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP)
     the affinity mask but not a cgroup quota: in a pod limited to 4 cores of a 64-core node it would run
     32 threads, which the quota stalls in turns (CPU training, an LM forward on the CPU). Where a quota
     leaves fewer cores than the mask, this sets ``OMP_NUM_THREADS``, which torch reads when it starts
-    its pool (importing torch here instead would cost every command, ``--help`` too, 3 s); a value
+    its pool (importing torch here instead would cost every command, ``--help`` too, seconds); a value
     already set wins."""
     usable = usable_cpus(root, proc_cgroup)
     if "OMP_NUM_THREADS" not in os.environ and usable < _affinity():

@@ -2,8 +2,8 @@
 
 Loading goes through ``TransformerBridge.boot_transformers`` so that names, revisions, dtypes and
 multi-GPU device maps resolve exactly as TransformerLens resolves them. The bridge wraps every
-Hugging Face module in a hook-carrying component, which was measured 1.5-2.8x slower than a raw
-truncated forward (design.md section 9). So after booting we put the original modules back
+Hugging Face module in a hook-carrying component, which is slower than a raw truncated forward
+(docs/benchmarks.md, "Harvest"). So after booting we put the original modules back
 (``_unwrap_bridge``) and capture with plain PyTorch forward hooks on them, stopping the forward pass
 right after the deepest captured module. The values are the model's own, unprocessed activations:
 a cached site equals a plain Hugging Face forward of the same weights on the same tokens

@@ -1,5 +1,5 @@
 """The GPU path against the CPU path it must reproduce. Skipped where CUDA is absent (as in CI): these run
-on a lent GPU machine (see README, "Benchmarks"). The reference step and the sparse encoder backward run on
+on a lent GPU machine (see docs/benchmarks.md). The reference step and the sparse encoder backward run on
 every available device in tests/test_objectives.py."""
 from __future__ import annotations
 

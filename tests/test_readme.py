@@ -1,34 +1,131 @@
-"""The README stays true: every harvest key is documented, and its Python API examples run."""
+"""The README and docs/ stay true: every key and flag is documented (by a page generated from the
+config classes, and kept current), the README's Python API examples run, its set-up commands are the
+ones CI runs, every page is reachable from the index, and no docstring quotes a measurement.
+
+Files are found from this file's path, so the tests pass from any working directory."""
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
 
-from matryoshka.config import HarvestConfig
+import yaml
 
-README = (Path(__file__).parents[1] / "README.md").read_text()
+from matryoshka.config import EvaluateConfig, HarvestConfig, SyntheticConfig, TrainConfig, opt
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+REFERENCE = (DOCS / "configuration.md").read_text()
 
 
-def test_every_harvest_key_and_flag_is_documented():
-    for f in dataclasses.fields(HarvestConfig):
-        assert f"| `{f.name}` | `--{f.name.replace('_', '-')}` |" in README, f.name
+def _generator():
+    """docs/config_reference.py, the script that writes docs/configuration.md (not a package module)."""
+    spec = importlib.util.spec_from_file_location("config_reference", DOCS / "config_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_is_short():
+    assert len(README.splitlines()) <= 300
+
+
+def test_every_key_and_flag_is_documented():
+    """Each section's key with its flag (``--context-size`` for ``context_size``), in the reference."""
+    for cls, yaml_only in ((HarvestConfig, ()), (TrainConfig, ("runs",)), (EvaluateConfig, ("run",))):
+        for f in dataclasses.fields(cls):
+            row = f"| `{f.name}` | " + ("" if f.name in yaml_only else f"`--{f.name.replace('_', '-')}")
+            assert row in REFERENCE, (cls.__name__, f.name)
+
+
+def test_every_synthetic_setting_is_documented_with_its_default():
+    for f in dataclasses.fields(SyntheticConfig):
+        assert f"| `{f.name}` | `{f.default}` |" in REFERENCE, f.name
+
+
+def test_configuration_reference_is_generated_from_the_current_configs():
+    assert _generator().render() == REFERENCE, "docs/configuration.md is stale: run python docs/config_reference.py"
+
+
+def test_reference_rows_come_from_help_texts_defaults_and_the_real_flags():
+    """A known answer for the generator: a field's help text (RST code marks turned into Markdown's, ``<``
+    escaped outside code), its default as YAML writes it, and the flags typer really declares."""
+    @dataclasses.dataclass
+    class Toy:
+        alpha_beta: int = opt(3, "An ``alpha`` for runs/<name>/, not `<this>`.")
+        switch: bool = opt(False, "A | switch.")
+
+    gen = _generator()
+    assert gen.table(Toy, None) == ["| key | default | meaning |", "|---|---|---|",
+                                    "| `alpha_beta` | `3` | An `alpha` for runs/&lt;name>/, not `<this>`. |",
+                                    "| `switch` | `false` | A \\| switch. |"]
+    flags = gen.cli_flags("evaluate")
+    assert (flags["lm"], flags["lm_tokens"], flags["run"]) == ("--lm/--no-lm", "--lm-tokens", "RUN")
+    assert "config" not in flags and "quiet" not in flags
 
 
 def test_setup_commands_are_the_ones_ci_and_the_default_pipeline_use():
     main, tests = (line.split("#")[0].strip() for line in re.search(r"```bash\n(.*?)```", README, re.S).group(1)
                    .splitlines()[:2])
     assert main == "pip install -e . && pipeline run"  # `pipeline run` reads ./pipeline.yaml
-    assert (Path(__file__).parents[1] / "pipeline.yaml").is_file()
-    ci = (Path(__file__).parents[1] / ".ci" / "run").read_text().strip().splitlines()[-1]
-    assert tests == ci  # .ci/run runs exactly the README's test command
+    assert (ROOT / "pipeline.yaml").is_file()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert tests == ci[-1]  # .ci/run runs exactly the README's test command
+    assert any(re.search(r"\bmkdocs build --strict\b", line) for line in ci)  # and fails on a broken doc link
+
+
+def test_every_page_is_in_the_index_and_the_nav():
+    pages = {p.name for p in DOCS.glob("*.md")}
+    index = (DOCS / "index.md").read_text()
+    assert pages - {"index.md"} <= set(re.findall(r"\]\(([\w-]+\.md)\)", index))
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+    assert pages == {file for entry in nav for file in entry.values()}
+
+
+def test_readme_links_point_at_files_that_exist():
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README)
+    assert links
+    for link in links:
+        if "://" not in link:
+            assert (ROOT / link).exists(), link
+
+
+def _api_section() -> str:
+    section = README[README.index("## Python API\n"):]
+    return section[:section.index("\n## ", 1)]
 
 
 def _api_examples() -> str:
     """Every Python block of the README's Python API section, in order: one script."""
-    section = README[README.index("## Python API\n"):]
-    section = section[:section.index("\n## ", 1)]
-    return "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
+    return "\n".join(re.findall(r"```python\n(.*?)```", _api_section(), re.S))
+
+
+def test_the_docs_site_shows_the_readme_python_api():
+    """docs/python-api.md includes the section between the snippet markers, so the site shows the
+    examples this file runs."""
+    section = _api_section()
+    assert "--8<-- [start:api]" in section and "--8<-- [end:api]" in section
+    inner = section[section.index("[start:api]"):section.index("[end:api]")]
+    assert inner.count("```python") == _api_section().count("```python") > 0
+    assert '--8<-- "README.md:api"' in (DOCS / "python-api.md").read_text()
+
+
+_MEASURED = re.compile(r"\bmeasured\b|\btook \d|tok/s|[GM]B/s|\b\d+(\.\d+)?x (faster|slower)\b|\b\d+(\.\d+)? ?(ms|us)\b")
+
+
+def test_no_docstring_quotes_a_measurement():
+    """Measured numbers go stale in docstrings; they live in docs/benchmarks.md with their command."""
+    found = []
+    for path in sorted((ROOT / "matryoshka").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node) or ""
+                found += [f"{path.relative_to(ROOT)}: {m.group(0)!r}" for m in _MEASURED.finditer(doc)]
+    assert not found, found
 
 
 def test_python_examples_run(gpt2_dir, corpus, tmp_path, monkeypatch):

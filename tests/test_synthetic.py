@@ -158,11 +158,3 @@ def test_two_shards_write_the_same_cache_as_one_process(tmp_path):
             assert two.chunk_bytes(name, i) == one.chunk_bytes(name, i), (name, i)
     for name in ("0.resid_mid", "0.mlp_out"):
         np.testing.assert_array_equal(two.group[f"ground_truth/{name}"][:], one.group[f"ground_truth/{name}"][:])
-
-
-def test_every_setting_is_documented_with_its_default():
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    for f in dataclasses.fields(SyntheticConfig):
-        assert f"| `{f.name}` | `{f.default}` |" in readme, f.name

@@ -89,7 +89,7 @@ def decode(a: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarr
     needs no conversion and is returned as it is)."""
     if dtype == "bfloat16":
         bits = np.empty(a.shape, np.uint32) if out is None else out.view(np.uint32)
-        np.left_shift(a.view(np.uint16), 16, out=bits, dtype=np.uint32)  # one pass: 8x faster than astype, shift
+        np.left_shift(a.view(np.uint16), 16, out=bits, dtype=np.uint32)  # one pass, not astype then a shift
         return bits.view(np.float32)
     if dtype == "float8":
         scale = np.ascontiguousarray(a[..., -SCALE_BYTES:]).view(np.float32)
@@ -124,9 +124,8 @@ def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
 def compressors(codec: str, itemsize: int) -> list:
     """Codec chain for activation arrays; crc32c last, so every chunk carries a checksum.
 
-    The default, blosc lz4 with bitshuffle, decodes 2x faster than zstd for 4 % less space on
-    harvested activations (README, "Codec choice"): the reader's speed matters more than a few
-    percent of disk.
+    The default, blosc lz4 with bitshuffle, compresses activations about as well as zstd and decodes
+    faster (docs/benchmarks.md, "Codecs"): the reader's speed matters more than a few percent of disk.
     """
     from zarr.codecs import BloscCodec, Crc32cCodec
 

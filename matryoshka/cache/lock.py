@@ -25,8 +25,8 @@ Stores without conditional writes (fsspec backends other than S3) fall back to c
 re-reading the object after writing it; two writers starting within one round trip of each other could
 then both proceed. Google Cloud Storage is in between: its create-if-absent (``ifGenerationMatch=0``,
 fsspec's ``mode="create"`` in gcsfs) makes acquiring race-free, but gcsfs offers no write conditional on
-an object's generation, so breaking a stale lock and heartbeats check, write and re-read. The README
-says so.
+an object's generation, so breaking a stale lock and heartbeats check, write and re-read
+(docs/remote.md, "One writer at a time", says so to users).
 """
 from __future__ import annotations
 

@@ -81,10 +81,9 @@ class ReaderConfig:
 
 def default_threads(cores: int | None = None) -> int:
     """Decompression threads for ``cores`` CPU cores (default: those this process may use, see
-    :mod:`matryoshka.cpus`): all but a quarter, left to the serving thread (and CUDA's): on a 16-core
-    H200 host, 12 threads delivered 0.71x (SAE) and 0.90x (transcoder) of the decode ceiling, 16 threads
-    0.53x and 0.62x, 8 threads 0.72x and 0.78x. On 2 cores this is both, which measured 0.62x against
-    0.47x for one."""
+    :mod:`matryoshka.cpus`): all but a quarter, left to the serving thread (and CUDA's), which must get
+    the GIL back quickly; docs/benchmarks.md ("Reader") compares thread counts on a 16-core GPU host.
+    On 2 cores this is both."""
     n = cores or usable_cpus()
     return n - n // 4
 
@@ -92,8 +91,8 @@ def default_threads(cores: int | None = None) -> int:
 def host_buffer(shape: tuple[int, int], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
     """A zeroed host buffer, its pages touched once here rather than on the first epoch's writes.
     Unpinned, it is backed by transparent huge pages where the OS offers them (Linux): batches gather
-    rows at random from the whole buffer, and with 4 KiB pages nearly every row is a TLB miss; 2 MiB
-    pages made that gather 1.7x faster on a 2-core EPYC VM. Pinned buffers come from CUDA's allocator."""
+    rows at random from the whole buffer, and with 4 KiB pages nearly every row is a TLB miss (what 2 MiB
+    pages save: docs/benchmarks.md, "Reader"). Pinned buffers come from CUDA's allocator."""
     if pinned or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype, pin_memory=pinned)
     nbytes = shape[0] * shape[1] * torch.empty(0, dtype=dtype).element_size()
@@ -107,7 +106,7 @@ def host_buffer(shape: tuple[int, int], dtype: torch.dtype, pinned: bool) -> tor
 class RecycledArrays:
     """Output arrays handed out again once nothing refers to them. A fresh array per batch and array
     costs page faults: glibc gives freed memory above its trim threshold back to the OS, and a
-    transcoder's two 6 MiB outputs crossed it, which doubled its gather on 2 cores. An array is reused
+    transcoder's two 6 MiB outputs cross it (docs/benchmarks.md, "Reader"). An array is reused
     only when its reference count shows that no tensor, view or numpy array made from it is alive, so a
     consumer may keep batches as long as it likes: those it keeps are never written again."""
 

@@ -1,8 +1,7 @@
 """Riding out object storage's transient failures: a dropped connection, a timeout, throttling, a 5xx.
 
 A training run that streams a cache from a bucket for hours, or a harvest that writes one, meets these.
-The storage libraries retry a few times within seconds (s3fs and botocore gave up on a refused
-connection after 6-9 s), so a brief outage, or S3 answering ``503 SlowDown`` to a team's GPUs all
+The storage libraries retry only a few times, within seconds, so a brief outage, or S3 answering ``503 SlowDown`` to a team's GPUs all
 reading one prefix, would otherwise end the run. Here a read or write of chunks is tried again with
 exponential backoff (0.5 s, doubling, at most 15 s apart) for up to ``MATRYOSHKA_STORE_RETRY_S``
 seconds (default 120), with a warning (one every 5 s at most). A missing object or a refused permission is not

@@ -327,7 +327,7 @@ def nonfinite_rows(stored: np.ndarray, x: np.ndarray, dtype: str) -> np.ndarray:
 
 def chunk_sums(x: np.ndarray) -> tuple[int, np.ndarray, float]:
     """Row count, per-dimension sum and summed squared norm, accumulated in float64 without a float64
-    copy of the rows (that copy made statistics cost the writer threads 3x the encoding)."""
+    copy of the rows (such a copy would cost the writer threads more than encoding the chunk)."""
     return len(x), x.sum(axis=0, dtype=np.float64), float(np.einsum("ij,ij->i", x, x, dtype=np.float64).sum())
 
 

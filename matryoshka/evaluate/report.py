@@ -221,7 +221,7 @@ def write_report(cache: Cache, results: list[dict[str, Any]], folder: Path, rewr
     lines = [f"# Evaluation report: cache {cache.fingerprint}", "",
              f"Cache `{cache.path}`: model `{m['model']['name']}`, arrays {', '.join(f'`{a}`' for a in m['arrays'])}, "
              f"held-out rows {held[0]:,}..{held[1]:,}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
-             "Metric definitions: the README's Evaluation section.", "", "## Runs", "", *_table(results), ""]
+             "Metric definitions: docs/evaluation.md.", "", "## Runs", "", *_table(results), ""]
     for title, name in plots:
         if name:
             lines += [f"## {title}", "", f"![{title}](report/{name})", ""]

@@ -4,8 +4,8 @@ Both compute, for a batch x (source) and y (target; y = x for an SAE), with G gr
 
     loss = (mse(b_dec, y) + sum_g mse(prefix_g, y)) / (G + 1) + aux
 
-every mse a mean over all B * d elements. They differ where the seed is faulty (README, "reference
-vs default"):
+every mse a mean over all B * d elements. They differ where the seed is faulty (docs/training.md,
+"Objectives"):
 
 ===================  ==========================================  ============================================
                      reference (the seed, exactly)               default
