@@ -17,6 +17,7 @@ import numpy as np
 
 from ..cache import Cache
 from ..evaluate.contexts import cache_tokenizer
+from ..train.dictionary import Dictionary
 from ..train.load import load
 from .family import family
 from .logits import output_tokens
@@ -42,7 +43,13 @@ def label(rec: dict[str, Any], strings: dict[int, str]) -> str:
 
 def run_data(path: Path, cache: Cache, tokens: int, batch_size: int = 4096, n_top: int = 10, per_band: int = 2,
              min_share: float = 0.5, progress: bool = False) -> RunData:
-    dic = load(path)
+    """The data of the trained run in folder ``path``."""
+    return dictionary_data(load(path), path.name, cache, tokens, batch_size, n_top, per_band, min_share, progress)
+
+
+def dictionary_data(dic: Dictionary, name: str, cache: Cache, tokens: int, batch_size: int = 4096, n_top: int = 10,
+                    per_band: int = 2, min_share: float = 0.5, progress: bool = False) -> RunData:
+    """The data of a dictionary with a run's ``config`` (``source``, ``target``, ``arch``, ``k``)."""
     cfg = dic.config
     source, target = cfg["source"], cfg.get("target") or cfg["source"]
     sample = sample_heldout(dic, cache, source, tokens, batch_size, progress)
@@ -64,10 +71,10 @@ def run_data(path: Path, cache: Cache, tokens: int, batch_size: int = 4096, n_to
             r["logits"] = logits[j]
     labels = [label(r, strings) for r in recs]
     first = [j for j in range(bounds[1]) if recs[j]["n"]] or [0]
-    meta = {"run": path.name, "arch": cfg["arch"], "width": dic.width, "k": cfg.get("k"), "groups": dic.group_sizes,
+    meta = {"run": name, "arch": cfg["arch"], "width": dic.width, "k": cfg.get("k"), "groups": dic.group_sizes,
             "bounds": bounds, "source": source, "target": target, "transcoder": bool(cfg.get("target")),
             "tokens": sample.codes.n, "live_tokens": sample.live, "context_size": cache.manifest["context_size"],
             "tokenizer": why or "decoded with the model's tokenizer", "logits": logit_note,
             "synthetic": truth is not None, "min_share": min_share, "fingerprint": cache.fingerprint,
             "start": max(first, key=lambda j: (recs[j]["n"], -j))}  # the page without ?i=: the busiest root
-    return RunData(path.name, meta, recs, strings, labels)
+    return RunData(name, meta, recs, strings, labels)
