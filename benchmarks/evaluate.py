@@ -7,7 +7,7 @@ Rows add one stage at a time to the baseline (reconstruction metrics only): the 
 contexts, the feature metrics, the report, and the LM splice when ``EvaluateConfig`` has an ``lm`` key.
 Each row is one ``evaluate()`` call, timed whole, in one process on the same cache and run.
 
-Row "+ pipeline browse": building the feature browser of the same run (one in-order pass over the
+Row "pipeline browse of the run (alone)": building the feature browser of the same run (one in-order pass over the
 held-out rows, parents and children, the site's files), its site's bytes per latent in the note.
 
 Table 3 (``--only browse``): the browser at Gemma-2-2B width: a random 36,864-latent dictionary (groups as
@@ -107,7 +107,7 @@ def browse_row(run: str, cache: Path, base: float) -> list[str]:
     dt = time.perf_counter() - t0
     width = json.loads((Path(run) / "eval.json").read_text())["config"]["width"]
     per = site_bytes(index.parent / Path(run).name) / width
-    return ["+ pipeline browse (the feature browser)", f"{dt:.2f}", "", f"{base / dt:.2f}x",
+    return ["pipeline browse of the run (alone)", f"{dt:.2f}", "", f"{base / dt:.2f}x",
             f"browser site {per:,.0f} bytes per latent"]
 
 

@@ -253,3 +253,32 @@ def test_in_a_real_browser(built):
         assert [e["message"] for e in d.get_log("browser") if e["level"] == "SEVERE"] == []
     finally:
         d.quit()
+
+
+def test_serve_serves_the_site_until_interrupted(built):
+    """`--serve`: a real `pipeline` process serves the built pages on localhost and stops on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "matryoshka.cli", "browse", str(built["run"]), "--serve",
+                             "--port", "0", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        index = proc.stdout.readline().strip()
+        line = proc.stdout.readline().strip()
+        assert index == str(built["index"]) and line.startswith("serving http://127.0.0.1:"), (index, line)
+        url = line.split()[1]
+        with urllib.request.urlopen(url, timeout=10) as r:
+            assert r.status == 200 and b'href="mat/latent.html"' in r.read()
+        with urllib.request.urlopen(url.replace("index.html", "mat/data/meta.js"), timeout=10) as r:
+            assert r.read().startswith(b'browse.put("meta",')
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
