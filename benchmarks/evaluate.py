@@ -119,11 +119,13 @@ def browse_scale(work: Path, quick: bool) -> tuple[list[list[str]], str]:
     from matryoshka.harvest import harvest
     from matryoshka.train.dictionary import Dictionary
 
-    corpus = write_corpus(work / "corpus.txt", n_docs=400)
+    corpus = write_corpus(work / "corpus.txt", n_docs=400 if quick else 1500)
     model = build_model("gpt2", work / "gpt2", build_tokenizer(corpus), n_layers=2, d_model=768, n_heads=12,
                         n_positions=128)
-    cache = Cache(harvest(HarvestConfig(model=str(model), dataset=str(corpus), sites="1.resid_mid", tokens=8192,
-                                        context_size=128, batch_size=8, dtype="bfloat16", holdout=4096,
+    held = 4096 if quick else 16384
+    cache = Cache(harvest(HarvestConfig(model=str(model), dataset=str(corpus), sites="1.resid_mid",
+                                        tokens=held + 4096, context_size=128, batch_size=8, dtype="bfloat16",
+                                        holdout=held,
                                         cache=str(work / "cache"), seed=None), progress=False))
     width, _, groups = GEMMA
     if quick:
@@ -136,7 +138,7 @@ def browse_scale(work: Path, quick: bool) -> tuple[list[list[str]], str]:
         dic.threshold.fill_(float(pre.flatten().kthvalue(pre.numel() - 64 * 512).values))  # ~64 per token
     dic.config = {"source": "1.resid_mid", "target": None, "arch": "matryoshka", "k": 64}
     t0 = time.perf_counter()
-    data = dictionary_data(dic, "random", cache, tokens=4096)
+    data = dictionary_data(dic, "random", cache, tokens=held)
     t1 = time.perf_counter()
     site = work / "browse"
     write_run(data, site)
@@ -145,7 +147,7 @@ def browse_scale(work: Path, quick: bool) -> tuple[list[list[str]], str]:
 
     write_index(site, [], "benchmark")
     size = site_bytes(site / "random")
-    rows = [[f"{width:,} latents, 4,096 held-out tokens", f"{t1 - t0:.1f}", f"{t2 - t1:.1f}", f"{size / 1e6:.1f}",
+    rows = [[f"{width:,} latents, {held:,} held-out tokens", f"{t1 - t0:.1f}", f"{t2 - t1:.1f}", f"{size / 1e6:.1f}",
              f"{size / width:,.0f}", first_page(site / "random", data.meta["start"], width)]]
     return rows, f"L0 {sum(r['n'] for r in data.latents) / data.meta['live_tokens']:.0f} per token; d 768"
 

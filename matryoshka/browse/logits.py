@@ -33,16 +33,18 @@ def output_tokens(W_dec: torch.Tensor, cache: Cache, target: str, tokenizer: Any
         return None, f"no output tokens: the model {m['name']!r} could not be loaded ({type(e).__name__})"
     if W_U.shape[1] != W_dec.shape[1]:
         return None, f"no output tokens: {target} (width {W_dec.shape[1]}) is not the residual width {W_U.shape[1]}"
-    out: list[dict[str, list]] = []
     w = W_dec.detach().float().cpu()
+    ups, downs = [], []
     for i0 in range(0, w.shape[0], block):
         logits = w[i0:i0 + block] @ W_U.T
-        up, down = logits.topk(TOP_TOKENS, dim=1), (-logits).topk(TOP_TOKENS, dim=1)
-        for k in range(logits.shape[0]):
-            out.append({"up": [[tokenizer.decode([int(t)]), round(float(v), 3)]
-                               for v, t in zip(up.values[k], up.indices[k])],
-                        "down": [[tokenizer.decode([int(t)]), round(-float(v), 3)]
-                                 for v, t in zip(down.values[k], down.indices[k])]})
+        ups.append(logits.topk(TOP_TOKENS, dim=1))
+        downs.append(logits.topk(TOP_TOKENS, dim=1, largest=False))
+    up_v, up_i = torch.cat([u.values for u in ups]).tolist(), torch.cat([u.indices for u in ups]).tolist()
+    dn_v, dn_i = torch.cat([d.values for d in downs]).tolist(), torch.cat([d.indices for d in downs]).tolist()
+    text = {t: tokenizer.decode([t]) for t in {t for row in up_i + dn_i for t in row}}  # each token decoded once
+    out = [{"up": [[text[t], round(v, 3)] for v, t in zip(uv, ui)],
+            "down": [[text[t], round(v, 3)] for v, t in zip(dv, di)]}
+           for uv, ui, dv, di in zip(up_v, up_i, dn_v, dn_i)]
     direct = "the last residual site" if target.endswith("resid_post") else f"{target}, a mid-network site"
     return out, (f"output tokens: the decoder direction through the unembedding, the direct path from {direct} "
                  "(later blocks and the final LayerNorm's scaling are skipped)")
