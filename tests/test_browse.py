@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import harvest_config
+from matryoshka.browse.build import dictionary_data
 from matryoshka.browse.family import family
 from matryoshka.browse.sample import sample_heldout
 from matryoshka.browse.site import bucket
@@ -182,6 +183,12 @@ def test_synthetic_cache_shows_the_ground_truth(tmp_path):
         if parent[j] >= 0:
             events = int((present[:, j] & present[:, parent[j]]).sum())
             assert t["absorbed"] == ([{"child": j, "parent": parent[j], "rate": 0.0, "events": events}] if events else [])
+    dic.config = {"source": "0.resid_mid", "target": None, "arch": "matryoshka", "k": 2}
+    data = dictionary_data(dic, "exact", cache, 10 ** 6)  # the whole run's data: truth beside each latent
+    assert data.meta["synthetic"] and [r["truth"] for r in data.latents] == out
+    assert "logits" not in data.latents[0] and data.meta["logits"] == "no output tokens: the cache has no language model"
+    assert data.meta["tokenizer"].endswith("has no tokenizer")
+    assert [r["parent"] for r in data.latents[P:]] == parent[P:]  # each child fires only with its parent
 
 
 # -- a real browser ---------------------------------------------------------------------------------
