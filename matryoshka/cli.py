@@ -175,7 +175,7 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
 
 
 @app.command("browse")
-def browse_cmd(runs: Optional[list[str]] = typer.Argument(None, metavar="[RUN]...", help="Evaluated run folders; "
+def browse_cmd(runs: Optional[list[str]] = typer.Argument(None, metavar="RUN", help="Evaluated run folders; "
                                                           "default: every evaluated run of --cache, or the most recent."),
                cache: Optional[str] = typer.Option(None, "--cache", help="Browse every evaluated run of this cache."),
                runs_dir: str = typer.Option("runs", "--runs-dir", help="Where the runs are."),
@@ -187,6 +187,8 @@ def browse_cmd(runs: Optional[list[str]] = typer.Argument(None, metavar="[RUN]..
     """Write a static, offline feature browser next to the cache's report: runs, latents, hierarchy, search."""
     from .browse import browse, resolve_runs
 
+    if serve and not 0 <= port <= 65535:
+        raise _fail(f"--port: {port} is not a port (0 to 65535; 0: any free one)")
     index = _run_guarded(lambda: browse(resolve_runs(runs or [], cache, runs_dir), cache, tokens, batch_size,
                                         progress=not quiet))
     typer.echo(str(index))

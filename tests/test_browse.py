@@ -155,6 +155,10 @@ def test_bad_input_is_one_line_and_writes_nothing(built, tmp_path):
     assert res.exit_code == 2 and "is not a trained run" in res.output
     res = CliRunner().invoke(app, ["browse", str(run), "--tokens", "0"])
     assert res.exit_code == 2 and res.output.strip() == "error: browse: --tokens 0 must be at least 1"
+    res = CliRunner().invoke(app, ["browse", str(run), "--batch-size", "-1"])
+    assert res.exit_code == 2 and res.output.strip() == "error: browse: --batch-size -1 must be at least 1"
+    res = CliRunner().invoke(app, ["browse", str(run), "--serve", "--port", "70000"])
+    assert res.exit_code == 2 and res.output.strip() == "error: --port: 70000 is not a port (0 to 65535; 0: any free one)"
 
 
 def test_synthetic_cache_shows_the_ground_truth(tmp_path):

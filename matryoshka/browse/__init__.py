@@ -53,8 +53,9 @@ def browse(runs: list[Path], cache: str | None = None, tokens: int = DEFAULT_TOK
            local_cache_dir: str | None = None, progress: bool = False) -> Path:
     """Build (or rebuild) the browser pages of ``runs`` and the runs page; returns the runs page's path.
     All runs must come from one cache (one report folder)."""
-    if tokens < 1:
-        raise CacheError(f"browse: --tokens {tokens} must be at least 1")
+    for flag, value in (("--tokens", tokens), ("--batch-size", batch_size)):
+        if value < 1:
+            raise CacheError(f"browse: {flag} {value} must be at least 1")
     folders = {p.resolve().parent for p in runs}
     if len(folders) != 1:
         raise CacheError(f"browse: the runs come from {len(folders)} cache folders ({', '.join(sorted(map(str, folders)))}); "
