@@ -7,6 +7,14 @@ Rows add one stage at a time to the baseline (reconstruction metrics only): the 
 contexts, the feature metrics, the report, and the LM splice when ``EvaluateConfig`` has an ``lm`` key.
 Each row is one ``evaluate()`` call, timed whole, in one process on the same cache and run.
 
+Row "pipeline browse of the run (alone)": building the feature browser of the same run (one in-order pass over the
+held-out rows, parents and children, the site's files), its site's bytes per latent in the note.
+
+Table 3 (``--only browse``): the browser at Gemma-2-2B width: a random 36,864-latent dictionary (groups as
+Gemma's, a threshold giving about 64 active latents per token) over the table-1 cache: build seconds, bytes
+per latent, and seconds from opening a latent page in headless Chromium to its rendered contexts (when
+chromium and selenium are installed).
+
 Table 2: peak memory of the pairwise feature metrics at 36,864 latents (d 2304, a random decoder) on
 synthetic sparse codes: ``--tokens`` tokens (default 131,072, the ``feature_tokens`` default) with about 64
 active latents each, latent frequencies log-uniform over three decades (as real dictionaries' are). Each
@@ -15,7 +23,7 @@ stage runs in its own child process, which resets its peak RSS once the decoder 
 Compared with what the seed's dense computation would hold: one W x W float32 matrix (it builds
 several), and the dense N x W float32 activation history it collects first.
 
-    python benchmarks/evaluate.py            # both tables (~10 min on 2 CPUs)
+    python benchmarks/evaluate.py            # all tables (~15 min on 2 CPUs)
     python benchmarks/evaluate.py --quick    # small sizes, a smoke run
 """
 from __future__ import annotations
@@ -80,9 +88,101 @@ def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
         dt = time.perf_counter() - t0
         base = base or dt
         out.append([label, f"{dt:.2f}", f"{r['tokens'] / dt:,.0f}", f"{base / dt:.2f}x"])
-    note = (f"{r['tokens']:,} held-out tokens, dictionary width {width}, L0 {r['l0']:.0f}"
+    out.append(browse_row(r["path"], cache, base))
+    note = (f"{r['tokens']:,} held-out tokens, dictionary width {width}, L0 {r['l0']:.0f}; {out[-1].pop()}"
             + ("" if has_lm else "; EvaluateConfig has no `lm` key in this tree, so no row with the LM"))
     return out, note
+
+
+def site_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def browse_row(run: str, cache: Path, base: float) -> list[str]:
+    """``pipeline browse`` of one run, timed whole; the last cell is a note on the site's size."""
+    from matryoshka.browse import browse
+
+    t0 = time.perf_counter()
+    index = browse([Path(run)], str(cache))
+    dt = time.perf_counter() - t0
+    width = json.loads((Path(run) / "eval.json").read_text())["config"]["width"]
+    per = site_bytes(index.parent / Path(run).name) / width
+    return ["pipeline browse of the run (alone)", f"{dt:.2f}", "", f"{base / dt:.2f}x",
+            f"browser site {per:,.0f} bytes per latent"]
+
+
+def browse_scale(work: Path, quick: bool) -> tuple[list[list[str]], str]:
+    """Table 3: a random Gemma-width dictionary through the browser, and its first latent page's load time."""
+    from matryoshka.browse.build import dictionary_data
+    from matryoshka.browse.site import write_run
+    from matryoshka.cache import Cache
+    from matryoshka.harvest import harvest
+    from matryoshka.train.dictionary import Dictionary
+
+    corpus = write_corpus(work / "corpus.txt", n_docs=400 if quick else 1500)
+    model = build_model("gpt2", work / "gpt2", build_tokenizer(corpus), n_layers=2, d_model=768, n_heads=12,
+                        n_positions=128)
+    held = 4096 if quick else 16384
+    cache = Cache(harvest(HarvestConfig(model=str(model), dataset=str(corpus), sites="1.resid_mid",
+                                        tokens=held + 4096, context_size=128, batch_size=8, dtype="bfloat16",
+                                        holdout=held,
+                                        cache=str(work / "cache"), seed=None), progress=False))
+    width, _, groups = GEMMA
+    if quick:
+        width, groups = 4608, [288, 576, 1152, 2592]
+    torch.manual_seed(0)
+    dic = Dictionary(768, 768, width, 64, "matryoshka", groups).eval()
+    a, _ = cache.split["heldout"]
+    with torch.no_grad():
+        pre = dic.pre_acts(torch.from_numpy(cache.read("1.resid_mid", a, a + 512)))
+        dic.threshold.fill_(float(pre.flatten().kthvalue(pre.numel() - 64 * 512).values))  # ~64 per token
+    dic.config = {"source": "1.resid_mid", "target": None, "arch": "matryoshka", "k": 64}
+    t0 = time.perf_counter()
+    data = dictionary_data(dic, "random", cache, tokens=held)
+    t1 = time.perf_counter()
+    site = work / "browse"
+    write_run(data, site)
+    t2 = time.perf_counter()
+    from matryoshka.browse.site import write_index
+
+    write_index(site, [], "benchmark")
+    size = site_bytes(site / "random")
+    rows = [[f"{width:,} latents, {held:,} held-out tokens", f"{t1 - t0:.1f}", f"{t2 - t1:.1f}", f"{size / 1e6:.1f}",
+             f"{size / width:,.0f}", first_page(site / "random", data.meta["start"], width)]]
+    return rows, f"L0 {sum(r['n'] for r in data.latents) / data.meta['live_tokens']:.0f} per token; d 768"
+
+
+def first_page(run: Path, start: int, width: int) -> str:
+    """Seconds from opening two latent pages (first and last shard) to their top contexts, in headless
+    Chromium; '-' without chromium or selenium."""
+    import shutil
+
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as EC
+        from selenium.webdriver.support.ui import WebDriverWait
+    except ImportError:
+        return "-"
+    if not (shutil.which("chromium") and shutil.which("chromedriver")):
+        return "-"
+    opts = Options()
+    opts.binary_location = shutil.which("chromium")
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    d = webdriver.Chrome(options=opts, service=Service(shutil.which("chromedriver")))
+    try:
+        times = []
+        for i in (start, width - 1):
+            t0 = time.perf_counter()
+            d.get((run / "latent.html").as_uri() + f"?i={i}")
+            WebDriverWait(d, 30).until(EC.presence_of_element_located((By.ID, "latent-title")))
+            times.append(time.perf_counter() - t0)
+        return " / ".join(f"{t:.2f}" for t in times)
+    finally:
+        d.quit()
 
 
 # -- table 2 -----------------------------------------------------------------------------------------
@@ -159,7 +259,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     ap.add_argument("--tokens", type=int, default=None,
                     help="tokens of synthetic codes (default 131072, --quick 16384)")
-    ap.add_argument("--only", choices=["throughput", "memory"], default=None)
+    ap.add_argument("--only", choices=["throughput", "memory", "browse"], default=None)
     ap.add_argument("--blocks", type=float, nargs="+", default=[64.0],
                     help="block_mb values for the decoder-cosine rows of table 2 (each row is a full W^2 d/2 pass)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -175,6 +275,13 @@ def main() -> None:
             rows, note = throughput(Path(tmp), args.quick)
         print("\nTable 1: evaluate() on one run, CPU\n")
         print_table(["what", "s", "held-out tok/s", "vs baseline"], rows)
+        print(f"\n{note}")
+    if args.only in (None, "browse"):
+        with tempfile.TemporaryDirectory() as tmp:
+            rows, note = browse_scale(Path(tmp), args.quick)
+        print("\nTable 3: the feature browser at Gemma-2-2B width, CPU\n")
+        print_table(["dictionary", "data s", "files s", "site MB", "bytes/latent", "latent page s (first/last shard)"],
+                    rows)
         print(f"\n{note}")
     if args.only in (None, "memory"):
         rows, note = memory(n, args.blocks)

@@ -1,4 +1,4 @@
-"""The `pipeline` command: run (all stages), harvest, train, evaluate, models, and cache ls|info|verify|copy|rm.
+"""The `pipeline` command: run (all stages), harvest, train, evaluate, browse, models, and cache ls|info|verify|copy|rm.
 
 Each stage's flags are generated from its config dataclass (:class:`~matryoshka.config.HarvestConfig`,
 :class:`~matryoshka.config.TrainConfig`), so every flag is a key of the stage's pipeline.yaml section
@@ -172,6 +172,30 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
             typer.echo(f"report: {out.report}")
 
     _run_guarded(go)
+
+
+@app.command("browse")
+def browse_cmd(runs: Optional[list[str]] = typer.Argument(None, metavar="RUN", help="Evaluated run folders; "
+                                                          "default: every evaluated run of --cache, or the most recent."),
+               cache: Optional[str] = typer.Option(None, "--cache", help="Browse every evaluated run of this cache."),
+               runs_dir: str = typer.Option("runs", "--runs-dir", help="Where the runs are."),
+               tokens: int = typer.Option(131_072, "--tokens", help="Held-out rows read per run."),
+               batch_size: int = typer.Option(4096, "--batch-size", help="Rows encoded at once."),
+               serve: bool = typer.Option(False, "--serve", help="Then serve the site on localhost."),
+               port: int = typer.Option(8000, "--port", help="The --serve port (0: any free one)."),
+               quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
+    """Write a static, offline feature browser next to the cache's report: runs, latents, hierarchy, search."""
+    from .browse import browse, resolve_runs
+
+    if serve and not 0 <= port <= 65535:
+        raise _fail(f"--port: {port} is not a port (0 to 65535; 0: any free one)")
+    index = _run_guarded(lambda: browse(resolve_runs(runs or [], cache, runs_dir), cache, tokens, batch_size,
+                                        progress=not quiet))
+    typer.echo(str(index))
+    if serve:
+        from .browse.serve import serve as serve_site
+
+        serve_site(index.parent, port, typer.echo)
 
 
 @app.command("models")

@@ -60,12 +60,19 @@ def absorption_counts(active: np.ndarray, present: np.ndarray, parent: np.ndarra
                       ) -> tuple[int, int]:
     """(A, E) of the module docstring. ``active`` [N, width] bool: latents firing; ``present`` [N, F]
     bool: true features active; ``parent`` [F]: parent of each feature (-1: none); ``match`` [F]."""
+    a, e = absorption_by_child(active, present, parent, match)
+    return int(a.sum()), int(e.sum())
+
+
+def absorption_by_child(active: np.ndarray, present: np.ndarray, parent: np.ndarray, match: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(A, E) per child feature (the features with a parent, in index order), as :func:`absorption_counts`."""
     child = np.nonzero(parent >= 0)[0]
     p = parent[child]
     events = present[:, child] & present[:, p]
     fires = active[:, match]
     absorbed = events & fires[:, child] & ~fires[:, p] & (match[child] != match[p])
-    return int(absorbed.sum()), int(events.sum())
+    return absorbed.sum(0), events.sum(0)
 
 
 @torch.no_grad()
