@@ -11,4 +11,4 @@ python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_objectives.
 python benchmarks/train.py --device cuda 2>&1 | tee "$out/train_cuda.log"
 python benchmarks/reader.py --device cuda --chunks 400 --switch-interval 0,0.0002 2>&1 | tee "$out/reader_cuda.log"
 python benchmarks/reader.py 2>&1 | tee "$out/reader_cpu.log"
-python benchmarks/harvest.py --device cuda --tokens 1M --context 1024 --batch 64 2>&1 | tee "$out/harvest_cuda.log"
+python benchmarks/harvest.py --device cuda --tokens 1M --context 128,1024 --batch-tokens 65536 2>&1 | tee "$out/harvest_cuda.log"
