@@ -6,9 +6,10 @@ Hugging Face module in a hook-carrying component, which was measured 1.5-2.8x sl
 truncated forward (design.md section 9). So after booting we put the original modules back
 (``_unwrap_bridge``) and capture with plain PyTorch forward hooks on them, stopping the forward pass
 right after the deepest captured module. The values are the model's own, unprocessed activations:
-a cached site equals a plain Hugging Face forward of the same weights on the same tokens
-(tests/test_models.py checks this, and checks the TransformerLens hook names we record against a
-fresh bridge's ``run_with_cache``).
+a cached site equals a plain Hugging Face forward of the same weights on the same tokens, with the same
+attention implementation (tests/test_models.py checks this, checks every site under the implementation
+``auto`` picks against eager, and checks the TransformerLens hook names we record against a fresh
+bridge's ``run_with_cache``).
 """
 from __future__ import annotations
 
@@ -210,7 +211,10 @@ def load_model(info: ModelInfo, *, dtype: str = "float32", device: str | None = 
     hf = bridge.original_model
     _unwrap_bridge(hf)
     if hf.config._attn_implementation != impl:
-        hf.set_attn_implementation(impl)
+        if hasattr(hf, "set_attn_implementation"):
+            hf.set_attn_implementation(impl)  # checks that the class offers it
+        else:  # transformers before the public switch: the attention modules read the config at run time
+            hf.config._attn_implementation = impl
     if hf.config._attn_implementation != impl:
         raise RuntimeError(f"attn_implementation: the model runs {hf.config._attn_implementation!r} after asking "
                            f"transformers for {impl!r}")
