@@ -57,7 +57,9 @@ def plan(cfg: HarvestConfig) -> Plan:
     identity = {
         "format_version": FORMAT_VERSION,
         "model": info.identity, "model_dtype": cfg.model_dtype,
-        "attn_implementation": attention,  # rows differ at rounding level between implementations
+        # rows differ at rounding level between implementations; eager, what every cache was harvested
+        # with before the choice existed, is left out so that those caches keep their fingerprints
+        **({} if attention == "eager" else {"attn_implementation": attention}),
         "tokenizer": tokenizer_identity(tokenizer),
         "dataset": dataset_identity(cfg),
         "context_size": cfg.context_size, "bos": cfg.bos,
