@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, for a machine with CUDA: the GPU tests (CPU-path equality), then the
-# training-step, reader, harvest (contexts 128 and 1024) and evaluation (K = 1 and 3 LM splices) benchmarks on the device, and the reader on all host cores. Logs go
-# to $OUT (default: the current directory). About 5 minutes on an H200.
+# training-step, reader, harvest (contexts 128 and 1024) and evaluation (K = 1 and 3 LM splices)
+# benchmarks on the device, and the reader on all host cores. Logs go to $OUT (default: the current
+# directory). About 5 minutes on an H200 before the harvest's second context and the evaluation table.
 set -uo pipefail
 out=${OUT:-.}
 export PYTHONUNBUFFERED=1
