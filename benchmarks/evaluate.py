@@ -10,10 +10,16 @@ Each row is one ``evaluate()`` call, timed whole, in one process on the same cac
 Row "pipeline browse of the run (alone)": building the feature browser of the same run (one in-order pass over the
 held-out rows, parents and children, the site's files), its site's bytes per latent in the note.
 
-Table 3 (``--only browse``): the browser at Gemma-2-2B width: a random 36,864-latent dictionary (groups as
+Table 4 (``--only browse``): the browser at Gemma-2-2B width: a random 36,864-latent dictionary (groups as
 Gemma's, a threshold giving about 64 active latents per token) over the table-1 cache: build seconds, bytes
 per latent, and seconds from opening a latent page in headless Chromium to its rendered contexts (when
 chromium and selenium are installed).
+
+Table 3: the LM splice of K = 1 and K = 3 runs of one cache (same model and cache as table 1, three
+smaller SAEs at ``8.resid_mid``): the LM part of ``evaluate()`` (the call with ``lm`` minus the call
+without), and its ratio K = 3 / K = 1. All runs of a cache share one pass over the held-out batches: per
+batch 1 clean forward, one spliced forward per run, and the zero- and mean-ablations once per target,
+so the ideal ratio is (1 + 3 + 2) / (1 + 1 + 2) = 1.5 (one pass per run would be (3 x 2 + 2) / 4 = 2).
 
 Table 2: peak memory of the pairwise feature metrics at 36,864 latents (d 2304, a random decoder) on
 synthetic sparse codes: ``--tokens`` tokens (default 131,072, the ``feature_tokens`` default) with about 64
@@ -25,6 +31,7 @@ several), and the dense N x W float32 activation history it collects first.
 
     python benchmarks/evaluate.py            # all tables (~15 min on 2 CPUs)
     python benchmarks/evaluate.py --quick    # small sizes, a smoke run
+    python benchmarks/evaluate.py --only lm  # table 3 alone
 """
 from __future__ import annotations
 
@@ -56,11 +63,12 @@ GEMMA = (36_864, 2304, [2304, 4608, 9216, 20736])  # width, d, groups
 
 
 # -- table 1 -----------------------------------------------------------------------------------------
-def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
-    from matryoshka.evaluate.run import evaluate
+def lm_cache(work: Path, quick: bool) -> Path:
+    """The harvested cache tables 1 and 3 evaluate on (harvested once)."""
     from matryoshka.harvest import harvest
-    from matryoshka.train.trainer import train
 
+    if (work / "cache").is_dir():
+        return work / "cache"
     corpus = write_corpus(work / "corpus.txt", n_docs=400 if quick else 1500)
     model = build_model("gpt2", work / "gpt2-9", build_tokenizer(corpus), n_layers=9, d_model=768, n_heads=12,
                         n_positions=128)
@@ -68,6 +76,14 @@ def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
                                   tokens=8192 if quick else 20480, context_size=128, batch_size=8, dtype="bfloat16",
                                   holdout=2048 if quick else 8192, cache=str(work / "cache"), seed=None),
                     progress=False)
+    return cache
+
+
+def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
+    from matryoshka.evaluate.run import evaluate
+    from matryoshka.train.trainer import train
+
+    cache = lm_cache(work, quick)
     width, groups = (3072, [192, 384, 768, 1728]) if quick else (12_288, [768, 1536, 3072, 6912])
     train(TrainConfig(cache=str(cache), runs_dir=str(work / "runs"), batch_size=1024, buffer_tokens=8192,
                       runs=[{"name": "sae", "source": "8.resid_mid", "width": width, "group_sizes": groups, "k": 64,
@@ -185,6 +201,36 @@ def first_page(run: Path, start: int, width: int) -> str:
         d.quit()
 
 
+# -- table 3 -----------------------------------------------------------------------------------------
+def lm_runs(work: Path, quick: bool, device: str = "cpu") -> tuple[list[list[str]], str]:
+    from matryoshka.evaluate.run import evaluate
+    from matryoshka.train.trainer import train
+
+    cache = lm_cache(work, quick)
+    runs_dir = work / "runs-k"
+    train(TrainConfig(cache=str(cache), runs_dir=str(runs_dir), batch_size=1024, buffer_tokens=8192, device=device,
+                      runs=[{"name": f"sae{i}", "source": "8.resid_mid", "width": 1536, "group_sizes": [256, 1280],
+                             "k": 32, "tokens": 2048, "warmup_steps": 1, "seed": i} for i in range(3)]),
+          progress=False)
+    one = next(runs_dir.glob("*/sae0"))
+    common = dict(runs_dir=str(runs_dir), batch_size=1024, features=False, contexts=0, report=False, device=device,
+                  lm_tokens=1024 if quick else 4096, lm_batch_size=8)
+    lm_seconds, rows = {}, []
+    for k, where in ((1, dict(run=str(one))), (3, dict(cache=str(cache)))):
+        spent = {}
+        for lm in (False, True):
+            t0 = time.perf_counter()
+            results = evaluate(EvaluateConfig(lm=lm, **where, **common), progress=False)
+            spent[lm] = time.perf_counter() - t0
+        assert len(results) == k
+        lm_seconds[k] = spent[True] - spent[False]
+        rows.append([f"K = {k}", f"{spent[False]:.2f}", f"{spent[True]:.2f}", f"{lm_seconds[k]:.2f}",
+                     f"{lm_seconds[k] / lm_seconds[1]:.2f}x"])
+    note = (f"{results[0]['lm']['sequences']} held-out contexts of 128 tokens, LM batch 8, device {device}; ideal "
+            "ratio 1.50 (1 clean + K spliced + 2 ablations per batch), one pass per run would be 2.00")
+    return rows, note
+
+
 # -- table 2 -----------------------------------------------------------------------------------------
 def synthetic_codes(width: int, n: int, l0: int, seed: int = 0) -> Codes:
     """~l0 latents per token, latent i drawn with a log-uniform frequency over three decades; built in
@@ -259,7 +305,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     ap.add_argument("--tokens", type=int, default=None,
                     help="tokens of synthetic codes (default 131072, --quick 16384)")
-    ap.add_argument("--only", choices=["throughput", "memory", "browse"], default=None)
+    ap.add_argument("--only", choices=["throughput", "lm", "memory", "browse"], default=None)
+    ap.add_argument("--device", default="cpu", help="device of table 3's LM and training (cpu or cuda)")
     ap.add_argument("--blocks", type=float, nargs="+", default=[64.0],
                     help="block_mb values for the decoder-cosine rows of table 2 (each row is a full W^2 d/2 pass)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -269,17 +316,22 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, n, args.block_mb)))
         return
-    print(machine("cpu"))
-    if args.only in (None, "throughput"):
-        with tempfile.TemporaryDirectory() as tmp:
+    print(machine(args.device))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "throughput"):
             rows, note = throughput(Path(tmp), args.quick)
-        print("\nTable 1: evaluate() on one run, CPU\n")
-        print_table(["what", "s", "held-out tok/s", "vs baseline"], rows)
-        print(f"\n{note}")
+            print("\nTable 1: evaluate() on one run, CPU\n")
+            print_table(["what", "s", "held-out tok/s", "vs baseline"], rows)
+            print(f"\n{note}")
+        if args.only in (None, "lm"):
+            rows, note = lm_runs(Path(tmp), args.quick, args.device)
+            print("\nTable 3: the LM splice of K runs of one cache in one pass\n")
+            print_table(["runs", "evaluate without LM s", "with LM s", "LM part s", "LM part vs K = 1"], rows)
+            print(f"\n{note}")
     if args.only in (None, "browse"):
         with tempfile.TemporaryDirectory() as tmp:
             rows, note = browse_scale(Path(tmp), args.quick)
-        print("\nTable 3: the feature browser at Gemma-2-2B width, CPU\n")
+        print("\nTable 4: the feature browser at Gemma-2-2B width, CPU\n")
         print_table(["dictionary", "data s", "files s", "site MB", "bytes/latent", "latent page s (first/last shard)"],
                     rows)
         print(f"\n{note}")

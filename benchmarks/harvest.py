@@ -1,11 +1,14 @@
 """Harvest throughput and codec benchmark.
 
-Table 1: tokens/s of a GPT-2-small-shaped model (d_model 768, 12 heads, random weights) capturing
-``8.resid_mid,8.mlp_out`` (so 9 blocks run), bf16 storage, against a bare Hugging Face forward of the
-same weights stopped after block 8, our capture alone (no writing), the full ``harvest()`` call, and
-TransformerLens's bridge ``run_with_cache(stop_at_layer=9)``. All rows run in one process on the same
-token batches, after a warm-up batch; bare, capture and bridge take turns batch by batch; only forward
-loops are timed, except the harvest row (see its note).
+Table 1, once per context size (default 128 and 1024): tokens/s of a GPT-2-small-shaped model (d_model
+768, 12 heads, random weights) capturing ``8.resid_mid,8.mlp_out`` (so 9 blocks run), bf16 storage: a
+bare Hugging Face forward of the same weights stopped after block 8 with eager attention and with sdpa
+(the fastest forward that computes the model's function, the harvest's own ``auto`` choice for GPT-2),
+our capture alone (no writing), the full ``harvest()`` call, and TransformerLens's bridge
+``run_with_cache(stop_at_layer=9)`` (eager, as the bridge forces). Every row is reported against the
+fastest bare forward. All rows run in one process on the same token batches, after a warm-up batch;
+the bare forwards, capture and bridge take turns batch by batch; only forward loops are timed, except
+the harvest row (see its note).
 
 Table 2: lossless codecs on the model's own float32 ``8.resid_mid`` cast to bf16 and fp16: ratio,
 encode and decode GB/s on one thread, decode GB/s on all cores (one task per ~4 MiB chunk).
@@ -14,9 +17,9 @@ Table 3: a writer thread's work per ~4 MiB chunk of each storage dtype: statisti
 check, float64 sums) against encoding, and the tokens/s one writer thread sustains. On a GPU host the
 writer threads, not the LM, bound the harvest once these exceed the forward's rate per thread.
 
-    python benchmarks/harvest.py            # ~12K tokens, context 128, batch 8 (a few minutes on 2 CPUs)
+    python benchmarks/harvest.py            # ~12K tokens, contexts 128 and 1024, 1024 tokens per batch
     python benchmarks/harvest.py --quick    # ~4K tokens, a smoke run
-    python benchmarks/harvest.py --device cuda --tokens 1M --context 1024 --batch 64
+    python benchmarks/harvest.py --device cuda --tokens 1M --context 128,1024 --batch-tokens 65536
 """
 from __future__ import annotations
 
@@ -81,9 +84,9 @@ class _Stop(Exception):
     """Raised after block 8 to end the bare forward."""
 
 
-def bare_forward(path: Path, dtype: torch.dtype, device: str) -> Callable[[torch.Tensor], None]:
-    """A plain HF forward that a hook on block 8 cuts short."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype).to(device).eval()
+def bare_forward(path: Path, dtype: torch.dtype, device: str, attn: str) -> Callable[[torch.Tensor], None]:
+    """A plain HF forward with attention implementation ``attn`` that a hook on block 8 cuts short."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype).to(device).eval()
 
     def stop(*_):
         raise _Stop
@@ -117,12 +120,15 @@ def bridge_forward(path: Path, dtype: torch.dtype, device: str) -> Callable[[tor
     return step
 
 
-def throughput(path: Path, args: argparse.Namespace, work: Path) -> tuple[list[tuple[str, float]], np.ndarray, str]:
+def throughput(path: Path, args: argparse.Namespace, work: Path, context: int,
+               ) -> tuple[list[tuple[str, float]], np.ndarray, str]:
+    """Table 1's rows at one context size, the first row being the fastest bare forward; the codec data; a note."""
     device = args.device
     mdtype = "bfloat16" if device.startswith("cuda") else "float32"
+    batch = max(1, args.batch_tokens // context)
     cfg = HarvestConfig(model=str(path), dataset=str(path.parent / "corpus.txt"), sites="8.resid_mid,8.mlp_out",
-                        tokens=args.tokens, context_size=args.context, batch_size=args.batch, dtype="bfloat16",
-                        model_dtype=mdtype, device=device, cache=str(work / "cache"), seed=None)
+                        tokens=args.tokens, context_size=context, batch_size=batch, dtype="bfloat16",
+                        model_dtype=mdtype, device=device, cache=str(work / f"cache-{context}"), seed=None)
     # Setup of a harvest call, timed on its own: plan (tokenizer, dataset, weights hash) + model load.
     t0 = time.perf_counter()
     p = plan(cfg)
@@ -130,12 +136,13 @@ def throughput(path: Path, args: argparse.Namespace, work: Path) -> tuple[list[t
     setup = time.perf_counter() - t0
     stream = contexts(cfg, p.tokenizer, p.documents)
     ids = np.stack([next(stream) for _ in range(cfg.n_sequences)])
-    batches = [torch.from_numpy(ids[i:i + args.batch]) for i in range(0, len(ids), args.batch)]
+    batches = [torch.from_numpy(ids[i:i + batch]) for i in range(0, len(ids), batch)]
     n_tok, mt = ids.size, getattr(torch, mdtype)
-    bare = bare_forward(path, mt, device)
+    bare = {attn: bare_forward(path, mt, device, attn) for attn in ("eager", "sdpa")}
     capture = Capture(model, "gpt2", SITES, transform=lambda t: to_storage(t, "bfloat16"))
-    loops = time_loops({"bare": bare, "capture": capture, "bridge": bridge_forward(path, mt, device)}, batches, device)
+    loops = time_loops({**bare, "capture": capture, "bridge": bridge_forward(path, mt, device)}, batches, device)
     capture.close()
+    fastest = max(bare, key=loops.get)
     # Codec data: the model's own float32 8.resid_mid (not the bf16 cache cast back up, whose zero
     # low mantissa bits would flatter the fp16/fp32 ratios).
     exact = Capture(model, "gpt2", SITES[:1])
@@ -144,13 +151,18 @@ def throughput(path: Path, args: argparse.Namespace, work: Path) -> tuple[list[t
     t0 = time.perf_counter()
     harvest(cfg, progress=False)
     total = time.perf_counter() - t0
-    rows = [("bare truncated HF forward (eager)", loops["bare"]), ("matryoshka Capture only", loops["capture"]),
+    other = "eager" if fastest == "sdpa" else "sdpa"
+    rows = [(f"bare truncated HF forward ({fastest}, the fastest)", loops[fastest]),
+            (f"bare truncated HF forward ({other})", loops[other]),
+            (f"matryoshka Capture only ({model.config._attn_implementation})", loops["capture"]),
             (f"full harvest (call {total:.1f}s - setup {setup:.1f}s)", n_tok / (total - setup)),
             ("full harvest, whole call incl. setup", n_tok / total),
-            ("TL bridge run_with_cache(stop_at_layer=9)", loops["bridge"]),
-            ("bare forward, again after harvest (noise check)", time_loops({"bare": bare}, batches, device)["bare"])]
-    note = (f"{n_tok:,} tokens, context {args.context}, batch {args.batch}, model {mdtype}, storage bf16. Harvest row: "
-            f"wall time of harvest(progress=False) minus its setup (plan + model load, {setup:.2f}s, timed separately).")
+            ("TL bridge run_with_cache(stop_at_layer=9), eager", loops["bridge"]),
+            (f"bare forward ({fastest}), again after harvest (noise check)",
+             time_loops({fastest: bare[fastest]}, batches, device)[fastest])]
+    note = (f"{n_tok:,} tokens, context {context}, batch {batch}, model {mdtype}, storage bf16, harvest attention "
+            f"{p.manifest['model']['attn_implementation']}. Harvest row: wall time of harvest(progress=False) minus "
+            f"its setup (plan + model load, {setup:.2f}s, timed separately).")
     return rows, f32.numpy(), note
 
 
@@ -216,19 +228,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda computes in bf16)")
     ap.add_argument("--tokens", type=parse_count, default=None, help="tokens per row (default 12288, --quick 4096)")
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", default="128,1024", help="context sizes, one table 1 each (default 128,1024)")
+    ap.add_argument("--batch-tokens", type=int, default=1024, help="tokens per forward: batch = this // context")
     args = ap.parse_args()
+    args.contexts = [int(c) for c in args.context.split(",")]
     args.tokens = args.tokens or (4096 if args.quick else 12288)
     print(machine(args.device))
     start, ncpu = time.perf_counter(), usable_cpus()
     with tempfile.TemporaryDirectory(prefix="bench-harvest-") as tmp:
-        path = gpt2_small_9(Path(tmp), n_docs=(args.tokens + 20 * args.context) // 20, context=args.context)
-        rows, f32, note = throughput(path, args, Path(tmp))
-        print("\n1. Harvest throughput, GPT-2-small shape (d 768, 12 heads, random weights), sites 8.resid_mid,8.mlp_out")
-        print(f"   {note}")
-        print_table(["what", "tok/s", "vs bare"], [[n, f"{t:,.0f}", f"{t / rows[0][1]:.2f}x"] for n, t in rows])
-        print("   target (issue): full harvest >= 0.90x the bare truncated forward")
+        path = gpt2_small_9(Path(tmp), n_docs=(args.tokens + 20 * max(args.contexts)) // 20, context=max(args.contexts))
+        for i, context in enumerate(args.contexts):
+            rows, data, note = throughput(path, args, Path(tmp), context)
+            f32 = data if i == 0 else f32
+            print(f"\n1{'abcdefgh'[i]}. Harvest throughput at context {context}, GPT-2-small shape (d 768, 12 heads, "
+                  "random weights), sites 8.resid_mid,8.mlp_out")
+            print(f"   {note}")
+            print_table(["what", "tok/s", "vs fastest bare"],
+                        [[n, f"{t:,.0f}", f"{t / rows[0][1]:.2f}x"] for n, t in rows])
+            print("   target (issue 21): full harvest >= 0.90x the fastest bare truncated forward")
         table = codec_table(f32)
         writer = writer_table(f32)
     print(f"\n2. Codecs on harvested 8.resid_mid ({f32.shape[0]:,} x {f32.shape[1]}), ~4 MiB chunks, "

@@ -29,6 +29,7 @@ SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post"
 
 STORAGE_DTYPES = ("bfloat16", "float16", "float32", "float8")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flex_attention")
 CODECS = ("lz4", "zstd", "none")
 BOS_POLICIES = ("context", "document", "none")
 
@@ -192,7 +193,7 @@ class SyntheticConfig:
 
 
 MODEL_ONLY = ("model", "revision", "dataset", "dataset_config", "dataset_split", "dataset_revision", "text_column",
-              "token_column", "model_dtype", "device_map", "shuffle_buffer")
+              "token_column", "model_dtype", "device_map", "shuffle_buffer", "attn_implementation")
 """Harvest keys of the language-model source only."""
 
 
@@ -219,6 +220,9 @@ class HarvestConfig:
     batch_size: int = opt(32, 'Sequences per LM forward pass.')
     dtype: str = opt("bfloat16", 'Storage dtype of the cache: bfloat16, float16, float32, or float8 (e4m3 scaled per row: half of bf16).')
     model_dtype: str = opt("float32", 'Dtype the LM computes in (bfloat16 is the usual choice for Gemma-2 on a GPU).')
+    attn_implementation: str = opt("auto", "Attention implementation the LM runs: ``auto`` (the fastest exact one: "
+                                           "sdpa for GPT-2, eager for Gemma-2), eager, sdpa or flex_attention. "
+                                           "Part of the cache's identity.")
     device: str | None = opt(None, "Device for the LM (default: cuda if available, else cpu).")
     device_map: str | None = opt(None, 'Spread a model too big for one GPU over several (``auto``), through the TransformerLens bridge.')
     cache: str | None = opt(None, 'Where the store goes; default ``cache/<model>/<fingerprint>``.')
@@ -250,6 +254,7 @@ class HarvestConfig:
             raise ConfigError(f"seed: {self.seed!r} must be a non-negative integer (or null: the dataset's order)")
         _choice("dtype", self.dtype, STORAGE_DTYPES)
         _choice("model_dtype", self.model_dtype, MODEL_DTYPES)
+        _choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         _choice("codec", self.codec, CODECS)
         _choice("bos", self.bos, BOS_POLICIES)
         self.site_list = parse_sites(self.sites, self.layers)

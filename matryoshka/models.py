@@ -6,9 +6,10 @@ Hugging Face module in a hook-carrying component, which is slower than a raw tru
 (docs/benchmarks.md, "Harvest"). So after booting we put the original modules back
 (``_unwrap_bridge``) and capture with plain PyTorch forward hooks on them, stopping the forward pass
 right after the deepest captured module. The values are the model's own, unprocessed activations:
-a cached site equals a plain Hugging Face forward of the same weights on the same tokens
-(tests/test_models.py checks this, and checks the TransformerLens hook names we record against a
-fresh bridge's ``run_with_cache``).
+a cached site equals a plain Hugging Face forward of the same weights on the same tokens, with the same
+attention implementation (tests/test_models.py checks this, checks every site under the implementation
+``auto`` picks against eager, and checks the TransformerLens hook names we record against a fresh
+bridge's ``run_with_cache``).
 """
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ _RECIPES: dict[str, dict] = {
         },
     },
 }
+AUTO_ATTENTION = {"gpt2": "sdpa", "gemma2": "eager"}
+"""What ``attn_implementation: auto`` runs: the fastest implementation that computes the architecture's own
+function on every device. GPT-2's attention is plain causal softmax attention, which ``sdpa`` computes (to
+float rounding) without materialising the attention matrix. Gemma-2 soft-caps its attention logits and
+alternates sliding-window layers: transformers refuses ``sdpa`` for it (no soft-capping); ``flex_attention``
+computes both (measured within 3e-6 of eager in float32 on the tiny test model), but it is compiled per
+input shape (about 150 s on a 2-core CPU) and ran slower than eager there afterwards, so ``auto`` keeps
+eager and a GPU user may force ``flex_attention``."""
+
 SUPPORTED = {"gpt2": "GPT-2 family (gpt2 ... gpt2-xl)", "gemma2": "Gemma-2 (gemma-2-2b, -9b, -27b)"}
 
 ALIASES = {
@@ -90,6 +100,8 @@ class ModelInfo:
     revision: str | None
     identity: str
     """A hash of the weights for a local directory, else the HF id and resolved commit."""
+    attention: tuple[str, ...] = ("eager",)
+    """The attention implementations the installed transformers offers for this model class."""
 
 
 def model_info(name: str, revision: str | None = None) -> ModelInfo:
@@ -111,7 +123,27 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
     commit = getattr(cfg, "_commit_hash", None)
     identity = _hash_dir(Path(resolved)) if local else f"{resolved}@{commit or revision or 'main'}"
     return ModelInfo(name=name, resolved=resolved, arch=arch, d_model=int(cfg.hidden_size),
-                     n_layers=int(cfg.num_hidden_layers), revision=revision, identity=identity)
+                     n_layers=int(cfg.num_hidden_layers), revision=revision, identity=identity,
+                     attention=_attention_offered(cfg))
+
+
+def _attention_offered(cfg) -> tuple[str, ...]:
+    """Eager, plus sdpa and flex attention where the model class declares support for them."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
+    return ("eager", *(impl for impl, flag in (("sdpa", "_supports_sdpa"), ("flex_attention", "_supports_flex_attn"))
+                       if getattr(cls, flag, False)))
+
+
+def resolve_attention(info: ModelInfo, requested: str = "auto") -> str:
+    """The attention implementation a model runs: ``auto`` is :data:`AUTO_ATTENTION`'s choice for the
+    architecture; a forced one must be offered for this model (one-line ConfigError otherwise)."""
+    impl = AUTO_ATTENTION[info.arch] if requested == "auto" else requested
+    if impl not in info.attention:
+        raise ConfigError(f"attn_implementation: {requested!r} is not offered for {info.name} ({info.arch}) by the "
+                          f"installed transformers; valid: auto, {', '.join(info.attention)}")
+    return impl
 
 
 def _hash_dir(path: Path) -> str:
@@ -152,8 +184,16 @@ def tokenizer_identity(tokenizer) -> dict:
 
 
 def load_model(info: ModelInfo, *, dtype: str = "float32", device: str | None = None,
-               device_map: str | None = None, tokenizer=None, progress: bool = True) -> nn.Module:
-    """Boot the model through TransformerLens's bridge, then return the plain HF module tree in eval mode."""
+               device_map: str | None = None, tokenizer=None, progress: bool = True,
+               attn_implementation: str = "auto") -> nn.Module:
+    """Boot the model through TransformerLens's bridge, then return the plain HF module tree in eval mode,
+    running ``attn_implementation`` (see :func:`resolve_attention`).
+
+    The bridge boots with eager attention (TransformerLens 3.x and 4.x alike: its hooks want attention
+    patterns, which we never capture). Attention is dispatched at run time from the config, so after the
+    bridge is taken off, ``set_attn_implementation`` switches the plain HF model; the switch is checked,
+    never assumed."""
+    impl = resolve_attention(info, attn_implementation)
     import transformers
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -170,6 +210,14 @@ def load_model(info: ModelInfo, *, dtype: str = "float32", device: str | None = 
     bridge = TransformerBridge.boot_transformers(info.resolved, **kwargs)
     hf = bridge.original_model
     _unwrap_bridge(hf)
+    if hf.config._attn_implementation != impl:
+        if hasattr(hf, "set_attn_implementation"):
+            hf.set_attn_implementation(impl)  # checks that the class offers it
+        else:  # transformers before the public switch: the attention modules read the config at run time
+            hf.config._attn_implementation = impl
+    if hf.config._attn_implementation != impl:
+        raise RuntimeError(f"attn_implementation: the model runs {hf.config._attn_implementation!r} after asking "
+                           f"transformers for {impl!r}")
     hf.eval()
     hf.requires_grad_(False)
     return hf

@@ -44,12 +44,20 @@ def run_bad(args: list[str], *fragments: str) -> str:
     (["--dtype", "int8"], ["'int8'", "bfloat16, float16, float32"]),
     (["--codec", "gzip"], ["'gzip'", "lz4, zstd, none"]),
     (["--bos", "always"], ["'always'", "context, document, none"]),
+    (["--attn-implementation", "flash"], ["attn_implementation: 'flash'", "auto, eager, sdpa, flex_attention"]),
     (["--tokens", "100K"], ["ran out after", "lower --tokens", "removed"]),
     (["--tokens", "1T"], ["GB needed", "GB free", "lower --tokens"]),
 ])
 def test_bad_input_writes_nothing(gpt2_dir, corpus, tmp_path, flags, fragments):
     cache = tmp_path / "new" / "cache"
     run_bad(harvest_args(gpt2_dir, corpus, cache) + flags, *fragments)
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_attention_the_model_does_not_offer_writes_nothing(gemma2_dir, corpus, tmp_path):
+    """Gemma-2 soft-caps its attention logits, which sdpa cannot: refused before anything is written."""
+    run_bad(harvest_args(gemma2_dir, corpus, tmp_path / "new" / "c", "--attn-implementation", "sdpa"),
+            "attn_implementation: 'sdpa' is not offered", "(gemma2)", "valid: auto, eager")
     assert not (tmp_path / "new").exists()
 
 

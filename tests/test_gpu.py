@@ -159,3 +159,26 @@ def test_reconstruction_metrics_of_a_gpu_dictionary_equal_the_cpu_ones(harvested
     assert gpu.tokens == cpu.tokens and gpu.dead == cpu.dead
     np.testing.assert_allclose(gpu.prefix_fvu, cpu.prefix_fvu, rtol=1e-4)
     np.testing.assert_allclose(gpu.density, cpu.density, atol=1e-3)
+
+
+def test_gemma2_flex_attention_equals_eager_on_the_gpu(gemma2_dir):
+    """Gemma-2's soft-capped, sliding-window attention forced to flex_attention (compiled on CUDA) gives
+    every site of every layer within the tolerance the CPU/GPU harvest test allows (rtol = atol = 1e-4: GPU
+    kernels sum in other orders than eager's matmuls; the same function otherwise). 64 positions span the
+    fixture's 16-token sliding window several times."""
+    from matryoshka.config import SITES
+    from matryoshka.models import Capture, load_model, model_info
+
+    info = model_info(str(gemma2_dir))
+    toks = torch.randint(4, 300, (2, 64), generator=torch.Generator().manual_seed(0))
+    sites = [(l, s) for l in range(info.n_layers) for s in SITES]
+    got = {}
+    for impl in ("eager", "flex_attention"):
+        model = load_model(info, dtype="float32", device="cuda", progress=False, attn_implementation=impl)
+        assert model.config._attn_implementation == impl
+        cap = Capture(model, info.arch, sites)
+        got[impl] = cap(toks)
+        cap.close()
+    for key in sites:
+        torch.testing.assert_close(got["flex_attention"][key], got["eager"][key], rtol=1e-4, atol=1e-4,
+                                   msg=f"{key}: flex_attention differs from eager")

@@ -103,6 +103,21 @@ def test_same_config_same_fingerprint_and_reuse(gpt2_dir, corpus, tmp_path):
     assert harvest(other, progress=False) != a
 
 
+def test_the_attention_implementation_is_in_the_manifest_and_the_identity(gpt2_dir, corpus, tmp_path, harvested):
+    """``auto`` is recorded as what it resolved to; forcing eager is another cache (its rows differ at
+    rounding level), whose rows equal the sdpa cache's within float32's tolerance. Eager is left out of
+    the identity: caches harvested before the choice existed (all eager) keep their fingerprints."""
+    ref, _ = harvested
+    if ref.manifest["model"]["arch"] != "gpt2":
+        pytest.skip("Gemma-2's auto is eager: one implementation")
+    assert ref.manifest["model"]["attn_implementation"] == ref.manifest["identity"]["attn_implementation"] == "sdpa"
+    eager = Cache(harvest(harvest_config(gpt2_dir, corpus, tmp_path / "e", attn_implementation="eager"), progress=False))
+    assert eager.manifest["model"]["attn_implementation"] == "eager" and eager.fingerprint != ref.fingerprint
+    assert "attn_implementation" not in eager.manifest["identity"]
+    for name in ref.array_names:
+        np.testing.assert_allclose(ref.read(name, 0, 512), eager.read(name, 0, 512), rtol=1.3e-6, atol=1e-5)
+
+
 def test_document_policy_and_unshuffled_order(gpt2_dir, corpus, tmp_path, tokenizer):
     c = Cache(harvest(harvest_config(gpt2_dir, corpus, tmp_path / "c", bos="document", seed=None), progress=False))
     first_doc = tokenizer(corpus.read_text().splitlines()[0], add_special_tokens=False)["input_ids"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from matryoshka.config import SITES, ConfigError
-from matryoshka.models import Capture, check_sites, hook_name, load_model, model_info
+from matryoshka.models import AUTO_ATTENTION, Capture, check_sites, hook_name, load_model, model_info, resolve_attention
 
 
 def _tokens(n_batch=2, n_ctx=24, vocab=300, seed=0):
@@ -24,6 +24,14 @@ def _capture_all(info, model, toks):
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
+    """Eager attention: the bridge's own implementation and the plain HF forward these tests compare with."""
+    info = model_info(str(model_dir))
+    return info, load_model(info, dtype="float32", device="cpu", attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def fastest(model_dir):
+    """The implementation a harvest runs by default (``auto``)."""
     info = model_info(str(model_dir))
     return info, load_model(info, dtype="float32", device="cpu")
 
@@ -98,3 +106,39 @@ def test_site_and_model_errors(model_dir, tmp_path):
                 vocab_size=10).save_pretrained(tmp_path / "llama")
     with pytest.raises(ConfigError, match="is a 'llama' model; supported: GPT-2"):
         model_info(str(tmp_path / "llama"))
+
+
+def test_auto_attention_is_sdpa_for_gpt2_and_eager_for_gemma2(fastest):
+    """GPT-2 runs the fused kernel; Gemma-2 (soft-capped logits, sliding windows) stays eager, and the
+    installed transformers indeed refuses sdpa for it."""
+    info, model = fastest
+    assert model.config._attn_implementation == AUTO_ATTENTION[info.arch] == {"gpt2": "sdpa", "gemma2": "eager"}[info.arch]
+    if info.arch == "gemma2":
+        with pytest.raises(ConfigError, match=r"attn_implementation: 'sdpa' is not offered .*; valid: auto, eager"):
+            resolve_attention(info, "sdpa")
+    with pytest.raises(ConfigError, match="'bogus' is not offered"):
+        resolve_attention(info, "bogus")
+
+
+def test_every_site_under_auto_equals_eager(loaded, fastest):
+    """Every site of every layer under the chosen implementation equals eager within float32's tolerance
+    (torch.testing's float32 defaults: rtol 1.3e-6, about 10 ulps, atol 1e-5 on values of order 1): the
+    implementations compute the same function and differ only in the order of the attention's sums."""
+    info, eager = loaded
+    _, model = fastest
+    toks = _tokens(n_ctx=48)
+    got, want = _capture_all(info, model, toks), _capture_all(info, eager, toks)
+    assert set(got) == set(want)
+    for key, value in got.items():
+        torch.testing.assert_close(value, want[key], rtol=1.3e-6, atol=1e-5, msg=f"{key} differs from eager")
+
+
+def test_residual_identities_hold_exactly_under_auto(fastest):
+    """The adds the block does are the adds of captured values, whatever computes the attention."""
+    info, model = fastest
+    got = _capture_all(info, model, _tokens())
+    for l in range(info.n_layers):
+        assert torch.equal(got[(l, "resid_pre")] + got[(l, "attn_out")], got[(l, "resid_mid")])
+        assert torch.equal(got[(l, "resid_mid")] + got[(l, "mlp_out")], got[(l, "resid_post")])
+        if l + 1 < info.n_layers:
+            assert torch.equal(got[(l, "resid_post")], got[(l + 1, "resid_pre")])

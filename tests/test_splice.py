@@ -95,6 +95,35 @@ def test_transcoder_identity_recovers_all_of_the_loss(lm):
     assert r["ce_spliced"] == r["ce_clean"] and r["kl"] == 0.0 and r["ce_recovered_zero"] == 1.0
 
 
+def _forwards(lm: LM) -> tuple[list, torch.utils.hooks.RemovableHandle]:
+    """Counts the LM's forward passes (a real pre-hook on the top module); ``.remove()`` the handle after."""
+    calls: list = []
+    return calls, lm.model.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+
+def test_many_dictionaries_in_one_pass_give_each_ones_numbers_alone(cache):
+    """Three dictionaries on two targets in one pass: per batch 1 clean + 3 spliced + 2 x 2 ablation
+    forwards (instead of 3 x (1 + 1) + 4), and exactly the numbers each gets alone on a fresh LM."""
+    fresh = lambda: LM.load(cache, tokens=128, batch_size=3, device="cpu")  # noqa: E731
+    lm = fresh()
+    assert lm.model.config._attn_implementation == cache.manifest["model"]["attn_implementation"]
+    splices = {"scaled": Splice(_site("resid_mid"), lambda x: 0.9 * x),
+               "shifted": Splice(_site("resid_mid"), lambda x: x + 0.05),
+               "tc": Splice(_site("mlp_out"), _mlp_of_resid_mid(lm), _site("resid_mid"))}
+    calls, handle = _forwards(lm)
+    together = lm.downstream_many(splices)
+    handle.remove()
+    assert len(calls) == 2 * (1 + 3 + 2 * 2)  # two batches
+    for name, s in splices.items():
+        alone = fresh().downstream(s.fn, s.target, s.source)
+        assert together[name] == alone, name
+    calls, handle = _forwards(lm)
+    again = lm.downstream_many({"scaled": splices["scaled"]})  # ablations of a seen target are not rerun
+    handle.remove()
+    assert len(calls) == 2 * (1 + 1) and again["scaled"] == together["scaled"]
+    assert together["tc"]["ce_spliced"] == together["tc"]["ce_clean"]  # the exact transcoder
+
+
 def test_ablations_are_splices_of_zero_and_of_the_cache_mean(lm, cache):
     """Zero-ablation is the zero function; mean-ablation is the mean of the site's non-BOS rows, here
     recomputed from the cached rows themselves, not taken from the statistics."""
@@ -295,6 +324,21 @@ def test_evaluate_adds_the_downstream_metrics_of_every_run(trained):
         assert r["kl"] > 0 and r["ce_spliced"] != r["ce_clean"], name
     assert res["sae"]["ce_clean"] == res["tc"]["ce_clean"]
     assert res["sae"]["ce_zero_ablated"] != res["tc"]["ce_zero_ablated"]  # resid_mid vs the transcoder's target
+
+
+def test_evaluating_the_runs_of_a_cache_together_equals_each_alone(trained, tmp_path):
+    """`evaluate --cache` runs one LM pass for both runs; `evaluate RUN` one pass each: same eval.json numbers."""
+    from matryoshka.config import EvaluateConfig
+    from matryoshka.evaluate.run import evaluate
+
+    cache, runs = trained
+    kw = dict(runs_dir=str(runs), features=False, contexts=0, report=False, lm_tokens=96, lm_batch_size=2,
+              batch_size=64)
+    together = {r["run"]: r for r in evaluate(EvaluateConfig(cache=cache.path, **kw))}
+    assert set(together) == {"sae", "tc"}
+    for name, r in together.items():
+        (alone,) = evaluate(EvaluateConfig(run=r["path"], **kw))
+        assert alone["lm"] == r["lm"] and alone["fvu"] == r["fvu"], name
 
 
 def test_no_lm_skips_in_one_line_and_an_unloadable_model_suggests_it(trained, tmp_path):

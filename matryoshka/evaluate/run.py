@@ -46,7 +46,7 @@ from .features import feature_metrics, heldout_codes
 from .ground_truth import ground_truth
 from .metrics import reconstruction
 from .report import runs_of, write_report
-from .splice import LM, dictionary_fn, no_lm_reason
+from .splice import LM, Splice, dictionary_fn, no_lm_reason
 
 def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Path]:
     if run is not None:
@@ -68,11 +68,14 @@ def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> lis
 
 def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None) -> list[dict[str, Any]]:
     """Evaluate runs (see the module docstring; ``runs``: these run folders instead), write their eval.json,
-    return the results. Each cache's LM is loaded once for all of its runs."""
+    return the results. Each cache's LM is loaded once for all of its runs and run once per held-out batch
+    for all of them (their splices in the same pass)."""
     check_device(cfg.device)
     cache, batch_size, dense_above, local_cache_dir = cfg.cache, cfg.batch_size, cfg.dense_above, cfg.local_cache_dir
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
+    pending: list[tuple[Path, dict[str, Any], Splice]] = []  # runs of the current LM, waiting for its one pass
+    lm = None
     for path in runs if runs is not None else find_runs(cfg.run, cache, cfg.runs_dir):
         dic = load(path)
         cfg = dic.config
@@ -83,6 +86,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | Non
         if c.split["heldout"][0] == c.split["heldout"][1]:
             raise CacheError(f"evaluate: cache {c.path!r} has no held-out split; evaluation reads only held-out "
                              "tokens (`pipeline harvest` holds out at least one chunk: --holdout)")
+        if pending and pending[0][1]["fingerprint"] != c.fingerprint:
+            results += _lm_pass(lm, pending)  # before the next cache's LM replaces this one
+            pending = []
         lm = _lm_of(c, settings, lms, progress)  # before any work: a model that cannot be loaded stops here
         r = reconstruction(dic, c, cfg["source"], cfg["target"], batch_size=batch_size, dense_above=dense_above)
         out = {"run": cfg["name"], "path": str(path), "fingerprint": c.fingerprint,
@@ -94,11 +100,9 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | Non
         features = _features_and_contexts(dic, c, settings, r.density, path, progress)
         if features is not None:
             out["features"] = features
-        out["lm"] = None if lm is None else lm.downstream(dictionary_fn(dic), cfg["target"] or cfg["source"],
-                                                          cfg["source"], desc=f"LM {cfg['name']}")
-        (path / "eval.json").write_text(json.dumps(out, indent=2))
-        results.append(out)
+        pending.append((path, out, Splice(cfg["target"] or cfg["source"], dictionary_fn(dic), cfg["source"])))
         caches[path.parent] = c
+    results += _lm_pass(lm, pending)
     if settings.report:
         for folder, c in caches.items():
             report = write_report(c, runs_of(folder), folder)
@@ -106,6 +110,18 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | Non
                 if Path(r["path"]).parent == folder:
                     r["report"] = str(report)
     return results
+
+
+def _lm_pass(lm: LM | None, pending: list[tuple[Path, dict[str, Any], Splice]]) -> list[dict[str, Any]]:
+    """The LM metrics of one cache's runs in one pass over its held-out contexts (one clean forward per
+    batch for all of them: :meth:`LM.downstream_many`), then each run's eval.json."""
+    lm_results = {} if lm is None or not pending else lm.downstream_many(
+        {i: splice for i, (_, _, splice) in enumerate(pending)},
+        desc=f"LM {pending[0][1]['run']}" if len(pending) == 1 else f"LM {len(pending)} runs")
+    for i, (path, out, _) in enumerate(pending):
+        out["lm"] = lm_results.get(i)
+        (path / "eval.json").write_text(json.dumps(out, indent=2))
+    return [out for _, out, _ in pending]
 
 
 def _lm_of(cache: Cache, settings: EvaluateConfig, lms: dict[str, LM | None], progress: bool) -> LM | None:

@@ -98,7 +98,8 @@ class LM:
             raise CacheError(f"evaluate: the model at {m['resolved']!r} ({info.identity}) is not the one cache "
                              f"{cache.path!r} was harvested with ({cache.manifest['identity']['model']}); {hint}")
         try:
-            model = load_model(info, dtype=m["dtype"], device=device, progress=progress)
+            model = load_model(info, dtype=m["dtype"], device=device, progress=progress,
+                               attn_implementation=m.get("attn_implementation", "eager"))  # older caches: eager
         except (OSError, ValueError, RuntimeError, ImportError) as e:
             raise ConfigError(f"evaluate: cannot load the cache's model {m['resolved']!r} "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
@@ -137,7 +138,7 @@ class LM:
         return handles + hook_site(self.model, self.arch, *target, replace)
 
     @torch.inference_mode()
-    def compare(self, splices: dict[str, Splice], desc: str = "LM") -> tuple[float, dict[str, tuple[float, float]], int]:
+    def compare(self, splices: dict[Any, Splice], desc: str = "LM") -> tuple[float, dict[Any, tuple[float, float]], int]:
         """Clean CE, then (CE, KL) of each splice, over the scored predictions; and their count."""
         scored_all = self.scored
         ce_clean, sums, n_scored = 0.0, {name: [0.0, 0.0] for name in splices}, 0  # sums: [CE, KL] per splice
@@ -168,22 +169,34 @@ class LM:
         return torch.log_softmax(logits[scored].float(), dim=-1)
 
     def downstream(self, fn: RowFn, target: str, source: str | None = None, desc: str = "LM") -> dict[str, Any]:
-        """The downstream metrics of one dictionary (``fn``) spliced at ``target`` (eval.json's ``lm``).
-        The ablations of a target are computed with the first dictionary spliced there and reused."""
-        splices = {"spliced": Splice(target, fn, source)}
-        if target not in self._ablations:
+        """The downstream metrics of one dictionary (``fn``) spliced at ``target`` (eval.json's ``lm``)."""
+        return self.downstream_many({"spliced": Splice(target, fn, source)}, desc)["spliced"]
+
+    def downstream_many(self, splices: dict[Any, Splice], desc: str = "LM") -> dict[Any, dict[str, Any]]:
+        """The downstream metrics of several dictionaries, by name, in one pass over the held-out contexts:
+        each batch's clean forward runs once for all of them, each dictionary's splice in the same pass,
+        and the zero- and mean-ablations of a target only the first time that target is seen (they are
+        kept for later calls). K dictionaries at one target cost 1 + K + 2 forwards per batch, not
+        K x (1 + 1) + 2; every number is the one :meth:`downstream` gives each alone (same batches, same
+        forwards)."""
+        new = sorted({s.target for s in splices.values()} - set(self._ablations))
+        passes = {("run", name): s for name, s in splices.items()}
+        for target in new:
             mean = self.cache.stats(target).mean
-            splices["zero"] = Splice(target, constant(np.zeros_like(mean)))
-            splices["mean"] = Splice(target, constant(mean))
-        ce_clean, out, n = self.compare(splices, desc)
-        if target not in self._ablations:
-            self._ablations[target] = (out["zero"][0], out["mean"][0])
-        ce_zero, ce_mean = self._ablations[target]
-        ce, kl = out["spliced"]
-        return {"sequences": len(self.tokens), "tokens": n, "ce_clean": ce_clean, "ce_spliced": ce,
-                "ce_zero_ablated": ce_zero, "ce_mean_ablated": ce_mean,
-                "ce_recovered_zero": recovered(ce_clean, ce, ce_zero),
-                "ce_recovered_mean": recovered(ce_clean, ce, ce_mean), "kl": kl}
+            passes[("zero", target)] = Splice(target, constant(np.zeros_like(mean)))
+            passes[("mean", target)] = Splice(target, constant(mean))
+        ce_clean, out, n = self.compare(passes, desc)
+        for target in new:
+            self._ablations[target] = (out[("zero", target)][0], out[("mean", target)][0])
+        results = {}
+        for name, splice in splices.items():
+            ce_zero, ce_mean = self._ablations[splice.target]
+            ce, kl = out[("run", name)]
+            results[name] = {"sequences": len(self.tokens), "tokens": n, "ce_clean": ce_clean, "ce_spliced": ce,
+                             "ce_zero_ablated": ce_zero, "ce_mean_ablated": ce_mean,
+                             "ce_recovered_zero": recovered(ce_clean, ce, ce_zero),
+                             "ce_recovered_mean": recovered(ce_clean, ce, ce_mean), "kl": kl}
+        return results
 
 
 def recovered(clean: float, spliced: float, ablated: float) -> float | None:

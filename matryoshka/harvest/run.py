@@ -22,7 +22,8 @@ from ..cache.store import CacheError, cache_location
 from ..cache.writer import CacheWriter, create_arrays
 from ..config import ConfigError, HarvestConfig, check_device, site_name
 from ..cpus import usable_cpus
-from ..models import Capture, ModelInfo, check_sites, hook_name, load_model, load_tokenizer, model_info, tokenizer_identity
+from ..models import (Capture, ModelInfo, check_sites, hook_name, load_model, load_tokenizer, model_info,
+                      resolve_attention, tokenizer_identity)
 from . import synthetic
 from .shards import harvest_shard, worker_shard
 from .tokens import DatasetExhausted, batches, bos_id, contexts, dataset_identity, open_documents
@@ -45,6 +46,7 @@ def plan(cfg: HarvestConfig) -> Plan:
         return Plan(synthetic.manifest(cfg), None, None, None)
     info = model_info(cfg.model, cfg.revision)
     check_sites(info, cfg.site_list)
+    attention = resolve_attention(info, cfg.attn_implementation)
     tokenizer = load_tokenizer(info)
     ds = open_documents(cfg)
     bos = bos_id(tokenizer, cfg.bos)
@@ -55,6 +57,9 @@ def plan(cfg: HarvestConfig) -> Plan:
     identity = {
         "format_version": FORMAT_VERSION,
         "model": info.identity, "model_dtype": cfg.model_dtype,
+        # rows differ at rounding level between implementations; eager, what every cache was harvested
+        # with before the choice existed, is left out so that those caches keep their fingerprints
+        **({} if attention == "eager" else {"attn_implementation": attention}),
         "tokenizer": tokenizer_identity(tokenizer),
         "dataset": dataset_identity(cfg),
         "context_size": cfg.context_size, "bos": cfg.bos,
@@ -63,7 +68,8 @@ def plan(cfg: HarvestConfig) -> Plan:
     manifest = build_manifest(
         source="model", identity=identity,
         model={"name": info.name, "resolved": info.resolved, "revision": info.revision, "arch": info.arch,
-               "d_model": info.d_model, "n_layers": info.n_layers, "dtype": cfg.model_dtype},
+               "d_model": info.d_model, "n_layers": info.n_layers, "dtype": cfg.model_dtype,
+               "attn_implementation": attention},
         tokenizer={"name": tokenizer.name_or_path, **tokenizer_identity(tokenizer)},
         dataset={"id": cfg.dataset, "config": cfg.dataset_config, "split": cfg.dataset_split,
                  "revision": cfg.dataset_revision, "text_column": cfg.text_column,
@@ -248,7 +254,7 @@ def _run(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool, desc:
     if device is not None and device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # else pinned buffers and events open a context on GPU 0 too
     model = load_model(info, dtype=cfg.model_dtype, device=cfg.device, device_map=cfg.device_map, tokenizer=tokenizer,
-                       progress=progress)
+                       progress=progress, attn_implementation=manifest["model"]["attn_implementation"])
     names = {(a["layer"], a["site"]): n for n, a in manifest["arrays"].items()}
     capture = Capture(model, info.arch, list(names), transform=lambda t: to_storage(t, cfg.dtype))
     bar = tqdm(total=(n_seqs - first_seq) * ctx, initial=(start_seq - first_seq) * ctx, unit="tok", unit_scale=True,
