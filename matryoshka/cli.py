@@ -35,14 +35,19 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
     from .cache.lock import CacheLockedError
     from .cache.store import CacheError
     from .cache.writer import ActivationError
+    from .evaluate.errors import NonFiniteMetrics
+    from .train.stop import Interrupted
 
     try:
         return fn()
     except (ConfigError, CacheError, CacheLockedError) as e:
         raise _fail(str(e)) from None
-    except ActivationError as e:
+    except (ActivationError, NonFiniteMetrics) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except Interrupted as e:  # a signal stopped training after writing its checkpoint
+        typer.echo(str(e), err=True)
+        raise typer.Exit(e.exit_code) from None
     except Exception as e:
         from .cache.remote import is_store_error, store_error_line
 
@@ -126,6 +131,10 @@ def _train(config: Optional[Path] = None, quiet: bool = False, **flags: Any) -> 
 
     def go() -> None:
         cfg = _config_from(TrainConfig, "train", config, flags)
+        if not cfg.cache and config is not None:  # the cache the file's harvest writes, as `pipeline run` trains on
+            from .pipeline import harvest_cache
+
+            cfg = dataclasses.replace(cfg, cache=harvest_cache(load_pipeline(config)))
         for path in train(cfg, progress=not quiet):
             typer.echo(str(path))
 
