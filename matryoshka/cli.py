@@ -146,7 +146,7 @@ app.command("train", help="Train every run listed in the config from one shuffle
 
 
 def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[str] = None, **flags: Any) -> None:
-    from .evaluate.run import evaluate, table
+    from .evaluate.run import LEGEND, evaluate, table
 
     def go() -> None:
         cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run})
@@ -154,6 +154,7 @@ def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[
             cfg = dataclasses.replace(cfg, runs_dir=load_pipeline(config).train.runs_dir)  # as `pipeline run` does
         results = evaluate(cfg, progress=not quiet)
         typer.echo(table(results))
+        typer.echo(LEGEND)
         for report in dict.fromkeys(r["report"] for r in results if "report" in r):
             typer.echo(f"report: {report}")
 
@@ -176,7 +177,10 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
     def go() -> None:
         out = run_pipeline(load_pipeline(config), progress=not quiet, echo=typer.echo)
         if out.table:
+            from .evaluate.run import LEGEND
+
             typer.echo(out.table)
+            typer.echo(LEGEND)
         if out.report is not None:
             typer.echo(f"report: {out.report}")
 

@@ -184,10 +184,10 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(two_ranks, train_c
         theirs = [json.loads(x) for x in (two_ranks / name / "metrics.jsonl").read_text().splitlines()]
         assert len(theirs) == len(mine) == 12  # rank 0 alone writes metrics
         for x, y in zip(mine, theirs):  # metrics are means over the global batch
-            assert (y["step"], y["l0"], y["dead"]) == (x["step"], x["l0"], x["dead"])
+            assert (y["step"], y["l0"], y["aux_dead"]) == (x["step"], x["l0"], x["aux_dead"])
             assert y["fvu"] == pytest.approx(x["fvu"], rel=1e-4)
         if name == "sae":
-            assert max(x["dead"] for x in mine) > 0  # the dead-latent path ran (counted over both ranks' tokens)
+            assert max(x["aux_dead"] for x in mine) > 0  # the dead-latent path ran (counted over both ranks' tokens)
     state = torch.load(two_ranks / "sae" / "checkpoint" / "state.pt", weights_only=False)
     assert [(c["rank"], c["world_size"]) for c in state["cursor"]] == [(0, 2), (1, 2)]  # each rank's cursor
 

@@ -244,7 +244,7 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
     from typer.testing import CliRunner
 
     from matryoshka.cli import app
-    from matryoshka.evaluate.run import evaluate
+    from matryoshka.evaluate.run import LEGEND, evaluate
     from matryoshka.config import EvaluateConfig
 
     runs = [{**RUNS[0], "tokens": "20K"}, {**RUNS[1], "tokens": "20K"}]
@@ -257,10 +257,11 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
         assert 0 < r["fvu"] < 0.5 and r["l0"] > 0
         assert json.loads((Path(r["path"]) / "eval.json").read_text())["fvu"] == r["fvu"]
     out = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path)])
-    assert out.exit_code == 0 and "sae" in out.output and "FVU seed" in out.output
+    assert out.exit_code == 0 and "sae" in out.output and "FVU scalar-mean" in out.output and "seed" not in out.output.splitlines()[0]
     latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path), "--quiet"])
     lines = latest.output.strip().splitlines()
-    assert latest.exit_code == 0 and len(lines) == 3 and lines[2].startswith("report: ")  # header, newest run, report
+    assert latest.exit_code == 0 and len(lines) == 4 and lines[3].startswith("report: ")  # header, newest run, legend, report
+    assert lines[2] == LEGEND and "dead: latents that fire on none of the evaluated held-out tokens" in LEGEND
     missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "is not a trained run" in missing.output
     import numpy as np

@@ -48,7 +48,7 @@ from ..cache import Cache, CacheError
 from ..config import EvaluateConfig, check_device
 from ..train.dictionary import Dictionary
 from ..train.load import checkpoint_dir, load
-from ..train.trainer import lock_run
+from ..train.trainer import run_lock
 from .contexts import TopContexts
 from .errors import NonFiniteMetrics
 from .features import feature_metrics, heldout_codes
@@ -83,7 +83,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | Non
     paths = runs if runs is not None else find_runs(cfg.run, cfg.cache, cfg.runs_dir)
     with ExitStack() as locks:
         for path in paths:
-            locks.enter_context(lock_run(path, "evaluated"))
+            locks.enter_context(run_lock(path, "evaluated"))
         return _evaluate(cfg, progress, paths)
 
 
@@ -176,7 +176,8 @@ def _num(v: float | None, fmt: str = ".4f") -> str:
 LEGEND = ("dead: latents that fire on none of the evaluated held-out tokens (training's AuxDead counts those "
           "that fired on none of the last dead_tokens training tokens); FVU scalar-mean: the squared error over "
           "the variance about one mean of all numbers (the seed repository's FVU), FVU: about each dimension's mean")
-"""The table's legend: which "dead" it counts, and what its second FVU is."""
+"""The legend printed under :func:`table` (by ``pipeline evaluate`` and ``pipeline run``): which "dead" it
+counts, and what its second FVU is."""
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -196,4 +197,4 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(f"{r['run']:<24} {c['arch']:<10} {c['width']:>7} {c['k']:>4} {_num(r['l0'], '.1f'):>7} "
                      f"{_num(r['fvu']):>7} {_num(r['fvu_seed']):>15} {_num(r['cosine'], '.3f'):>6} {r['dead']:>6} "
                      f"{r['dense']:>6}{cells}  " + " ".join(_num(v, ".3f") for v in r["prefix_fvu"]))
-    return "\n".join(lines + [LEGEND])
+    return "\n".join(lines)

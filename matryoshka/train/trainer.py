@@ -202,11 +202,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
         team.leave()
 
 
-def lock_run(run_dir: Path, doing: str) -> Any:
-    """The run folder's writer lock, acquired (created with the folder); refused with the holder's pid
-    and host while another process trains or evaluates the run (exit 2 through the CLI)."""
+def run_lock(run_dir: Path, doing: str) -> Any:
+    """The run folder's writer lock (the folder is created), to hold with ``with``: entering it is refused,
+    naming the holder's pid and host, while another process trains or evaluates the run (exit 2)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    return writer_lock(run_dir, what="run", doing=doing).acquire()
+    return writer_lock(run_dir, what="run", doing=doing)
 
 
 def _stopping(stop: StopSignals, team: Team, device: torch.device) -> int | None:
@@ -229,7 +229,7 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop:
     root = Path(cfg.runs_dir) / cache.fingerprint
     runs = [Run(r, cache, root, cfg.batch_size, device, team if team.size > 1 else None) for r in cfg.runs]
     for r in runs if team.leader else []:  # before the checkpoint is read: no other writer can change it now
-        locks.enter_context(lock_run(r.dir, "trained"))
+        locks.enter_context(run_lock(r.dir, "trained"))
     states = [r.load() for r in runs]
     active = [r for r in runs if not r.done]
     for r in runs if team.leader else []:
@@ -259,7 +259,8 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop:
     for r in active if writes else []:
         r.dir.mkdir(parents=True, exist_ok=True)
         (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
-    logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a") for r in active} if writes else {}
+    # line-buffered: `tail -f metrics.jsonl` follows training (lines past the checkpoint are trimmed on resume)
+    logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a", buffering=1) for r in active} if writes else {}
     wandb_runs = _wandb_runs(cfg, active, cache) if writes else {}
     bars = {r.cfg.name: tqdm(total=r.total_steps, initial=r.step, desc=r.cfg.name, position=i, leave=True,
                              disable=not (progress and writes), dynamic_ncols=True) for i, r in enumerate(active)}
