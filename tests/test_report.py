@@ -88,6 +88,8 @@ def test_report_renders_two_runs_with_plots(cache, tmp_path):
     report = tmp_path / fp / "report.md"
     assert f"report: {report}" in out.output
     md = report.read_text()
+    assert "| FVU (scalar mean) |" in md and "FVU (seed)" not in md  # not to be read as a random seed
+    assert "*dead*: latents that fire on none of the evaluated held-out tokens. Training's *AuxDead*" in md
     for run in ("mat", "btk"):
         assert f"| {run} |" in md and f"### {run}" in md
         ev = json.loads((tmp_path / fp / run / "eval.json").read_text())

@@ -257,7 +257,8 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
         assert 0 < r["fvu"] < 0.5 and r["l0"] > 0
         assert json.loads((Path(r["path"]) / "eval.json").read_text())["fvu"] == r["fvu"]
     out = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path)])
-    assert out.exit_code == 0 and "sae" in out.output and "FVU scalar-mean" in out.output and "seed" not in out.output.splitlines()[0]
+    head = next(line for line in out.output.splitlines() if line.startswith("run "))
+    assert out.exit_code == 0 and "sae" in out.output and "FVU scalar-mean" in head and "seed" not in head
     latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path), "--quiet"])
     lines = latest.output.strip().splitlines()
     assert latest.exit_code == 0 and len(lines) == 4 and lines[3].startswith("report: ")  # header, newest run, legend, report
