@@ -257,7 +257,7 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
         assert 0 < r["fvu"] < 0.5 and r["l0"] > 0
         assert json.loads((Path(r["path"]) / "eval.json").read_text())["fvu"] == r["fvu"]
     out = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path)])
-    head = next(line for line in out.output.splitlines() if line.startswith("run "))
+    head = next(line for line in out.output.splitlines() if " FVU " in line)  # the table's header
     assert out.exit_code == 0 and "sae" in out.output and "FVU scalar-mean" in head and "seed" not in head
     latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path), "--quiet"])
     lines = latest.output.strip().splitlines()
