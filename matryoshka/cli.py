@@ -35,14 +35,19 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
     from .cache.lock import CacheLockedError
     from .cache.store import CacheError
     from .cache.writer import ActivationError
+    from .evaluate.errors import NonFiniteMetrics
+    from .train.stop import Interrupted
 
     try:
         return fn()
     except (ConfigError, CacheError, CacheLockedError) as e:
         raise _fail(str(e)) from None
-    except ActivationError as e:
+    except (ActivationError, NonFiniteMetrics) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except Interrupted as e:  # a signal stopped training after writing its checkpoint
+        typer.echo(str(e), err=True)
+        raise typer.Exit(e.exit_code) from None
     except Exception as e:
         from .cache.remote import is_store_error, store_error_line
 
@@ -126,6 +131,10 @@ def _train(config: Optional[Path] = None, quiet: bool = False, **flags: Any) -> 
 
     def go() -> None:
         cfg = _config_from(TrainConfig, "train", config, flags)
+        if not cfg.cache and config is not None:  # the cache the file's harvest writes, as `pipeline run` trains on
+            from .pipeline import harvest_cache
+
+            cfg = dataclasses.replace(cfg, cache=harvest_cache(load_pipeline(config)))
         for path in train(cfg, progress=not quiet):
             typer.echo(str(path))
 
@@ -137,7 +146,7 @@ app.command("train", help="Train every run listed in the config from one shuffle
 
 
 def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[str] = None, **flags: Any) -> None:
-    from .evaluate.run import evaluate, table
+    from .evaluate.run import LEGEND, evaluate, table
 
     def go() -> None:
         cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run})
@@ -145,6 +154,7 @@ def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[
             cfg = dataclasses.replace(cfg, runs_dir=load_pipeline(config).train.runs_dir)  # as `pipeline run` does
         results = evaluate(cfg, progress=not quiet)
         typer.echo(table(results))
+        typer.echo(LEGEND)
         for report in dict.fromkeys(r["report"] for r in results if "report" in r):
             typer.echo(f"report: {report}")
 
@@ -167,7 +177,10 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
     def go() -> None:
         out = run_pipeline(load_pipeline(config), progress=not quiet, echo=typer.echo)
         if out.table:
+            from .evaluate.run import LEGEND
+
             typer.echo(out.table)
+            typer.echo(LEGEND)
         if out.report is not None:
             typer.echo(f"report: {out.report}")
 

@@ -91,10 +91,29 @@ def _harvest(cfg: PipelineConfig, progress: bool, echo: Callable[[str], None]) -
         Cache(cfg.train.cache).require_complete()
         echo(f"harvest: none asked; training from {cfg.train.cache}")
         return cfg.train.cache
-    h = dataclasses.replace(cfg.harvest, resume=True, cache=cfg.harvest.cache or cfg.train.cache or None)
+    h = dataclasses.replace(cfg.harvest, resume=True, cache=_given_cache(cfg))
     path = harvest(h, progress=progress)
     echo(f"harvest: {path} is complete")
     return path
+
+
+def _given_cache(cfg: PipelineConfig) -> str | None:
+    """The cache path the file names for its harvest: ``harvest.cache``, else ``train.cache``, else None (the
+    harvest's fingerprinted default under ``cache_root``)."""
+    return (cfg.harvest.cache if cfg.harvest is not None else None) or cfg.train.cache or None
+
+
+def harvest_cache(cfg: PipelineConfig) -> str | None:
+    """The cache ``pipeline run`` trains on, found without harvesting (``pipeline train --config`` without
+    ``--cache``): the one the harvest section writes, its default path computed from the planned manifest;
+    ``train.cache`` for a file without a harvest section."""
+    given = _given_cache(cfg)
+    if given or cfg.harvest is None:
+        return given
+    from .cache.store import cache_location
+    from .harvest.run import plan
+
+    return str(cache_location(cfg.harvest.cache_root, plan(cfg.harvest).manifest))
 
 
 def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str], None]) -> list[str]:
@@ -130,7 +149,8 @@ def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str],
 
 
 def _current(run_dir: Path, fingerprint: str) -> bool:
-    """Whether ``eval.json`` exists, parses, is of this cache, and is newer than the checkpoint."""
+    """Whether ``eval.json`` exists, parses, is of this cache, did not fail (non-finite LM metrics), and is
+    newer than the checkpoint."""
     path = run_dir / "eval.json"
     try:
         result = json.loads(path.read_text())
@@ -139,7 +159,9 @@ def _current(run_dir: Path, fingerprint: str) -> bool:
     from .train.load import checkpoint_dir
 
     weights = checkpoint_dir(run_dir) / "model.safetensors"
-    return result.get("fingerprint") == fingerprint and path.stat().st_mtime_ns >= weights.stat().st_mtime_ns
+    if result.get("fingerprint") != fingerprint or result.get("failed"):
+        return False
+    return path.stat().st_mtime_ns >= weights.stat().st_mtime_ns
 
 
 def _evaluate(cfg: EvaluateConfig, run_dirs: list[Path], cache: Cache, progress: bool,

@@ -184,12 +184,33 @@ def test_two_ranks_equal_one_process_at_the_same_global_batch(two_ranks, train_c
         theirs = [json.loads(x) for x in (two_ranks / name / "metrics.jsonl").read_text().splitlines()]
         assert len(theirs) == len(mine) == 12  # rank 0 alone writes metrics
         for x, y in zip(mine, theirs):  # metrics are means over the global batch
-            assert (y["step"], y["l0"], y["dead"]) == (x["step"], x["l0"], x["dead"])
+            assert (y["step"], y["l0"], y["aux_dead"]) == (x["step"], x["l0"], x["aux_dead"])
             assert y["fvu"] == pytest.approx(x["fvu"], rel=1e-4)
         if name == "sae":
-            assert max(x["dead"] for x in mine) > 0  # the dead-latent path ran (counted over both ranks' tokens)
+            assert max(x["aux_dead"] for x in mine) > 0  # the dead-latent path ran (counted over both ranks' tokens)
     state = torch.load(two_ranks / "sae" / "checkpoint" / "state.pt", weights_only=False)
     assert [(c["rank"], c["world_size"]) for c in state["cursor"]] == [(0, 2), (1, 2)]  # each rank's cursor
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks, and wait until the ranks are gone. torchrun starts each rank in a
+    session of its own, so killing torchrun's process group leaves them training on (holding their run
+    folders' locks: a resume would be refused, rightly)."""
+    ranks = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(ranks) == 2, ranks
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 60
+    for pid in ranks:  # orphans now: reaped by init, or left as zombies, which hold no files
+        while time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.05)
 
 
 def test_killed_two_rank_training_resumes_across_ranks(two_ranks, train_cache, config, tmp_path):
@@ -201,8 +222,7 @@ def test_killed_two_rank_training_resumes_across_ranks(two_ranks, train_cache, c
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "training finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
+    _kill_job(proc)
     step = torch.load(state, weights_only=False)["step"]
     assert 0 < step < 60
     runs = killed / Cache(train_cache).fingerprint

@@ -244,7 +244,7 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
     from typer.testing import CliRunner
 
     from matryoshka.cli import app
-    from matryoshka.evaluate.run import evaluate
+    from matryoshka.evaluate.run import LEGEND, evaluate
     from matryoshka.config import EvaluateConfig
 
     runs = [{**RUNS[0], "tokens": "20K"}, {**RUNS[1], "tokens": "20K"}]
@@ -257,10 +257,12 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
         assert 0 < r["fvu"] < 0.5 and r["l0"] > 0
         assert json.loads((Path(r["path"]) / "eval.json").read_text())["fvu"] == r["fvu"]
     out = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path)])
-    assert out.exit_code == 0 and "sae" in out.output and "FVU seed" in out.output
+    head = next(line for line in out.output.splitlines() if " FVU " in line)  # the table's header
+    assert out.exit_code == 0 and "sae" in out.output and "FVU scalar-mean" in head and "seed" not in head
     latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path), "--quiet"])
     lines = latest.output.strip().splitlines()
-    assert latest.exit_code == 0 and len(lines) == 3 and lines[2].startswith("report: ")  # header, newest run, report
+    assert latest.exit_code == 0 and len(lines) == 4 and lines[3].startswith("report: ")  # header, newest run, legend, report
+    assert lines[2] == LEGEND and "dead: latents that fire on none of the evaluated held-out tokens" in LEGEND
     missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "is not a trained run" in missing.output
     import numpy as np
@@ -272,3 +274,30 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
                         heldout_seqs=2, fingerprint="another")
     wrong = CliRunner().invoke(app, ["evaluate", results["sae"]["path"], "--cache", str(other)])
     assert wrong.exit_code == 2 and f"was trained on cache {Cache(cache).fingerprint}" in wrong.output
+
+
+def test_non_finite_lm_metrics_fail_in_one_line_and_eval_json_stays_json(cache, tmp_path):
+    """A dictionary whose decoder bias is NaN: the spliced CE and the KL are NaN. The command fails (exit 1)
+    with one line naming them; eval.json parses with a strict parser, those metrics null."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from matryoshka.cli import app
+
+    (run,) = train(_cfg(cache, tmp_path, runs=[{**RUNS[0], "tokens": "2K"}]), progress=False)
+    weights = _weights(run)
+    weights["b_dec"] = torch.full_like(weights["b_dec"], float("nan"))
+    save_file(weights, run / "checkpoint" / "model.safetensors")
+    out = CliRunner().invoke(app, ["evaluate", str(run), "--quiet", "--no-features", "--contexts", "0",
+                                   "--lm-tokens", "64", "--no-report"])
+    errors = [line for line in out.output.splitlines() if line.startswith("error:")]
+    assert out.exit_code == 1 and len(errors) == 1, out.output
+    assert errors[0].startswith("error: evaluate: run sae: non-finite LM metrics ce_spliced = nan, ")
+    assert "kl = nan" in errors[0] and "eval.json records these metrics as null" in errors[0]
+
+    def bare(constant: str):
+        raise AssertionError(f"eval.json holds a bare {constant}")
+
+    result = json.loads((run / "eval.json").read_text(), parse_constant=bare)
+    assert result["lm"]["ce_spliced"] is None and result["lm"]["kl"] is None and result["fvu"] is None
+    assert result["lm"]["ce_clean"] > 0 and result["failed"] == errors[0][len("error: evaluate: "):].split(": the ")[0]

@@ -21,6 +21,10 @@ random id, and a heartbeat timestamp that a background thread rewrites every ``h
   (milliseconds); staleness compares the owner's clock with the reader's, so clocks must agree to well
   within ``stale_s`` (NTP).
 
+The same two locks guard a run folder while it is trained or evaluated (``what="run"``): whoever holds
+it records what it is doing (``doing``, e.g. "trained"), and a second writer is refused with that, the
+holder's pid and host.
+
 Stores without conditional writes (fsspec backends other than S3) fall back to check-then-write,
 re-reading the object after writing it; two writers starting within one round trip of each other could
 then both proceed. Google Cloud Storage is in between: its create-if-absent (``ifGenerationMatch=0``,
@@ -52,10 +56,12 @@ class CacheLockedError(RuntimeError):
 
 
 class WriterLock:
-    """``flock`` on a local cache directory (released by the kernel when its holder dies)."""
+    """``flock`` on a local directory, a cache or a run (released by the kernel when its holder dies).
+    ``what`` names the directory's kind in messages; ``doing`` is what the holder does, told to the refused."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, what: str = "cache", doing: str = "written") -> None:
         self.path = Path(root) / LOCK_NAME
+        self.what, self.doing = what, doing
         self._fd: int | None = None
 
     def acquire(self) -> "WriterLock":
@@ -68,13 +74,14 @@ class WriterLock:
             try:
                 h = json.loads(holder)
                 who = f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')}"
+                doing = h.get("doing", "written")
             except ValueError:
-                who = "another process"
-            raise CacheLockedError(f"cache {self.path.parent} is being written by {who}; "
-                                   "wait for it to finish (one writer per cache)") from None
+                who, doing = "another process", "written"
+            raise CacheLockedError(f"{self.what} {self.path.parent} is being {doing} by {who}; "
+                                   f"wait for it to finish (one writer per {self.what})") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "doing": self.doing}).encode())
         self._fd = fd
         return self
 
@@ -98,15 +105,16 @@ class ObjectLock:
     """A lock object with an owner and a heartbeat, for caches on object storage (module docstring)."""
 
     def __init__(self, url: str, break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
-                 stale_s: float = STALE_S) -> None:
+                 stale_s: float = STALE_S, what: str = "cache", doing: str = "written") -> None:
         from .remote import filesystem
 
         self.url = str(url).rstrip("/")
         self.fs, root = filesystem(self.url)
         self.key = f"{root.rstrip('/')}/{LOCK_NAME}"
         self.break_lock, self.heartbeat_s, self.stale_s = break_lock, heartbeat_s, stale_s
+        self.what = what
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex,
-                      "since": time.time()}
+                      "since": time.time(), "doing": doing}
         self._etag: str | None = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -178,15 +186,15 @@ class ObjectLock:
             except (FileExistsError, PermissionError):
                 found = self._read()
             if found is None:
-                raise CacheLockedError(f"cache {self.url}: another writer is taking the lock right now; "
-                                       "try again (one writer per cache)")
+                raise CacheLockedError(f"{self.what} {self.url}: another writer is taking the lock right now; "
+                                       f"try again (one writer per {self.what})")
         h, etag = found
         who, age = self._describe(h)
         if age <= self.stale_s:
-            raise CacheLockedError(f"cache {self.url} is being written by {who}, last heartbeat {age:.0f}s ago; "
-                                   "wait for it to finish (one writer per cache)")
+            raise CacheLockedError(f"{self.what} {self.url} is being {h.get('doing', 'written')} by {who}, last "
+                                   f"heartbeat {age:.0f}s ago; wait for it to finish (one writer per {self.what})")
         if not self.break_lock:
-            raise CacheLockedError(f"cache {self.url} has a stale writer lock of {who}: last heartbeat {age:.0f}s "
+            raise CacheLockedError(f"{self.what} {self.url} has a stale writer lock of {who}: last heartbeat {age:.0f}s "
                                    f"ago (stale after {self.stale_s:.0f}s), so that writer died or hung; if it is "
                                    "gone, pass --break-lock to take the lock over (and --resume to continue)")
         try:
@@ -198,7 +206,7 @@ class ObjectLock:
                 self.fs.rm_file(self.key)
                 self._put(if_absent=True)
         except (FileExistsError, PermissionError):
-            raise CacheLockedError(f"cache {self.url}: another writer broke the stale lock of {who} first") from None
+            raise CacheLockedError(f"{self.what} {self.url}: another writer broke the stale lock of {who} first") from None
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -220,14 +228,14 @@ class ObjectLock:
             try:  # through a brief outage (cache/retry.py); a lock broken meanwhile is seen once it is read
                 found = retrying(self._read, f"reading the writer lock of {self.url}")
             except OSError as e:  # not knowing is not holding: stop, resumable, rather than risk a commit
-                raise CacheLockedError(f"cache {self.url}: cannot read this writer's lock before a commit "
+                raise CacheLockedError(f"{self.what} {self.url}: cannot read this writer's lock before a commit "
                                        f"({e}); nothing more was committed: resume with --resume") from None
             h = found[0] if found else {}
             if h.get("id") != self.owner["id"]:
                 who = self._describe(h)[0] if h else "nobody"
                 self._lost = f"its lock is now held by {who}"
         if self._lost is not None:
-            raise CacheLockedError(f"cache {self.url}: this writer stopped because {self._lost} "
+            raise CacheLockedError(f"{self.what} {self.url}: this writer stopped because {self._lost} "
                                    "(--break-lock elsewhere); nothing more was committed")
 
     def release(self) -> None:
@@ -246,8 +254,11 @@ class ObjectLock:
         self.release()
 
 
-def writer_lock(path: str | Path, break_lock: bool = False) -> WriterLock | ObjectLock:
-    """The lock for a cache path: ``flock`` for a directory, a lock object for an fsspec URL."""
+def writer_lock(path: str | Path, break_lock: bool = False, what: str = "cache",
+                doing: str = "written") -> WriterLock | ObjectLock:
+    """The lock for a cache or run path: ``flock`` for a directory, a lock object for an fsspec URL."""
     from .remote import is_url, local_path
 
-    return ObjectLock(str(path), break_lock=break_lock) if is_url(path) else WriterLock(Path(local_path(path)))
+    if is_url(path):
+        return ObjectLock(str(path), break_lock=break_lock, what=what, doing=doing)
+    return WriterLock(Path(local_path(path)), what=what, doing=doing)

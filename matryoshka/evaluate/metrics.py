@@ -4,11 +4,13 @@ Over the N evaluated (non-BOS) held-out tokens, y the target (the source, for an
 reconstruction from the first g groups, mu the dataset mean from the cache's statistics:
 
     FVU            = sum ||y - y_hat||^2 / sum ||y - mu||^2           (also per Matryoshka prefix)
-    FVU (seed)     = sum ||y - y_hat||^2 / sum (y_ij - m)^2, m the mean of all N*d numbers (the seed's variant)
+    FVU (scalar mean) = sum ||y - y_hat||^2 / sum (y_ij - m)^2, m the one mean of all N*d numbers (the seed
+                     repository's FVU; eval.json's ``fvu_seed``)
     MSE            = sum ||y - y_hat||^2 / (N d)
     cosine         = mean over tokens of cos(y, y_hat)
     L0             = mean number of active latents per token
-    density_j      = fraction of tokens on which latent j fires; dead: density 0; dense: density > dense_above
+    density_j      = fraction of tokens on which latent j fires; dead: density 0 (no firing on any evaluated
+                     token; training's ``aux_dead`` is another count); dense: density > dense_above
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The report of one cache: every evaluated run of it side by side, in Markdown with PNG plots.
 
 ``runs/<fingerprint>/report.md`` and ``runs/<fingerprint>/report/*.png``: the comparison table, each
-run's training curves (FVU and dead latents over tokens, from its metrics.jsonl), the feature-density
+run's training curves (FVU and AuxDead latents over tokens, from its metrics.jsonl), the feature-density
 histogram (log10 density of each run's live latents), FVU against L0 across runs, FVU of each
 Matryoshka prefix against the latents it uses, the hierarchy statistics per group, and the top
 contexts of a few live latents sampled per run. It reads each run's ``eval.json`` and ``eval.npz``
@@ -19,6 +19,14 @@ import numpy as np
 
 from ..cache import Cache
 from .contexts import cache_tokenizer, markdown_safe, top_contexts
+
+LEGEND = ("*dead*: latents that fire on none of the evaluated held-out tokens. Training's *AuxDead* (progress bar, "
+          "`aux_dead` in metrics.jsonl, the training curves below) is another count: latents that fired on none of "
+          "the last `dead_tokens` training tokens (20 steps under `reference`), the ones the auxiliary loss trains. "
+          "*FVU (scalar mean)*: the squared error over the variance about one mean of all N·d numbers (the seed "
+          "repository's FVU); *FVU*: about each dimension's own mean. A – is a metric that was not computed or "
+          "came out non-finite.")
+"""The runs table's legend (in the report, under the table)."""
 
 SAMPLED_LATENTS = 4
 """Live latents per run whose top contexts the report shows (a fixed seed picks them)."""
@@ -93,8 +101,8 @@ def _prefix_plot(results: list[dict], out: Path) -> str | None:
 
 
 def training_curves(run_dir: Path) -> dict[str, np.ndarray]:
-    """A run's metrics.jsonl as columns (tokens, fvu, l0, dead, reader_wait), in logged order; a line cut
-    short by a kill is skipped. Empty when the run logged nothing."""
+    """A run's metrics.jsonl as columns (tokens, fvu, l0, aux_dead, reader_wait), in logged order; a line cut
+    short by a kill is skipped, a null (a non-finite metric) is NaN. Empty when the run logged nothing."""
     rows = []
     try:
         for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
@@ -104,12 +112,12 @@ def training_curves(run_dir: Path) -> dict[str, np.ndarray]:
                 continue
     except OSError:
         return {}
-    keys = ("tokens", "fvu", "l0", "dead", "reader_wait")
-    return {k: np.array([r.get(k, np.nan) for r in rows], dtype=float) for k in keys} if rows else {}
+    keys = ("tokens", "fvu", "l0", "aux_dead", "reader_wait")
+    return {k: np.array([np.nan if r.get(k) is None else r[k] for r in rows], dtype=float) for k in keys} if rows else {}
 
 
 def _training_plot(results: list[dict], out: Path) -> str | None:
-    """FVU and dead latents over training tokens, every run in one figure (what W&B would show, offline)."""
+    """FVU and AuxDead latents over training tokens, every run in one figure (what W&B would show, offline)."""
     curves = {r["run"]: c for r in results if (c := training_curves(Path(r["path"])))}
     if not curves:
         return None
@@ -119,11 +127,11 @@ def _training_plot(results: list[dict], out: Path) -> str | None:
     fvu, dead = fig.subplots(2, 1, sharex=True)
     for run, c in curves.items():
         fvu.plot(c["tokens"], c["fvu"], label=run)
-        dead.plot(c["tokens"], c["dead"], label=run)
+        dead.plot(c["tokens"], c["aux_dead"], label=run)
     fvu.set_yscale("log")
     fvu.set_ylabel("FVU (training batches)")
     fvu.set_title("Training curves")
-    dead.set_ylabel("dead latents")
+    dead.set_ylabel("AuxDead latents (no firing\nin the last dead_tokens)")
     dead.set_ylim(bottom=0)
     dead.yaxis.get_major_locator().set_params(integer=True)
     dead.set_xlabel("training tokens")
@@ -146,18 +154,19 @@ OPTIONAL_COLUMNS = [  # (header, eval.json section, key, format): shown when som
 
 def _table(results: list[dict]) -> list[str]:
     extra = [c for c in OPTIONAL_COLUMNS if any(r.get(c[1]) for r in results)]
-    rows = ["| run | arch | site (→ target) | width | k | L0 | FVU | FVU (seed) | cosine | dead | dense | "
+    rows = ["| run | arch | site (→ target) | width | k | L0 | FVU | FVU (scalar mean) | cosine | dead | dense | "
             "absorption | splitting | splitting (cond.) | monosemanticity |" + "".join(f" {c[0]} |" for c in extra),
             "|" + "---|" * (15 + len(extra))]
     for r in results:
         c, f = r["config"], r.get("features") or {}
         sites = c["source"] if c["target"] in (None, c["source"]) else f"{c['source']} → {c['target']}"
         rows.append(f"| {r['run']} | {c['arch']} | {sites} | {c['width']} | {c['k']} | "
-                    f"{r['l0']:.1f} | {r['fvu']:.4f} | {r['fvu_seed']:.4f} | {r['cosine']:.3f} | {r['dead']} | "
+                    f"{_num(r['l0'], '.1f')} | {_num(r['fvu'], '.4f')} | {_num(r['fvu_seed'], '.4f')} | "
+                    f"{_num(r['cosine'], '.3f')} | {r['dead']} | "
                     f"{r['dense']} | {_num(f.get('absorption'), '.2e')} | {_num(f.get('splitting'), '.2e')} | "
                     f"{_num(f.get('splitting_conditional'), '.2e')} | {_num(f.get('monosemanticity'), '.3f')} |"
                     + "".join(f" {_num((r.get(sec) or {}).get(key), fmt)} |" for _, sec, key, fmt in extra))
-    return rows
+    return rows + ["", LEGEND]
 
 
 def _hierarchy(r: dict) -> list[str]:

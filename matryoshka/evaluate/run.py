@@ -5,8 +5,8 @@ recently trained run under ``runs_dir`` (as the seed's evaluation script did). E
 ``eval.json``::
 
     {"run": name, "fingerprint": cache fingerprint, "tokens": evaluated tokens,
-     "fvu", "fvu_seed", "mse", "cosine", "l0", "prefix_fvu": [per group], "dead", "dense",
-     "dead_per_group": [...], "dense_above": 0.1, "config": the run's config.json,
+     "fvu", "fvu_seed" (the tables' "FVU (scalar mean)"), "mse", "cosine", "l0", "prefix_fvu": [per group],
+     "dead", "dense", "dead_per_group": [...], "dense_above": 0.1, "config": the run's config.json,
      "features": {                                  (absent with features: false; see features.py)
         "tokens": held-out tokens used (<= feature_tokens), "absorption", "absorbed_pairs",
         "splitting", "split_pairs", "splitting_conditional", "conditional_pairs",
@@ -26,22 +26,31 @@ recently trained run under ``runs_dir`` (as the seed's evaluation script did). E
 and an ``eval.npz`` of per-latent arrays: ``density`` [width], and with ``contexts: n > 0``
 ``top_values``/``top_rows`` [width, n] (the n largest activations and their cache rows; row -1: empty).
 With ``report: true`` the cache's report is then rewritten: ``RUNS_DIR/<fingerprint>/report.md``.
+
+Each run folder is locked while it is evaluated (the lock training holds, see ``train/trainer.py``): a run
+being trained is refused before anything is evaluated. JSON is written by ``strict_json``: a non-finite
+metric is ``null``, and non-finite LM metrics (a spliced CE or KL of NaN or inf) also put a ``failed`` line
+into that eval.json and fail the command (:class:`~matryoshka.evaluate.errors.NonFiniteMetrics`, exit 1)
+once every run is evaluated; ``pipeline run`` evaluates a failed run again.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import strict_json
 from ..cache import Cache, CacheError
 from ..config import EvaluateConfig, check_device
 from ..train.dictionary import Dictionary
 from ..train.load import checkpoint_dir, load
+from ..train.trainer import run_lock
 from .contexts import TopContexts
+from .errors import NonFiniteMetrics
 from .features import feature_metrics, heldout_codes
 from .ground_truth import ground_truth
 from .metrics import reconstruction
@@ -69,14 +78,23 @@ def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> lis
 def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None) -> list[dict[str, Any]]:
     """Evaluate runs (see the module docstring; ``runs``: these run folders instead), write their eval.json,
     return the results. Each cache's LM is loaded once for all of its runs and run once per held-out batch
-    for all of them (their splices in the same pass)."""
+    for all of them (their splices in the same pass). Every run folder is locked first: one being trained
+    (or evaluated) elsewhere stops the command before any work."""
     check_device(cfg.device)
+    paths = runs if runs is not None else find_runs(cfg.run, cfg.cache, cfg.runs_dir)
+    with ExitStack() as locks:
+        for path in paths:
+            locks.enter_context(run_lock(path, "evaluated"))
+        return _evaluate(cfg, progress, paths)
+
+
+def _evaluate(cfg: EvaluateConfig, progress: bool, paths: list[Path]) -> list[dict[str, Any]]:
     cache, batch_size, dense_above, local_cache_dir = cfg.cache, cfg.batch_size, cfg.dense_above, cfg.local_cache_dir
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
     pending: list[tuple[Path, dict[str, Any], Splice]] = []  # runs of the current LM, waiting for its one pass
     lm = None
-    for path in runs if runs is not None else find_runs(cfg.run, cache, cfg.runs_dir):
+    for path in paths:
         dic = load(path)
         cfg = dic.config
         c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
@@ -109,6 +127,11 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | Non
             for r in results:
                 if Path(r["path"]).parent == folder:
                     r["report"] = str(report)
+    failed = [r["failed"] for r in results if "failed" in r]
+    if failed:
+        raise NonFiniteMetrics(f"evaluate: {'; '.join(failed)}: the spliced dictionary makes the LM's predictions "
+                               "non-finite (look for NaN or inf in its weights or its training metrics); "
+                               "eval.json records these metrics as null")
     return results
 
 
@@ -120,7 +143,10 @@ def _lm_pass(lm: LM | None, pending: list[tuple[Path, dict[str, Any], Splice]]) 
         desc=f"LM {pending[0][1]['run']}" if len(pending) == 1 else f"LM {len(pending)} runs")
     for i, (path, out, _) in enumerate(pending):
         out["lm"] = lm_results.get(i)
-        (path / "eval.json").write_text(json.dumps(out, indent=2))
+        bad = strict_json.non_finite(out["lm"] or {})
+        if bad:
+            out["failed"] = f"run {out['run']}: non-finite LM metrics " + ", ".join(f"{k} = {v}" for k, v in bad.items())
+        (path / "eval.json").write_text(strict_json.dumps(out, indent=2))
     return [out for _, out, _ in pending]
 
 
@@ -157,14 +183,21 @@ def _features_and_contexts(dic: Dictionary, cache: Cache, settings: EvaluateConf
                            settings.rare_below, settings.block_mb, progress=progress).to_json()
 
 
-def _num(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
+def _num(v: float | None, fmt: str = ".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+LEGEND = ("dead: latents that fire on none of the evaluated held-out tokens (training's AuxDead counts those "
+          "that fired on none of the last dead_tokens training tokens); FVU scalar-mean: the squared error over "
+          "the variance about one mean of all numbers (the seed repository's FVU), FVU: about each dimension's mean")
+"""The legend printed under :func:`table` (by ``pipeline evaluate`` and ``pipeline run``): which "dead" it
+counts, and what its second FVU is."""
 
 
 def table(results: list[dict[str, Any]]) -> str:
     truth = any("ground_truth" in r for r in results)  # a synthetic cache: recovery and absorption columns
     downstream = any(r.get("lm") for r in results)  # CE recovered against zero- and mean-ablation, KL
-    head = f"{'run':<24} {'arch':<10} {'width':>7} {'k':>4} {'L0':>7} {'FVU':>7} {'FVU seed':>8} {'cos':>6} " \
+    head = f"{'run':<24} {'arch':<10} {'width':>7} {'k':>4} {'L0':>7} {'FVU':>7} {'FVU scalar-mean':>15} {'cos':>6} " \
            f"{'dead':>6} {'dense':>6}" + (f" {'recovery':>8} {'absorb':>7}" if truth else "") + \
            (f" {'CE rec0':>7} {'CE recM':>7} {'KL':>7}" if downstream else "") + "  prefix FVU"
     lines = [head]
@@ -175,7 +208,7 @@ def table(results: list[dict[str, Any]]) -> str:
         if downstream:
             lm = r.get("lm") or {}
             cells += "".join(f" {_num(lm.get(k)):>7}" for k in ("ce_recovered_zero", "ce_recovered_mean", "kl"))
-        lines.append(f"{r['run']:<24} {c['arch']:<10} {c['width']:>7} {c['k']:>4} {r['l0']:>7.1f} {r['fvu']:>7.4f} "
-                     f"{r['fvu_seed']:>8.4f} {r['cosine']:>6.3f} {r['dead']:>6} {r['dense']:>6}{cells}  "
-                     + " ".join(f"{v:.3f}" for v in r["prefix_fvu"]))
+        lines.append(f"{r['run']:<24} {c['arch']:<10} {c['width']:>7} {c['k']:>4} {_num(r['l0'], '.1f'):>7} "
+                     f"{_num(r['fvu']):>7} {_num(r['fvu_seed']):>15} {_num(r['cosine'], '.3f'):>6} {r['dead']:>6} "
+                     f"{r['dense']:>6}{cells}  " + " ".join(_num(v, ".3f") for v in r["prefix_fvu"]))
     return "\n".join(lines)

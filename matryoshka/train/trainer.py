@@ -5,6 +5,15 @@ sites), so K configs cost one read. Each run keeps its own dictionary, objective
 schedule, writes metrics to ``metrics.jsonl``, and checkpoints to ``checkpoint/`` together with the
 reader's cursor, so a resumed run continues the very stream it was on.
 
+A run folder has one writer: training holds its lock (``.writer.lock``, the cache's lock, see
+``cache/lock.py``) from before it reads the checkpoint until it returns, so a second ``pipeline train``
+or ``pipeline run`` of the run, or an evaluation of it, is refused while it trains. SIGINT and SIGTERM
+write a checkpoint at the current step and stop (``stop.py``).
+
+``aux_dead`` (metrics.jsonl, the progress bar's ``AuxDead``) counts the latents the auxiliary loss treats
+as dead now: none of the last ``dead_tokens`` training tokens fired them (20 steps under ``reference``).
+It is not evaluation's ``dead`` (no firing on any held-out token), which is named differently for that.
+
 Inputs are scaled by constants from the cache's statistics so every array has E||x||^2 = d (the
 scales are saved with the run); FVU is reported against the cache's total variance.
 """
@@ -15,7 +24,7 @@ import json
 import math
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .. import strict_json
 from ..cache import Cache, CacheError
+from ..cache.lock import writer_lock
 from ..cache.reader import ReaderConfig
 from ..distributed import RankStreams, Team
 from ..config import ConfigError, RunConfig, TrainConfig, check_device
@@ -31,6 +42,7 @@ from .dictionary import Dictionary
 from .export import export_missing, export_saelens
 from .load import checkpoint_dir
 from .objectives import Objective
+from .stop import Interrupted, StopSignals, signal_name
 
 
 class Run:
@@ -95,7 +107,7 @@ class Run:
         prefix_fvu = out.prefix_mse * y.shape[-1] / self.variance  # the last prefix is the full reconstruction
         return {"loss": out.loss, "aux": out.aux, "l0": len(out.code.values) / x.shape[0],
                 "l2": out.prefix_mse[-1], "fvu": prefix_fvu[-1],
-                "dead": self.objective.dead_mask().sum(), "prefix_fvu": prefix_fvu}
+                "aux_dead": self.objective.dead_mask().sum(), "prefix_fvu": prefix_fvu}
 
     # -- files ---------------------------------------------------------------------------------------
     def save(self, cursor: dict[str, Any]) -> None:
@@ -184,12 +196,28 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     Under torchrun, the ranks train data-parallel (matryoshka/distributed.py) and rank 0 writes the files."""
     team = Team.join(torch.device(cfg.device) if cfg.device else None)
     try:
-        return _train(cfg, progress, team)
+        with ExitStack() as locks, StopSignals() as stop:
+            return _train(cfg, progress, team, locks, stop)
     finally:
         team.leave()
 
 
-def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
+def run_lock(run_dir: Path, doing: str) -> Any:
+    """The run folder's writer lock (the folder is created), to hold with ``with``: entering it is refused,
+    naming the holder's pid and host, while another process trains or evaluates the run (exit 2)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return writer_lock(run_dir, what="run", doing=doing)
+
+
+def _stopping(stop: StopSignals, team: Team, device: torch.device) -> int | None:
+    """The signal that stops training after this step, agreed by every rank (the highest one received)."""
+    if team.size == 1:
+        return stop.received
+    got = team.all_reduce(torch.tensor([stop.received or 0], device=device), "max")
+    return int(got) or None
+
+
+def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop: StopSignals) -> list[Path]:
     if not cfg.runs:
         raise ConfigError("train.runs: no runs to train; list at least one under train.runs")
     check_device(cfg.device)
@@ -200,6 +228,8 @@ def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
     device = torch.device(cfg.device or (f"cuda:{team.local_rank}" if torch.cuda.is_available() else "cpu"))
     root = Path(cfg.runs_dir) / cache.fingerprint
     runs = [Run(r, cache, root, cfg.batch_size, device, team if team.size > 1 else None) for r in cfg.runs]
+    for r in runs if team.leader else []:  # before the checkpoint is read: no other writer can change it now
+        locks.enter_context(run_lock(r.dir, "trained"))
     states = [r.load() for r in runs]
     active = [r for r in runs if not r.done]
     for r in runs if team.leader else []:
@@ -229,7 +259,8 @@ def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
     for r in active if writes else []:
         r.dir.mkdir(parents=True, exist_ok=True)
         (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
-    logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a") for r in active} if writes else {}
+    # line-buffered: `tail -f metrics.jsonl` follows training (lines past the checkpoint are trimmed on resume)
+    logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a", buffering=1) for r in active} if writes else {}
     wandb_runs = _wandb_runs(cfg, active, cache) if writes else {}
     bars = {r.cfg.name: tqdm(total=r.total_steps, initial=r.step, desc=r.cfg.name, position=i, leave=True,
                              disable=not (progress and writes), dynamic_ncols=True) for i, r in enumerate(active)}
@@ -252,16 +283,17 @@ def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
                     waits[r.cfg.name] = [0.0, now]
                     row.update(step=r.step, tokens=r.step * cfg.batch_size, lr=r.sched.get_last_lr()[0],
                                time=time.time(), reader_wait=round(spent / max(now - since, 1e-9), 4))
-                    logs[r.cfg.name].write(json.dumps(row) + "\n")
+                    logs[r.cfg.name].write(strict_json.dumps(row) + "\n")
                     if r.cfg.name in wandb_runs:
                         wandb_runs[r.cfg.name].log(row, step=r.step)
                     bars[r.cfg.name].set_postfix_str(
                         f"Loss: {row['loss']:.4g}, L0: {row['l0']:.1f}, L2: {row['l2']:.4g}, "
-                        f"FVU: {row['fvu']:.3f}, Dead: {int(row['dead'])}, Wait: {row['reader_wait']:.0%}",
+                        f"FVU: {row['fvu']:.3f}, AuxDead: {int(row['aux_dead'])}, Wait: {row['reader_wait']:.0%}",
                         refresh=False)
                 bars[r.cfg.name].update(1)
             finished = [r for r in active if r.done]
-            if finished or any(r.step % cfg.checkpoint_every == 0 for r in active):
+            signum = _stopping(stop, team, device)
+            if finished or signum or any(r.step % cfg.checkpoint_every == 0 for r in active):
                 cursor = reader.state_dict()  # every data rank's cursor
                 for r in active if writes else []:
                     r.save(cursor)
@@ -271,6 +303,10 @@ def _train(cfg: TrainConfig, progress: bool, team: Team) -> list[Path]:
                 if r.cfg.name in wandb_runs:
                     _log_artifact(wandb_runs[r.cfg.name], r, cache)
             active = [r for r in active if not r.done]
+            if signum and active:
+                raise Interrupted(signum, f"train: stopped by {signal_name(signum)} at step {active[0].step}; "
+                                          f"checkpoint written for {', '.join(r.cfg.name for r in active)} in "
+                                          f"{root}; run the same command to resume")
     finally:
         for f in logs.values():
             f.close()
