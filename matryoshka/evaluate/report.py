@@ -152,7 +152,7 @@ def _table(results: list[dict]) -> list[str]:
     for r in results:
         c, f = r["config"], r.get("features") or {}
         sites = c["source"] if c["target"] in (None, c["source"]) else f"{c['source']} → {c['target']}"
-        rows.append(f"| {r['run']} | {c['arch']} | {sites} | {c['width']} | {c['k']} | "
+        rows.append(f"| {r['run']} | {c['arch']} | {sites} | {c['width']} | {_num(c['k'], 'd')} | "
                     f"{r['l0']:.1f} | {r['fvu']:.4f} | {r['fvu_seed']:.4f} | {r['cosine']:.3f} | {r['dead']} | "
                     f"{r['dense']} | {_num(f.get('absorption'), '.2e')} | {_num(f.get('splitting'), '.2e')} | "
                     f"{_num(f.get('splitting_conditional'), '.2e')} | {_num(f.get('monosemanticity'), '.3f')} |"

@@ -33,7 +33,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -46,6 +46,7 @@ from .features import feature_metrics, heldout_codes
 from .ground_truth import ground_truth
 from .metrics import reconstruction
 from .report import runs_of, write_report
+from .saelens import check_saes, load_sae
 from .splice import LM, dictionary_fn, no_lm_reason
 
 def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Path]:
@@ -66,20 +67,41 @@ def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> lis
     return runs
 
 
-def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None) -> list[dict[str, Any]]:
-    """Evaluate runs (see the module docstring; ``runs``: these run folders instead), write their eval.json,
-    return the results. Each cache's LM is loaded once for all of its runs."""
+def _dictionaries(settings: EvaluateConfig, runs: list[Path] | None,
+                  saes: list[str]) -> Iterator[tuple[Path, Dictionary, Cache]]:
+    """(folder for its eval.json, dictionary, cache) of each run, then of each SAELens folder in ``saes``
+    (all of them checked against the cache before the first run is evaluated; see saelens.py)."""
+    cache, local_cache_dir = settings.cache, settings.local_cache_dir
+    checked = []
+    if saes:
+        if cache is None:
+            raise CacheError("evaluate: --sae needs --cache, the cache to evaluate the SAELens dictionaries on")
+        sae_cache = Cache(cache, local_cache_dir=local_cache_dir)
+        checked = check_saes(saes, sae_cache, settings.runs_dir)
+        runs = runs if runs is not None or settings.run is not None else []
+    for path in runs if runs is not None else find_runs(settings.run, cache, settings.runs_dir):
+        dic = load(path)
+        c = Cache(cache or dic.config["cache"], local_cache_dir=local_cache_dir)
+        if c.fingerprint != dic.config["fingerprint"]:
+            raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {dic.config['fingerprint']}, not on "
+                             f"{c.path!r} ({c.fingerprint})")
+        yield path, dic, c
+    for sae_cfg, out in checked:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out, load_sae(sae_cfg), sae_cache
+
+
+def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None,
+             saes: list[str] | None = None) -> list[dict[str, Any]]:
+    """Evaluate runs (see the module docstring; ``runs``: these run folders instead; ``saes``: SAELens
+    folders, on ``cfg.cache``, with the run ``cfg.run`` if one is given), write their eval.json, return the
+    results. Each cache's LM is loaded once for all of its runs."""
     check_device(cfg.device)
-    cache, batch_size, dense_above, local_cache_dir = cfg.cache, cfg.batch_size, cfg.dense_above, cfg.local_cache_dir
+    batch_size, dense_above = cfg.batch_size, cfg.dense_above
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
-    for path in runs if runs is not None else find_runs(cfg.run, cache, cfg.runs_dir):
-        dic = load(path)
+    for path, dic, c in _dictionaries(settings, runs, list(saes or [])):
         cfg = dic.config
-        c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
-        if c.fingerprint != cfg["fingerprint"]:
-            raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "
-                             f"{c.path!r} ({c.fingerprint})")
         if c.split["heldout"][0] == c.split["heldout"][1]:
             raise CacheError(f"evaluate: cache {c.path!r} has no held-out split; evaluation reads only held-out "
                              "tokens (`pipeline harvest` holds out at least one chunk: --holdout)")
@@ -159,7 +181,8 @@ def table(results: list[dict[str, Any]]) -> str:
         if downstream:
             lm = r.get("lm") or {}
             cells += "".join(f" {_num(lm.get(k)):>7}" for k in ("ce_recovered_zero", "ce_recovered_mean", "kl"))
-        lines.append(f"{r['run']:<24} {c['arch']:<10} {c['width']:>7} {c['k']:>4} {r['l0']:>7.1f} {r['fvu']:>7.4f} "
+        k = "-" if c["k"] is None else c["k"]  # a SAELens dictionary without a k (ReLU, JumpReLU)
+        lines.append(f"{r['run']:<24} {c['arch']:<10} {c['width']:>7} {k:>4} {r['l0']:>7.1f} {r['fvu']:>7.4f} "
                      f"{r['fvu_seed']:>8.4f} {r['cosine']:>6.3f} {r['dead']:>6} {r['dense']:>6}{cells}  "
                      + " ".join(f"{v:.3f}" for v in r["prefix_fvu"]))
     return "\n".join(lines)
