@@ -36,10 +36,21 @@ EVAL = ["--no-features", "--contexts", "0", "--lm-tokens", "96", "--lm-batch-siz
 
 
 @pytest.fixture(scope="module")
-def trained(gpt2_dir, corpus, tmp_path_factory):
+def gpt2(gpt2_dir, tmp_path_factory) -> Path:
+    """The tiny GPT-2 with the legacy ``n_ctx`` in its config.json, as the Hub's GPT-2 configs have it:
+    TransformerLens 3's HookedTransformer reads it (transformers no longer writes it)."""
+    out = tmp_path_factory.mktemp("model") / "tiny-gpt2"
+    shutil.copytree(gpt2_dir, out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "n_ctx": cfg["n_positions"]}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(gpt2, corpus, tmp_path_factory):
     """Runs of every exported architecture on a tiny GPT-2 cache: (cache, runs folder, {name: run dir})."""
     tmp = tmp_path_factory.mktemp("saelens")
-    path = harvest(harvest_config(gpt2_dir, corpus, tmp / "cache", sites="1.resid_mid,1.mlp_in,1.mlp_out",
+    path = harvest(harvest_config(gpt2, corpus, tmp / "cache", sites="1.resid_mid,1.mlp_in,1.mlp_out",
                                   layers=None), progress=False)
     dirs = train(TrainConfig(cache=str(path), runs=RUNS, runs_dir=str(tmp / "runs"), batch_size=128,
                              buffer_tokens=1024, checkpoint_every=100), progress=False)
@@ -62,13 +73,13 @@ def _fvu(y_hat: torch.Tensor, y: torch.Tensor, cache: Cache, array: str) -> floa
     return float((y_hat.double() - y.double()).pow(2).sum() / (y.double() - mu).pow(2).sum())
 
 
-def test_exports_carry_what_saelens_needs_to_rebuild_their_metadata(trained, gpt2_dir, corpus):
+def test_exports_carry_what_saelens_needs_to_rebuild_their_metadata(trained, gpt2, corpus):
     cache, _, dirs = trained
     for name, run in dirs.items():
         cfg, spec = _cfg(run), next(r for r in RUNS if r["name"] == name)
         meta = cfg["metadata"]
         assert meta["sae_lens_version"] == "6.0.0" and meta["sae_lens_training_version"] is None
-        assert meta["model_name"] == str(Path(gpt2_dir).resolve())  # resolved, not as typed
+        assert meta["model_name"] == str(gpt2.resolve())  # resolved, not as typed
         assert meta["dataset_path"] == str(Path(corpus).resolve())
         assert (meta["context_size"], meta["prepend_bos"]) == (32, True)
         assert meta["exclude_special_tokens"] == [cache.manifest["bos"]["token_id"]]
@@ -79,8 +90,11 @@ def test_exports_carry_what_saelens_needs_to_rebuild_their_metadata(trained, gpt
         assert cfg["normalize_activations"] == "none"
         assert cfg["architecture"] == {"mat": "jumprelu", "btk": "jumprelu", "topk": "topk", "tc": "jumprelu_transcoder",
                                        "skip": "jumprelu_skip_transcoder"}[name]
-    assert _cfg(dirs["mat"])["matryoshka_widths"] == _cfg(dirs["mat"])["metadata"]["matryoshka_widths"] == [16, 48, 128]
-    assert "matryoshka_widths" not in _cfg(dirs["btk"])
+        if "target" not in spec:  # SAELens's record of how an SAE saved as jumprelu was trained
+            assert meta["training_architecture"] == {"mat": "matryoshka_batchtopk", "btk": "batchtopk", "topk": "topk"}[name]
+            assert meta["training_architecture_details"]["k"] == 4
+    assert _cfg(dirs["mat"])["metadata"]["training_architecture_details"]["matryoshka_widths"] == [16, 48, 128]
+    assert "matryoshka_widths" not in _cfg(dirs["btk"])["metadata"]["training_architecture_details"]
 
 
 def test_a_saelens_folder_reads_as_the_run_it_was_exported_from(trained):
@@ -163,3 +177,149 @@ def test_evaluate_sae_needs_a_cache_and_distinct_names(trained, tmp_path):
     assert out.exit_code == 2 and "would both be named 'tc-saelens'" in out.output
     out = _evaluate(cache, tmp_path / "runs", "--sae", str(tmp_path))
     assert out.exit_code == 2 and "is not a SAELens folder" in out.output
+
+
+# -- with SAELens itself (CI: the second environment; skipped where SAELens is not installed) ------------------
+
+PROCESSING = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+              "refactor_factored_attn_matrices")
+
+
+def _hooked(model_dir: str, kwargs: dict):
+    """``HookedSAETransformer.from_pretrained(model_dir, **kwargs)``, step by step: its name check accepts only
+    Hub names, while TransformerLens's config and weight loaders below it accept a local folder."""
+    from sae_lens import HookedSAETransformer
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    process = {k: v for k, v in kwargs.items() if k in PROCESSING}
+    cfg = loading.get_pretrained_model_config(model_dir, fold_ln=process.get("fold_ln", True), device="cpu",
+                                              **{k: v for k, v in kwargs.items() if k not in PROCESSING})
+    state = loading.get_pretrained_state_dict(model_dir, cfg, AutoModelForCausalLM.from_pretrained(model_dir))
+    model = HookedSAETransformer(cfg, AutoTokenizer.from_pretrained(model_dir))
+    model.load_and_process_state_dict(state, **process)
+    return model.eval()
+
+
+def test_exports_load_in_saelens_with_the_metadata_they_wrote(trained):
+    sae_lens = pytest.importorskip("sae_lens")
+    import matryoshka
+
+    cache, _, dirs = trained
+    for name, run in dirs.items():
+        theirs = sae_lens.SAE.load_from_disk(str(run / "saelens"))
+        assert theirs.cfg.metadata.to_dict() == _cfg(run)["metadata"], name
+        ours = matryoshka.load(run)
+        x = _heldout(cache, ours.config["source"])
+        torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-5, msg=name)  # skip included
+
+
+def test_an_export_attached_the_way_its_metadata_says_sees_the_cached_rows(trained):
+    pytest.importorskip("sae_lens")
+    import sae_lens
+
+    import matryoshka
+
+    cache, _, dirs = trained
+    a, b = cache.split["heldout"]
+    ctx = cache.manifest["context_size"]
+    tokens = torch.from_numpy(np.asarray(cache.tokens[a:b]).astype(np.int64)).view(-1, ctx)
+    scored = (torch.arange(b - a) % ctx != 0).view(-1, ctx)  # BOS rows: left out of every FVU
+    meta = _cfg(dirs["btk"])["metadata"]
+    model = _hooked(meta["model_name"], meta["model_from_pretrained_kwargs"])
+    _, clean = model.run_with_cache(tokens)
+    for array, hook in HOOKS.items():  # the model as the export says reproduces the cache at every hook
+        torch.testing.assert_close(clean[hook].reshape(-1, 64), torch.from_numpy(cache.read(array, a, b)),
+                                   rtol=1e-4, atol=1e-5, msg=hook)
+    default = _hooked(meta["model_name"], {})  # TransformerLens's default processing does not (it centres the
+    _, processed = default.run_with_cache(tokens)  # residual stream; the fixture's LayerNorms are identities)
+    hook = "blocks.1.hook_resid_mid"
+    assert (processed[hook] - clean[hook]).norm() > 0.1 * clean[hook].norm()
+    for name, run in dirs.items():
+        sae = sae_lens.SAE.load_from_disk(str(run / "saelens"))
+        m = sae.cfg.metadata
+        model.add_sae(sae, exclude_special_tokens=m.exclude_special_tokens)
+        out_hook = m.hook_name_out or m.hook_name
+        _, spliced = model.run_with_cache(tokens)
+        model.reset_saes()
+        ours = matryoshka.load(run)
+        source = ours.config["source"]
+        x = spliced[f"{out_hook}.hook_sae_input"][scored]
+        torch.testing.assert_close(x, _heldout(cache, source), rtol=1e-4, atol=1e-5, msg=name)
+        target = ours.config["target"] or source
+        y = clean[out_hook][scored]
+        recons = spliced[f"{out_hook}.hook_sae_recons"][scored]
+        if ours.W_skip is not None:  # SAELens splices encode-then-decode: a skip transcoder's skip term is dropped
+            torch.testing.assert_close(sae(x) - recons, x @ sae.W_skip.T, rtol=1e-4, atol=1e-5)
+            recons = recons + x @ sae.W_skip.T
+        on_cache = _fvu(ours(_heldout(cache, source)), _heldout(cache, target), cache, target)
+        assert _fvu(recons, y, cache, target) == pytest.approx(on_cache, rel=1e-4), name
+
+
+def _saelens_saved(folder: Path, kind: str, meta: dict) -> Path:
+    """A random dictionary of SAELens architecture ``kind`` (d_in 64, width 96), created and saved by SAELens."""
+    from sae_lens import saes
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    common = {"d_in": 64, "d_sae": 96, "metadata": SAEMetadata(**meta)}
+    tc = {"d_out": 64, "apply_b_dec_to_input": False}
+    made = {
+        "standard": lambda: saes.StandardSAE(saes.StandardSAEConfig(**common)),
+        "topk": lambda: saes.TopKSAE(saes.TopKSAEConfig(k=6, rescale_acts_by_decoder_norm=True, **common)),
+        "jumprelu": lambda: saes.JumpReLUSAE(saes.JumpReLUSAEConfig(**common)),
+        "batchtopk": lambda: saes.BatchTopKTrainingSAE(saes.BatchTopKTrainingSAEConfig(k=6, **common)),
+        "matryoshka": lambda: saes.MatryoshkaBatchTopKTrainingSAE(saes.MatryoshkaBatchTopKTrainingSAEConfig(
+            k=6, matryoshka_widths=[16, 48, 96], **common)),
+        "transcoder": lambda: saes.Transcoder(saes.TranscoderConfig(**common, **tc)),
+        "skip_transcoder": lambda: saes.SkipTranscoder(saes.SkipTranscoderConfig(**common, **tc)),
+        "jumprelu_transcoder": lambda: saes.JumpReLUTranscoder(saes.JumpReLUTranscoderConfig(**common, **tc)),
+    }[kind]()
+    with torch.no_grad():
+        for p in made.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        for name in ("threshold", "topk_threshold"):
+            if hasattr(made, name):
+                getattr(made, name).fill_(0.4)
+        if hasattr(made, "log_threshold"):
+            made.log_threshold.fill_(np.log(0.4))
+    if hasattr(made, "save_inference_model"):  # a training SAE: saved as SAELens saves its finished runs
+        made.save_inference_model(folder)
+    else:
+        made.save_model(folder)
+    return folder
+
+
+SAELENS_KINDS = ["standard", "topk", "jumprelu", "batchtopk", "matryoshka", "transcoder", "skip_transcoder",
+                 "jumprelu_transcoder"]
+
+
+@pytest.mark.parametrize("kind", SAELENS_KINDS)
+def test_a_dictionary_saelens_saved_evaluates_through_sae_with_saelens_fvu(trained, tmp_path, gpt2, kind):
+    sae_lens = pytest.importorskip("sae_lens")
+
+    cache, _, _ = trained
+    transcoder = "transcoder" in kind
+    source, target = ("1.mlp_in", "1.mlp_out") if transcoder else ("1.resid_mid", "1.resid_mid")
+    meta = {"model_name": str(gpt2), "hook_name": HOOKS[source]}
+    if transcoder:
+        meta["hook_name_out"] = HOOKS[target]
+    folder = _saelens_saved(tmp_path / kind, kind, meta)
+    out = _evaluate(cache, tmp_path / "runs", "--sae", str(folder), "--no-lm")
+    assert out.exit_code == 0, out.output
+    got = json.loads((tmp_path / "runs" / cache.fingerprint / kind / "eval.json").read_text())
+    theirs = sae_lens.SAE.load_from_disk(str(folder))
+    x, y = _heldout(cache, source), _heldout(cache, target)
+    with torch.no_grad():
+        want, acts = _fvu(theirs(x), y, cache, target), theirs.encode(x)
+    assert got["fvu"] == pytest.approx(want, rel=1e-5)
+    assert got["l0"] == pytest.approx(float((acts != 0).sum(1).double().mean()), rel=1e-6)
+    assert 0 < got["l0"] < 96
+    assert got["config"]["arch"] == json.loads((folder / "cfg.json").read_text())["architecture"]
+    widths = [16, 48, 96] if kind == "matryoshka" else [96]  # SAELens kept the Matryoshka widths: so did we
+    with torch.no_grad():
+        skip = theirs(x) - theirs.decode(acts)  # a skip transcoder's skip term (decode leaves it out), else 0
+        prefixes = [_fvu(theirs.decode(acts * (torch.arange(96) < w)) + skip, y, cache, target) for w in widths]
+    assert got["prefix_fvu"] == pytest.approx(prefixes, rel=1e-5) and got["config"]["group_sizes"] == np.diff(
+        [0, *widths]).tolist()

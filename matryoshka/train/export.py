@@ -49,8 +49,6 @@ def export_saelens(run: str | Path, out: str | Path, manifest: dict[str, Any] | 
         config["k"] = dic.k
     if dic.transcoder:
         config["d_out"] = dic.d_out
-    if cfg["arch"] == "matryoshka":  # where SAELens's Matryoshka training config keeps them (dropped on load)
-        config["matryoshka_widths"] = metadata["matryoshka_widths"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().float() for k, v in weights.items()}, out / "sae_weights.safetensors")

@@ -46,6 +46,9 @@ ARCHITECTURES: dict[str, tuple[bool, bool, str]] = {  # SAELens architecture: (t
     "jumprelu_transcoder": (True, False, "jumprelu"), "jumprelu_skip_transcoder": (True, True, "jumprelu"),
 }
 
+TRAINING_ARCHITECTURES = {"matryoshka": "matryoshka_batchtopk", "batchtopk": "batchtopk", "topk": "topk"}
+"""Our ``arch`` as SAELens names the training architecture (``metadata.training_architecture``)."""
+
 
 def resolved_path(name: str | None) -> str | None:
     """An existing local path as an absolute path; anything else (a Hub id) as it is."""
@@ -74,8 +77,11 @@ def saelens_metadata(cfg: dict[str, Any], manifest: dict[str, Any]) -> dict[str,
     }
     if cfg["transcoder"]:
         meta["hook_name_out"] = arrays.get(cfg["target"], {}).get("hook_name", cfg["target"])
-    if cfg["arch"] == "matryoshka":  # SAELens's form: cumulative widths (its load drops the config's own copy)
-        meta["matryoshka_widths"] = np.cumsum(cfg["group_sizes"]).tolist()
+    else:  # where SAELens records how an SAE saved as jumprelu was trained, in its training config's terms
+        meta["training_architecture"] = TRAINING_ARCHITECTURES[cfg["arch"]]
+        meta["training_architecture_details"] = {"k": cfg["k"]}
+        if cfg["arch"] == "matryoshka":  # SAELens's form: cumulative widths
+            meta["training_architecture_details"]["matryoshka_widths"] = np.cumsum(cfg["group_sizes"]).tolist()
     return meta
 
 
@@ -125,7 +131,7 @@ def read_saelens_config(folder: str | Path) -> SAELensConfig:
     if (cfg.get("reshape_activations") or "none") != "none":
         raise _bad(folder, f"reshape_activations {cfg['reshape_activations']!r} is not supported; supported: 'none'")
     width, d_in = int(cfg["d_sae"]), int(cfg["d_in"])
-    widths = meta.get("matryoshka_widths") or [width]
+    widths = (meta.get("training_architecture_details") or {}).get("matryoshka_widths") or [width]
     groups = np.diff([0, *widths]).tolist()
     if widths[-1] != width or min(groups) <= 0:
         raise _bad(folder, f"matryoshka_widths {widths} must increase to d_sae {width}")
