@@ -164,6 +164,22 @@ def test_a_sae_that_does_not_fit_the_cache_is_one_line_and_writes_nothing(traine
     assert not (tmp_path / "runs").exists()  # checked before the first one was evaluated
 
 
+def test_a_sae_of_another_width_than_its_hook_is_one_line(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    cache, _, dirs = trained
+    narrow = tmp_path / "narrow"
+    shutil.copytree(dirs["tc"] / "saelens", narrow)
+    weights = load_file(narrow / "sae_weights.safetensors")
+    save_file({**weights, "W_enc": weights["W_enc"][:32].contiguous()}, narrow / "sae_weights.safetensors")
+    cfg = json.loads((narrow / "cfg.json").read_text())
+    (narrow / "cfg.json").write_text(json.dumps({**cfg, "d_in": 32}))
+    out = _evaluate(cache, tmp_path / "runs", "--sae", str(narrow))
+    assert out.exit_code == 2 and len(out.output.strip().splitlines()) == 1, out.output
+    assert "its width at 'blocks.1.mlp.hook_in' is 32, but the cache's is 64" in out.output
+    assert not (tmp_path / "runs").exists()
+
+
 def test_evaluate_sae_needs_a_cache_and_distinct_names(trained, tmp_path):
     from typer.testing import CliRunner
 

@@ -1,8 +1,9 @@
 """`pipeline evaluate`: metrics of trained runs on their cache's held-out split, and one comparison table.
 
 With a run folder: that run. With ``--cache``: every run trained on that cache. With neither: the most
-recently trained run under ``runs_dir`` (as the seed's evaluation script did). Each run gets an
-``eval.json``::
+recently trained run under ``runs_dir`` (as the seed's evaluation script did). With ``--sae FOLDER``
+(repeatable): those SAELens dictionaries on ``--cache`` (and the run folder, if one is given), their results
+in ``RUNS_DIR/<fingerprint>/NAME/`` (see saelens.py). Each run gets an ``eval.json``::
 
     {"run": name, "fingerprint": cache fingerprint, "tokens": evaluated tokens,
      "fvu", "fvu_seed", "mse", "cosine", "l0", "prefix_fvu": [per group], "dead", "dense",
