@@ -141,10 +141,10 @@ def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[
     from .evaluate.run import evaluate, table
 
     def go() -> None:
-        cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run})
+        cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run, "sae": sae or None})
         if config is not None and flags.get("runs_dir") is None and cfg.runs_dir == EvaluateConfig.runs_dir:
             cfg = dataclasses.replace(cfg, runs_dir=load_pipeline(config).train.runs_dir)  # as `pipeline run` does
-        results = evaluate(cfg, progress=not quiet, saes=sae)
+        results = evaluate(cfg, progress=not quiet)
         typer.echo(table(results))
         for report in dict.fromkeys(r["report"] for r in results if "report" in r):
             typer.echo(f"report: {report}")
@@ -157,9 +157,8 @@ app.command("evaluate", help="Metrics of trained runs on their cache's held-out 
         "run", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
         default=typer.Argument(None, help="A run folder; default: every run of --cache, or the most recent run.")),
         inspect.Parameter("sae", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]], default=typer.Option(
-            None, "--sae", help="A SAELens folder (cfg.json + sae_weights.safetensors) to evaluate on --cache "
-                                "instead of its runs; repeatable."))]
-        + _flags_from(EvaluateConfig, skip=("run",))))
+            None, "--sae", help=next(f.metadata["help"] for f in dataclasses.fields(EvaluateConfig) if f.name == "sae")))]
+        + _flags_from(EvaluateConfig, skip=("run", "sae"))))
 
 
 @app.command("run")

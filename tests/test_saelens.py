@@ -17,7 +17,7 @@ import torch
 
 from conftest import harvest_config
 from matryoshka.cache import Cache
-from matryoshka.config import TrainConfig
+from matryoshka.config import ConfigError, TrainConfig
 from matryoshka.harvest import harvest
 from matryoshka.train.saelens import RAW_ACTIVATIONS, read_saelens
 from matryoshka.train.trainer import train
@@ -346,3 +346,27 @@ def test_a_dictionary_saelens_saved_evaluates_through_sae_with_saelens_fvu(train
         prefixes = [_fvu(theirs.decode(acts * (torch.arange(96) < w)) + skip, y, cache, target) for w in widths]
     assert got["prefix_fvu"] == pytest.approx(prefixes, rel=1e-5) and got["config"]["group_sizes"] == np.diff(
         [0, *widths]).tolist()
+
+
+def test_a_pre_6_saelens_config_reads_with_its_top_level_keys(trained, tmp_path):
+    """SAELens < 6 wrote hook_point, model_name at the top level and TopK as an activation function."""
+    from matryoshka.train.saelens import read_saelens_config
+
+    cache, _, dirs = trained
+    old = tmp_path / "old"
+    shutil.copytree(dirs["topk"] / "saelens", old)
+    cfg = json.loads((old / "cfg.json").read_text())
+    meta = cfg.pop("metadata")
+    del cfg["architecture"]
+    k = cfg.pop("k")
+    cfg.update(hook_point=meta["hook_name"], model_name=meta["model_name"], activation_fn_str="topk",
+               activation_fn_kwargs={"k": k})
+    (old / "cfg.json").write_text(json.dumps(cfg))
+    c = read_saelens_config(old)
+    assert (c.architecture, c.k, c.hook_name, c.model_name) == ("topk", 4, HOOKS["1.resid_mid"], meta["model_name"])
+    x = _heldout(cache, "1.resid_mid")
+    torch.testing.assert_close(read_saelens(old).encode(x), read_saelens(dirs["topk"] / "saelens").encode(x))
+    del cfg["d_sae"]
+    (old / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="cfg.json has no integer d_sae"):
+        read_saelens_config(old)

@@ -92,16 +92,15 @@ def _dictionaries(settings: EvaluateConfig, runs: list[Path] | None,
         yield out, load_sae(sae_cfg), sae_cache
 
 
-def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None,
-             saes: list[str] | None = None) -> list[dict[str, Any]]:
-    """Evaluate runs (see the module docstring; ``runs``: these run folders instead; ``saes``: SAELens
+def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Evaluate runs (see the module docstring; ``runs``: these run folders instead; ``cfg.sae``: SAELens
     folders, on ``cfg.cache``, with the run ``cfg.run`` if one is given), write their eval.json, return the
     results. Each cache's LM is loaded once for all of its runs."""
     check_device(cfg.device)
     batch_size, dense_above = cfg.batch_size, cfg.dense_above
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
-    for path, dic, c in _dictionaries(settings, runs, list(saes or [])):
+    for path, dic, c in _dictionaries(settings, runs, list(settings.sae or [])):
         cfg = dic.config
         if c.split["heldout"][0] == c.split["heldout"][1]:
             raise CacheError(f"evaluate: cache {c.path!r} has no held-out split; evaluation reads only held-out "

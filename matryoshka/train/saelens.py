@@ -121,6 +121,12 @@ def read_saelens_config(folder: str | Path) -> SAELensConfig:
     except ValueError as e:
         raise _bad(folder, f"cfg.json is not JSON ({e})") from None
     meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens < 6 kept these at the top level
+    missing = [key for key in ("d_in", "d_sae") if not isinstance(cfg.get(key), int)]
+    if missing:
+        raise _bad(folder, f"cfg.json has no integer {' or '.join(missing)}")
+    legacy_k = (cfg.get("activation_fn_kwargs") or {}).get("k")  # SAELens < 6 said TopK this way
+    if "architecture" not in cfg and cfg.get("activation_fn", cfg.get("activation_fn_str")) == "topk" and legacy_k:
+        cfg = {**cfg, "architecture": "topk", "k": legacy_k}
     arch = cfg.get("architecture", "standard")
     if arch not in ARCHITECTURES:
         raise _bad(folder, f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
@@ -135,7 +141,9 @@ def read_saelens_config(folder: str | Path) -> SAELensConfig:
     groups = np.diff([0, *widths]).tolist()
     if widths[-1] != width or min(groups) <= 0:
         raise _bad(folder, f"matryoshka_widths {widths} must increase to d_sae {width}")
-    k = int(cfg["k"]) if arch == "topk" else None
+    if arch == "topk" and not isinstance(cfg.get("k"), int):
+        raise _bad(folder, f"a topk SAE needs an integer k, not {cfg.get('k')!r}")
+    k = cfg["k"] if arch == "topk" else None
     hook_out = meta.get("hook_name_out")
     if ARCHITECTURES[arch][0] and hook_out is None:
         raise _bad(folder, f"a {arch} needs metadata.hook_name_out, the hook its output reconstructs")
