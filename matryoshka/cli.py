@@ -145,11 +145,12 @@ app.command("train", help="Train every run listed in the config from one shuffle
     _with_signature(_train, _flags_from(TrainConfig, skip=("runs",))))
 
 
-def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[str] = None, **flags: Any) -> None:
+def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[str] = None,
+              sae: Optional[list[str]] = None, **flags: Any) -> None:
     from .evaluate.run import LEGEND, evaluate, table
 
     def go() -> None:
-        cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run})
+        cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run, "sae": sae or None})
         if config is not None and flags.get("runs_dir") is None and cfg.runs_dir == EvaluateConfig.runs_dir:
             cfg = dataclasses.replace(cfg, runs_dir=load_pipeline(config).train.runs_dir)  # as `pipeline run` does
         results = evaluate(cfg, progress=not quiet)
@@ -164,8 +165,10 @@ def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[
 app.command("evaluate", help="Metrics of trained runs on their cache's held-out split; eval.json per run, one table.")(
     _with_signature(_evaluate, [inspect.Parameter(
         "run", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
-        default=typer.Argument(None, help="A run folder; default: every run of --cache, or the most recent run."))]
-        + _flags_from(EvaluateConfig, skip=("run",))))
+        default=typer.Argument(None, help="A run folder; default: every run of --cache, or the most recent run.")),
+        inspect.Parameter("sae", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]], default=typer.Option(
+            None, "--sae", help=next(f.metadata["help"] for f in dataclasses.fields(EvaluateConfig) if f.name == "sae")))]
+        + _flags_from(EvaluateConfig, skip=("run", "sae"))))
 
 
 @app.command("run")

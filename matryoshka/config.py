@@ -492,6 +492,7 @@ class EvaluateConfig:
 
     run: str | None = opt(None, "A run folder; default: every run of ``cache``, or the most recent run.")
     cache: str | None = opt(None, "Evaluate every run trained on this cache.")
+    sae: list[str] | None = opt(None, "SAELens folders (cfg.json + sae_weights.safetensors) to evaluate on ``cache`` instead of its runs (with ``run``, if given), into its report; on the command line ``--sae FOLDER``, repeatable.")
     runs_dir: str = opt("runs", "Where runs are.")
     batch_size: int = opt(4096, "Tokens per evaluation batch.")
     dense_above: float = opt(0.1, "A latent firing on more than this fraction of tokens counts as dense.")

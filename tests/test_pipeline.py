@@ -181,6 +181,7 @@ def test_killed_in_harvest_then_in_training_resumes_to_the_uninterrupted_result(
     (lambda c: c["harvest"].update(layers=1.5), "harvest.layers: 1.5 is a float; expected"),
     (lambda c: c["evaluate"].update(runs_dir="elsewhere"), "evaluate.runs_dir: 'elsewhere' differs from train.runs_dir"),
     (lambda c: c["evaluate"].update(cache="x"), "evaluate.cache: pipeline run evaluates the runs of train.runs"),
+    (lambda c: c["evaluate"].update(sae=["x"]), "evaluate.sae: pipeline run evaluates the runs of train.runs"),
     (lambda c: c["harvest"].update(shard="0/2"), "harvest.shard: '0/2' writes one worker's part of a cache"),
     (lambda c: c.pop("harvest"), "harvest: the file has no harvest section and no train.cache"),
     (lambda c: c["train"]["runs"][0].update(decay_fraction=5.0), "train.runs[0].decay_fraction: 5.0 must be between"),

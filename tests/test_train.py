@@ -219,27 +219,6 @@ def test_load_folds_the_input_scales(cache, tmp_path):
         matryoshka.load(tmp_path)
 
 
-def test_exported_folder_loads_in_saelens(cache, tmp_path):
-    import matryoshka
-
-    runs = [{**RUNS[0], "tokens": "5K"}, {**RUNS[1], "tokens": "5K"},
-            {"name": "topk", "arch": "topk", "source": "1.resid_mid", "width": 128, "k": 4, "tokens": "5K"}]
-    dirs = {p.name: p for p in train(_cfg(cache, tmp_path, runs=runs), progress=False)}
-    for d in dirs.values():
-        cfg = json.loads((d / "saelens" / "cfg.json").read_text())
-        assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_mid"
-    assert json.loads((dirs["tc"] / "saelens" / "cfg.json").read_text())["metadata"]["hook_name_out"] == \
-        "blocks.1.hook_mlp_out"
-    sae_lens = pytest.importorskip("sae_lens")
-    x = torch.from_numpy(Cache(cache).read("1.resid_mid", 0, 256))
-    for name, d in dirs.items():
-        ours = matryoshka.load(d)
-        theirs = sae_lens.SAE.load_from_disk(str(d / "saelens"))
-        acts = ours.encode(x)
-        torch.testing.assert_close(theirs.encode(x), acts, rtol=1e-5, atol=1e-5, msg=name)
-        torch.testing.assert_close(theirs(x), ours(x), rtol=1e-4, atol=1e-5, msg=name)  # skip included
-
-
 def test_evaluate_runs_of_a_cache(cache, tmp_path):
     from typer.testing import CliRunner
 

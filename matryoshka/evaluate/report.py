@@ -160,7 +160,7 @@ def _table(results: list[dict]) -> list[str]:
     for r in results:
         c, f = r["config"], r.get("features") or {}
         sites = c["source"] if c["target"] in (None, c["source"]) else f"{c['source']} → {c['target']}"
-        rows.append(f"| {r['run']} | {c['arch']} | {sites} | {c['width']} | {c['k']} | "
+        rows.append(f"| {r['run']} | {c['arch']} | {sites} | {c['width']} | {_num(c['k'], 'd')} | "
                     f"{_num(r['l0'], '.1f')} | {_num(r['fvu'], '.4f')} | {_num(r['fvu_seed'], '.4f')} | "
                     f"{_num(r['cosine'], '.3f')} | {r['dead']} | "
                     f"{r['dense']} | {_num(f.get('absorption'), '.2e')} | {_num(f.get('splitting'), '.2e')} | "

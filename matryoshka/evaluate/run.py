@@ -1,8 +1,9 @@
 """`pipeline evaluate`: metrics of trained runs on their cache's held-out split, and one comparison table.
 
 With a run folder: that run. With ``--cache``: every run trained on that cache. With neither: the most
-recently trained run under ``runs_dir`` (as the seed's evaluation script did). Each run gets an
-``eval.json``::
+recently trained run under ``runs_dir`` (as the seed's evaluation script did). With ``--sae FOLDER``
+(repeatable): those SAELens dictionaries on ``--cache`` (and the run folder, if one is given), their results
+in ``RUNS_DIR/<fingerprint>/NAME/`` (see saelens.py). Each run gets an ``eval.json``::
 
     {"run": name, "fingerprint": cache fingerprint, "tokens": evaluated tokens,
      "fvu", "fvu_seed" (the tables' "FVU (scalar mean)"), "mse", "cosine", "l0", "prefix_fvu": [per group],
@@ -39,7 +40,7 @@ import dataclasses
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -55,6 +56,7 @@ from .features import feature_metrics, heldout_codes
 from .ground_truth import ground_truth
 from .metrics import reconstruction
 from .report import runs_of, write_report
+from .saelens import check_saes, load_sae
 from .splice import LM, Splice, dictionary_fn, no_lm_reason
 
 def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Path]:
@@ -75,32 +77,53 @@ def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> lis
     return runs
 
 
+def _dictionaries(settings: EvaluateConfig, runs: list[Path],
+                  saes: list[str]) -> Iterator[tuple[Path, Dictionary, Cache]]:
+    """(folder for its eval.json, dictionary, cache) of each run, then of each SAELens folder in ``saes``
+    (all of them checked against the cache before the first run is evaluated; see saelens.py)."""
+    cache, local_cache_dir = settings.cache, settings.local_cache_dir
+    checked = []
+    if saes:
+        if cache is None:
+            raise CacheError("evaluate: --sae needs --cache, the cache to evaluate the SAELens dictionaries on")
+        sae_cache = Cache(cache, local_cache_dir=local_cache_dir)
+        checked = check_saes(saes, sae_cache, settings.runs_dir)
+    for path in runs:
+        dic = load(path)
+        c = Cache(cache or dic.config["cache"], local_cache_dir=local_cache_dir)
+        if c.fingerprint != dic.config["fingerprint"]:
+            raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {dic.config['fingerprint']}, not on "
+                             f"{c.path!r} ({c.fingerprint})")
+        yield path, dic, c
+    for sae_cfg, out in checked:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out, load_sae(sae_cfg), sae_cache
+
+
 def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None) -> list[dict[str, Any]]:
-    """Evaluate runs (see the module docstring; ``runs``: these run folders instead), write their eval.json,
-    return the results. Each cache's LM is loaded once for all of its runs and run once per held-out batch
-    for all of them (their splices in the same pass). Every run folder is locked first: one being trained
-    (or evaluated) elsewhere stops the command before any work."""
+    """Evaluate runs (see the module docstring; ``runs``: these run folders instead; ``cfg.sae``: SAELens
+    folders, on ``cfg.cache``, with the run ``cfg.run`` if one is given), write their eval.json, return the
+    results. Each cache's LM is loaded once for all of its runs and run once per held-out batch for all of
+    them (their splices in the same pass). Every run folder is locked first: one being trained (or
+    evaluated) elsewhere stops the command before any work."""
     check_device(cfg.device)
-    paths = runs if runs is not None else find_runs(cfg.run, cfg.cache, cfg.runs_dir)
+    saes = list(cfg.sae or [])
+    if runs is None:
+        runs = [] if saes and cfg.run is None else find_runs(cfg.run, cfg.cache, cfg.runs_dir)
     with ExitStack() as locks:
-        for path in paths:
+        for path in runs:
             locks.enter_context(run_lock(path, "evaluated"))
-        return _evaluate(cfg, progress, paths)
+        return _evaluate(cfg, progress, runs, saes)
 
 
-def _evaluate(cfg: EvaluateConfig, progress: bool, paths: list[Path]) -> list[dict[str, Any]]:
-    cache, batch_size, dense_above, local_cache_dir = cfg.cache, cfg.batch_size, cfg.dense_above, cfg.local_cache_dir
+def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[Path], saes: list[str]) -> list[dict[str, Any]]:
+    batch_size, dense_above = cfg.batch_size, cfg.dense_above
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
     pending: list[tuple[Path, dict[str, Any], Splice]] = []  # runs of the current LM, waiting for its one pass
     lm = None
-    for path in paths:
-        dic = load(path)
+    for path, dic, c in _dictionaries(settings, runs, saes):
         cfg = dic.config
-        c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
-        if c.fingerprint != cfg["fingerprint"]:
-            raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "
-                             f"{c.path!r} ({c.fingerprint})")
         if c.split["heldout"][0] == c.split["heldout"][1]:
             raise CacheError(f"evaluate: cache {c.path!r} has no held-out split; evaluation reads only held-out "
                              "tokens (`pipeline harvest` holds out at least one chunk: --holdout)")
@@ -208,7 +231,8 @@ def table(results: list[dict[str, Any]]) -> str:
         if downstream:
             lm = r.get("lm") or {}
             cells += "".join(f" {_num(lm.get(k)):>7}" for k in ("ce_recovered_zero", "ce_recovered_mean", "kl"))
-        lines.append(f"{r['run']:<24} {c['arch']:<10} {c['width']:>7} {c['k']:>4} {_num(r['l0'], '.1f'):>7} "
+        k = "-" if c["k"] is None else c["k"]  # a SAELens dictionary without a k (ReLU, JumpReLU)
+        lines.append(f"{r['run']:<24} {c['arch']:<10} {c['width']:>7} {k:>4} {_num(r['l0'], '.1f'):>7} "
                      f"{_num(r['fvu']):>7} {_num(r['fvu_seed']):>15} {_num(r['cosine'], '.3f'):>6} {r['dead']:>6} "
                      f"{r['dense']:>6}{cells}  " + " ".join(_num(v, ".3f") for v in r["prefix_fvu"]))
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .load import load
+from .saelens import saelens_metadata
 
 
 def _architecture(dic) -> str:
@@ -40,16 +41,7 @@ def export_saelens(run: str | Path, out: str | Path, manifest: dict[str, Any] | 
         weights["threshold"] = torch.full((dic.width,), float(dic.threshold))
     if dic.W_skip is not None:
         weights["W_skip"] = dic.W_skip.t()  # SAELens keeps it as [d_out, d_in]
-    arrays = (manifest or {}).get("arrays", {})
-    metadata = {
-        "model_name": (manifest or {}).get("model", {}).get("name"),
-        "hook_name": arrays.get(cfg["source"], {}).get("hook_name", cfg["source"]),
-        "context_size": (manifest or {}).get("context_size"),
-        "prepend_bos": (manifest or {}).get("bos", {}).get("policy") == "context",
-        "dataset_path": (manifest or {}).get("dataset", {}).get("id"),
-        "matryoshka": {"arch": cfg["arch"], "group_sizes": cfg["group_sizes"], "k": cfg["k"],
-                       "objective": cfg["objective"], "source": cfg["source"], "target": cfg["target"]},
-    }
+    metadata = saelens_metadata(cfg, manifest or {})
     config: dict[str, Any] = {"architecture": arch, "d_in": dic.d_in, "d_sae": dic.width, "dtype": "float32",
                               "device": "cpu", "apply_b_dec_to_input": not dic.transcoder,
                               "normalize_activations": "none", "reshape_activations": "none", "metadata": metadata}
@@ -57,7 +49,6 @@ def export_saelens(run: str | Path, out: str | Path, manifest: dict[str, Any] | 
         config["k"] = dic.k
     if dic.transcoder:
         config["d_out"] = dic.d_out
-        metadata["hook_name_out"] = arrays.get(cfg["target"], {}).get("hook_name", cfg["target"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().float() for k, v in weights.items()}, out / "sae_weights.safetensors")
