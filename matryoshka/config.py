@@ -389,7 +389,7 @@ class RunConfig:
     width: int = opt(0, "Latents; 0 means 16x the source width (the seed's default).")
     group_sizes: list[int] | None = opt(None, "Matryoshka groups; none means the seed's [1x, 2x, 4x, 9x] of width/16.")
     k: int = opt(0, "Active latents per token; 0 means width / 200 (the seed's suggestion).")
-    objective: str = opt("default", "default (the seed's method with its faults fixed) or reference (the seed, exactly).")
+    objective: str = opt("default", "default (the seed's method with its faults fixed) or reference (the seed, exactly; matryoshka or batchtopk).")
     lr: float = opt(3e-4, "Adam learning rate.")
     tokens: int | str = opt("10M", "Training tokens.")
     skip: bool = opt(False, "A transcoder's linear skip connection.")
@@ -426,8 +426,9 @@ class RunConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"{key}: {v!r} must be a non-negative integer" +
                                   (" (0: the seed's default)" if key in ("width", "k") else ""))
-        if self.objective == "reference" and self.arch != "matryoshka":
-            raise ConfigError(f"objective: 'reference' reproduces the seed's Matryoshka BatchTopK; arch is {self.arch!r}")
+        if self.objective == "reference" and self.arch == "topk":
+            raise ConfigError("objective: 'reference' reproduces the seed's Matryoshka BatchTopK (arch: matryoshka) "
+                              "and BatchTopK (arch: batchtopk); arch 'topk' has only objective: default")
 
     def resolve(self, d_in: int) -> "RunConfig":
         """Fill width, groups and k from the source width, and check them."""

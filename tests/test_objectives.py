@@ -60,7 +60,8 @@ def test_batch_topk_is_one_selection_for_the_whole_batch():
 
 
 def seed_step(dic: Dictionary, x: torch.Tensor, inactive: torch.Tensor, threshold: float, k: int):
-    """The seed's GlobalBatchTopKMatryoshkaSAE training step, written out densely and plainly."""
+    """One training step of the seed's GlobalBatchTopKMatryoshkaSAE (``dic.arch == "matryoshka"``) or of its
+    BatchTopKSAE (``"batchtopk"``), written out densely and plainly."""
     W_enc = dic.W_enc.detach().clone().requires_grad_()
     W_dec = dic.W_dec.detach().clone().requires_grad_()
     b_dec = dic.b_dec.detach().clone().requires_grad_()
@@ -73,20 +74,26 @@ def seed_step(dic: Dictionary, x: torch.Tensor, inactive: torch.Tensor, threshol
     threshold = 0.99 * threshold + 0.01 * acts_topk[positive].min().item()
     inactive += (acts_topk.sum(0) == 0).float()
     inactive[acts_topk.sum(0) > 0] = 0
-    recon = b_dec
-    total = (b_dec - x).pow(2).mean()
-    start = 0
-    for size in GROUPS:
-        recon = acts_topk[:, start:start + size] @ W_dec[start:start + size] + recon
-        total = total + (recon - x).pow(2).mean()
-        start += size
-    loss = total / (len(GROUPS) + 1)
+    if dic.arch == "matryoshka":  # the mean of the bias-only and every prefix's mse
+        recon = b_dec
+        total = (b_dec - x).pow(2).mean()
+        start = 0
+        for size in GROUPS:
+            recon = acts_topk[:, start:start + size] @ W_dec[start:start + size] + recon
+            total = total + (recon - x).pow(2).mean()
+            start += size
+        loss = total / (len(GROUPS) + 1)
+    else:  # BatchTopKSAE: the reconstruction's mse alone
+        recon = acts_topk @ W_dec + b_dec
+        loss = (recon - x).pow(2).mean()
     dead = inactive >= 20
     if dead.sum() > 0:
         residual = x - recon
         t = torch.topk(acts[:, dead], min(512, int(dead.sum())), dim=-1)
         acts_aux = torch.zeros_like(acts[:, dead]).scatter(-1, t.indices, t.values)
-        loss = loss + (1 / 32) * (acts_aux @ W_dec[dead] - residual).pow(2).mean()
+        aux_recon = acts_aux @ W_dec[dead]
+        if dic.arch != "matryoshka" or aux_recon.abs().sum() > 0:  # only the Matryoshka class skips a silent aux
+            loss = loss + (1 / 32) * (aux_recon - residual).pow(2).mean()
     loss.backward()
     with torch.no_grad():
         normed = W_dec / W_dec.norm(dim=-1, keepdim=True)
@@ -97,13 +104,17 @@ def seed_step(dic: Dictionary, x: torch.Tensor, inactive: torch.Tensor, threshol
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n_dead", [0, 10])
-def test_reference_step_equals_the_seed(n_dead, device):
+@pytest.mark.parametrize("arch", ["matryoshka", "batchtopk"])
+@pytest.mark.parametrize("n_dead, silent", [(0, False), (10, False), (10, True)])
+def test_reference_step_equals_the_seed(n_dead, silent, arch, device):
+    """``silent``: the dead latents' encoder columns are 0, so no dead pre-activation is positive."""
     torch.set_default_dtype(torch.float64)
     try:
-        dic = _dic().to(device)
+        dic = _dic(arch=arch).to(device)
         with torch.no_grad():
             dic.b_dec.normal_(0, 0.1)
+            if silent:
+                dic.W_enc[:, :n_dead] = 0
         dic.threshold.fill_(0.05)
         obj = Objective(dic, "reference")
         obj.inactive[:n_dead] = 25  # these latents count as dead (their counter passed 20)
@@ -117,7 +128,7 @@ def test_reference_step_equals_the_seed(n_dead, device):
         obj.before_step()
         opt.step()
         obj.after_step()
-        assert (out.aux > 0) == (n_dead > 0)
+        assert (out.aux > 0) == (n_dead > 0 and not (silent and arch == "matryoshka"))
         torch.testing.assert_close(out.loss, loss)
         torch.testing.assert_close(dic.W_enc.detach(), W_enc)
         torch.testing.assert_close(dic.W_dec.detach(), W_dec)
@@ -240,3 +251,52 @@ def test_batch_topk_prefilter_is_exact(shape, k):
     want = torch.sort(idx[vals > 0]).values
     assert torch.equal(code.rows * shape[1] + code.latents, want)
     assert torch.equal(code.values, acts.flatten()[want])  # (no ties in Gaussian data: the same set)
+
+
+def _tiny(arch: str, groups=None) -> Dictionary:
+    """d = 1, three latents with unit decoder rows; latent 2's pre-activation is never positive."""
+    dic = Dictionary(1, 1, 3, k=1, arch=arch, group_sizes=groups)
+    with torch.no_grad():
+        dic.W_enc.copy_(torch.tensor([[1.0, 2.0, -1.0]]))
+        dic.W_dec.copy_(torch.tensor([[1.0], [1.0], [1.0]]))
+        dic.b_dec.zero_()
+    return dic
+
+
+TINY_X = torch.tensor([[1.0], [3.0]])  # acts [1, 2, 0] and [3, 6, 0]; batch top-2 keeps 6 and 3 (row 2)
+
+
+@pytest.mark.parametrize("kind", ["reference", "default"])
+def test_baselines_use_the_standard_loss_by_hand(kind):
+    """BatchTopK and TopK: mse(x_hat, x), with no bias-only term averaged in (that was (5 + 18.5) / 2)."""
+    out = Objective(_tiny("batchtopk"), kind)(TINY_X, TINY_X)
+    # reconstructions 0 and 3 + 6 = 9: ((1 - 0)^2 + (3 - 9)^2) / 2
+    assert out.main.item() == out.loss.item() == pytest.approx(18.5)
+    if kind == "default":  # (the reference has no topk)
+        out = Objective(_tiny("topk"), kind)(TINY_X, TINY_X)
+        # each row's top 1 is latent 1: reconstructions 2 and 6; ((1 - 2)^2 + (3 - 6)^2) / 2
+        assert out.main.item() == out.loss.item() == pytest.approx(5.0)
+    out = Objective(_tiny("matryoshka", [1, 2]), kind)(TINY_X, TINY_X)
+    assert out.main.item() == pytest.approx((5 + 0.5 + 18.5) / 3)  # the Matryoshka keeps the seed's mean
+
+
+@pytest.mark.parametrize("arch, kind, aux, live_grad", [
+    ("matryoshka", "reference", 0.0, 0.0),         # the seed's Matryoshka skips a silent aux
+    ("batchtopk", "reference", 18.5 / 32, 36 / 32),  # its BatchTopKSAE keeps it, and it trains live latents
+    ("matryoshka", "default", 18.5 / 32, 0.0),     # default: kept as a constant (detached residual)
+    ("batchtopk", "default", 18.5 / 32, 0.0),
+])
+def test_aux_when_no_dead_latent_fires_by_hand(arch, kind, aux, live_grad):
+    """Latent 2 is dead and its pre-activation is never positive, so the dead latents decode to 0. The
+    residual is x - x_hat = [1 - 0, 3 - 9], so mse(0, residual) = (1 + 36) / 2 = 18.5."""
+    dic = _tiny(arch, [1, 2] if arch == "matryoshka" else None)
+    obj = Objective(dic, kind, dead_tokens=1)
+    obj.inactive[2] = 25
+    out = obj(TINY_X, TINY_X)
+    assert out.aux.item() == pytest.approx(aux)
+    assert out.loss.item() == pytest.approx(out.main.item() + aux)
+    grads = torch.autograd.grad(out.aux, [dic.W_enc, dic.W_dec, dic.b_dec], allow_unused=True)
+    # d aux / d W_dec[1] = (1/32) * r_2 * d r_2 / d W_dec[1] = (1/32) * (3 - 9) * (-6), r_2 = 3 - (3 W_0 + 6 W_1)
+    assert grads[1][1].item() == pytest.approx(live_grad)
+    if live_grad == 0:
+        assert all(g is None or not g.abs().any() for g in grads)  # the term moves no weight at all

@@ -183,6 +183,7 @@ def test_config_errors_in_the_yaml():
         TrainConfig(cache="x", runs=[{"name": "a", "source": "s"}, {"name": "a", "source": "s"}])
     with pytest.raises(ConfigError, match="reference' reproduces the seed's Matryoshka BatchTopK"):
         RunConfig(name="a", source="s", arch="topk", objective="reference")
+    assert RunConfig(name="a", source="s", arch="batchtopk", objective="reference").objective == "reference"  # the seed's BatchTopKSAE
     assert RunConfig(name="a", source="s").resolve(768).group_sizes == [768, 1536, 3072, 6912]
 
 

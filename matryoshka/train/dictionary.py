@@ -2,7 +2,8 @@
 
 An SAE is a dictionary whose target is its source; a transcoder one whose target is another array
 (its widths may differ, and it may add a linear skip connection). BatchTopK and TopK are Matryoshka
-dictionaries with a single group, so one code path computes every architecture's prefixes.
+dictionaries with a single group, so one code path computes every architecture's prefixes (their loss is
+not the Matryoshka's, though: see :mod:`matryoshka.train.objectives`).
 
     SAE         acts = relu((x - b_dec) @ W_enc)          (the seed never adds b_enc)
     transcoder  acts = relu(x @ W_enc + b_enc)

@@ -1,22 +1,31 @@
-"""Training objectives: the seed's Matryoshka BatchTopK math (``reference``) and its repaired ``default``.
+"""Training objectives: the seed's math (``reference``) and its repaired ``default``.
 
-Both compute, for a batch x (source) and y (target; y = x for an SAE), with G groups::
+Both compute, for a batch x (source) and y (target; y = x for an SAE), every mse a mean over all
+B * d elements::
 
-    loss = (mse(b_dec, y) + sum_g mse(prefix_g, y)) / (G + 1) + aux
+    matryoshka (G groups)   loss = (mse(b_dec, y) + sum_g mse(prefix_g, y)) / (G + 1) + aux
+    batchtopk, topk         loss = mse(y_hat, y) + aux
 
-every mse a mean over all B * d elements. They differ where the seed is faulty (docs/training.md,
-"Objectives"):
+BatchTopK and TopK are the standard baselines (the seed's ``BatchTopKSAE`` and ``TopKSAE``, and every
+peer's): their single group is the whole dictionary, and they have no bias-only prefix to average in,
+which would pull b_dec towards the mean and halve the reconstruction's weight. The objectives differ
+where the seed is faulty (docs/training.md, "Objectives"):
 
 ===================  ==========================================  ============================================
                      reference (the seed, exactly)               default
 ===================  ==========================================  ============================================
 aux residual         y - y_hat, not detached                     detached: aux trains dead latents only
 aux latents k_aux    min(512, n_dead)                            min(d_out, n_dead)
+no dead latent       matryoshka: aux skipped (0); batchtopk:     aux_penalty * mse(0, residual): a constant,
+fires                aux_penalty * mse(0, residual), which       no gradient (see :meth:`Objective._aux`)
+                     trains live weights through the residual
 dead latent          20 *steps* in a row without firing          ``dead_tokens`` tokens without firing
 threshold            EMA from 0 (biased low for ~100s of steps)  EMA started at the first batch's value
 decoder unit norm    renormalised *before* the optimiser step    renormalised *after* it: always unit norm
 ===================  ==========================================  ============================================
 
+``reference`` reproduces the seed's ``GlobalBatchTopKMatryoshkaSAE`` (and its transcoder) for
+``arch: matryoshka`` and its ``BatchTopKSAE`` for ``arch: batchtopk``; ``arch: topk`` has only the default.
 The state each objective keeps (threshold, dead counters) lives in the dictionary's buffers and the
 objective's own tensors, and is saved in checkpoints.
 """
@@ -90,7 +99,10 @@ class Objective:
         self._update_inactive(code, x.shape[0] * (self.team.size if self.team is not None else 1))
         prefixes = dic.prefixes(code, x)
         prefix_mse = (wide(prefixes) - wide(y).unsqueeze(1)).pow(2).mean(dim=(0, 2))
-        main = (mse(dic.b_dec.expand_as(y), y) + prefix_mse.sum()) / (dic.n_groups + 1)
+        if dic.arch == "matryoshka":
+            main = (mse(dic.b_dec.expand_as(y), y) + prefix_mse.sum()) / (dic.n_groups + 1)
+        else:  # the standard loss: one group, the whole reconstruction
+            main = prefix_mse[-1]
         recon = prefixes[:, -1]
         aux = self._aux(x, acts, y, recon)
         return StepOutput(main + aux, main, aux, code, recon, prefix_mse.detach())
@@ -122,7 +134,19 @@ class Objective:
         self.inactive.masked_fill_(fired, 0)  # a boolean-mask assignment would sync (it takes nonzero)
 
     def _aux(self, x: torch.Tensor, acts: torch.Tensor, y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Dead latents' top activations per row, decoded without bias, fit to the residual."""
+        """Dead latents' top activations per row, decoded without bias, fit to the residual.
+
+        When no dead latent fires on any row (every dead pre-activation is <= 0), their decoded sum is 0:
+
+        * ``reference``, matryoshka: the seed's Matryoshka SAE and transcoder skip the term
+          (``aux_reconstruct.abs().sum() > 0``), so aux is 0 and moves nothing;
+        * ``reference``, batchtopk: the seed's ``BatchTopKSAE`` keeps ``aux_penalty * mse(0, residual)``, and
+          with its residual not detached that term trains the live latents (a larger reconstruction weight);
+        * ``default``: the term is kept as ``aux_penalty * mse(0, residual)`` for every arch. Its residual is
+          detached, so it is a constant with no gradient: no weight moves, exactly as if it were skipped, and
+          the logged aux stays a continuous measure of how much of the residual the dead latents fail to
+          explain (all of it, while they are silent) rather than dropping to 0 when they are most silent.
+        """
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0:
@@ -133,8 +157,11 @@ class Objective:
         idx = torch.nonzero(dead).squeeze(1)
         code = row_topk(acts[:, idx], min(self.k_aux(), n_dead))
         code.values = self.dic.attach(x, code.rows, idx[code.latents], code.values)
-        partial = group_partials(code, self.dic.W_dec[idx], torch.tensor([n_dead], device=y.device))
-        return self.aux_penalty * mse(partial[:, 0], residual)
+        partial = group_partials(code, self.dic.W_dec[idx], torch.tensor([n_dead], device=y.device))[:, 0]
+        aux = self.aux_penalty * mse(partial, residual)
+        if self.reference and self.dic.arch == "matryoshka":
+            aux = torch.where(partial.abs().sum() > 0, aux, torch.zeros_like(aux))  # the seed's test, no host sync
+        return aux
 
     # -- the decoder's unit norm ---------------------------------------------------------------------
     @torch.no_grad()
