@@ -309,6 +309,27 @@ class HarvestConfig:
                 "raise --tokens or lower --holdout")
         return held
 
+    def holdout_layout(self, seqs_per_chunk: int) -> tuple[int, int]:
+        """``(seqs_per_chunk, held-out sequences)``: the held-out split as asked, rounded up to whole
+        contexts, and the chunk size that makes it whole chunks.
+
+        The held-out split is whole chunks (the reader serves a split chunk by chunk), so with the planned
+        chunk size a small request grew to a whole chunk: 1 % of a small cache held out 16 % of it. Instead
+        the chunks shrink, for the whole cache, to the largest size whose whole chunks hold out at most
+        :data:`HOLDOUT_TOLERANCE` more than asked (one context per chunk always fits exactly). A percentage
+        asks for at most ``1 / percentage`` small chunks; only a tiny absolute held-out split on a large
+        cache makes many small chunks, and harvest says what it chose."""
+        asked = self.holdout_sequences(1)
+        for spc in range(seqs_per_chunk, 0, -1):
+            held = self.holdout_sequences(spc)
+            if held - asked <= HOLDOUT_TOLERANCE * asked:
+                return spc, held
+        raise AssertionError("one sequence per chunk holds out exactly what was asked")
+
+
+HOLDOUT_TOLERANCE = 0.1
+"""How much more than asked (a fraction of the request, in whole contexts) the held-out split may hold."""
+
 
 def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     """Build a config dataclass from a YAML mapping, naming unknown keys and wrong types by path."""

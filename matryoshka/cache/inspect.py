@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..cpus import usable_cpus
 from . import remote
 from .format import STORAGE, chunk_key, decode_chunk, row_bytes, row_width, token_codec
+from .manifest import holdout_summary
 from .store import Cache, CacheError, is_cache
 
 
@@ -86,8 +87,7 @@ def info_lines(cache: Cache) -> list[str]:
         f"storage      {cache.storage_dtype}, codec {m['storage']['codec']} + crc32c, chunks of "
         f"{m['storage']['chunk_tokens']:,} tokens ({m['storage']['seqs_per_chunk']} sequences)",
         f"size         {size / 1e9:.3f} GB on disk, {raw / 1e9:.3f} GB raw, ratio {raw / max(size, 1):.2f}",
-        f"split        held-out tokens {m['split']['heldout'][0]:,}..{m['split']['heldout'][1]:,}, "
-        f"train {m['split']['train'][0]:,}..{m['split']['train'][1]:,}",
+        f"split        {holdout_summary(m)}",
         *shard_lines(cache),
         "arrays:",
     ]

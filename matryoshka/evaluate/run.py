@@ -45,6 +45,7 @@ from .contexts import TopContexts
 from .features import feature_metrics, heldout_codes
 from .ground_truth import ground_truth
 from .metrics import reconstruction
+from .overlap import check_disjoint
 from .report import runs_of, write_report
 from .splice import LM, dictionary_fn, no_lm_reason
 
@@ -73,16 +74,12 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | Non
     cache, batch_size, dense_above, local_cache_dir = cfg.cache, cfg.batch_size, cfg.dense_above, cfg.local_cache_dir
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
-    for path in runs if runs is not None else find_runs(cfg.run, cache, cfg.runs_dir):
+    # every run is checked against its cache before any is evaluated: a refusal leaves no eval.json behind
+    checked = [(path, _checked_cache(path, cache, local_cache_dir))
+               for path in (runs if runs is not None else find_runs(cfg.run, cache, cfg.runs_dir))]
+    for path, c in checked:
         dic = load(path)
         cfg = dic.config
-        c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
-        if c.fingerprint != cfg["fingerprint"]:
-            raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "
-                             f"{c.path!r} ({c.fingerprint})")
-        if c.split["heldout"][0] == c.split["heldout"][1]:
-            raise CacheError(f"evaluate: cache {c.path!r} has no held-out split; evaluation reads only held-out "
-                             "tokens (`pipeline harvest` holds out at least one chunk: --holdout)")
         lm = _lm_of(c, settings, lms, progress)  # before any work: a model that cannot be loaded stops here
         r = reconstruction(dic, c, cfg["source"], cfg["target"], batch_size=batch_size, dense_above=dense_above)
         out = {"run": cfg["name"], "path": str(path), "fingerprint": c.fingerprint,
@@ -106,6 +103,22 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | Non
                 if Path(r["path"]).parent == folder:
                     r["report"] = str(report)
     return results
+
+
+def _checked_cache(path: Path, cache: str | None, local_cache_dir: str | None) -> Cache:
+    """The cache a run is evaluated on (``cache``, else the one it trained on), refused unless it has the
+    run's fingerprint and a held-out split that shares no row with the rows the run trained on."""
+    ck = checkpoint_dir(path)
+    cfg = json.loads(((ck if ck.is_dir() else Path(path)) / "config.json").read_text())
+    c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
+    if c.fingerprint != cfg["fingerprint"]:
+        raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "
+                         f"{c.path!r} ({c.fingerprint})")
+    if c.split["heldout"][0] == c.split["heldout"][1]:
+        raise CacheError(f"evaluate: cache {c.path!r} has no held-out split; evaluation reads only held-out "
+                         "tokens (`pipeline harvest` holds out at least one chunk: --holdout)")
+    check_disjoint(path, cfg, c)
+    return c
 
 
 def _lm_of(cache: Cache, settings: EvaluateConfig, lms: dict[str, LM | None], progress: bool) -> LM | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 import shutil
 import threading
@@ -15,7 +16,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk, to_storage
-from ..cache.manifest import build_manifest
+from ..cache.manifest import build_manifest, holdout_summary
 from ..cache import remote
 from ..cache.lock import LOCK_NAME, writer_lock
 from ..cache.store import CacheError, cache_location
@@ -48,8 +49,8 @@ def plan(cfg: HarvestConfig) -> Plan:
     tokenizer = load_tokenizer(info)
     ds = open_documents(cfg)
     bos = bos_id(tokenizer, cfg.bos)
-    spc = seqs_per_chunk(cfg.context_size, row_bytes(info.d_model, cfg.dtype), cfg.chunk_mb, cfg.n_sequences)
-    heldout = cfg.holdout_sequences(spc)
+    spc, heldout = cfg.holdout_layout(
+        seqs_per_chunk(cfg.context_size, row_bytes(info.d_model, cfg.dtype), cfg.chunk_mb, cfg.n_sequences))
     arrays = {site_name(l, s): {"layer": l, "site": s, "hook_name": hook_name(l, s), "width": info.d_model}
               for l, s in cfg.site_list}
     identity = {
@@ -70,7 +71,7 @@ def plan(cfg: HarvestConfig) -> Plan:
                  "token_column": cfg.token_column, "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer},
         context_size=cfg.context_size, bos={"policy": cfg.bos, "token_id": bos}, dtype=cfg.dtype, codec=cfg.codec,
         seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
-        heldout_seqs=heldout)
+        heldout_seqs=heldout, holdout_asked=cfg.holdout)
     return Plan(manifest, info, tokenizer, ds)
 
 
@@ -165,6 +166,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
     """Run the harvest described by ``cfg`` and return the cache's path (a URL stays a string)."""
     p = plan(cfg)
     manifest = p.manifest
+    if progress:
+        print(f"harvest: {holdout_summary(manifest)}", file=sys.stderr)
     given = remote.local_path(cfg.cache) if cfg.cache else None
     path = (given if remote.is_url(given) else Path(given).expanduser()) if given else \
         cache_location(cfg.cache_root, manifest)
