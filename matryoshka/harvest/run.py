@@ -134,12 +134,13 @@ def _existing(path: Path | str, manifest: dict[str, Any], resume: bool,
         if old["n_tokens"] < manifest["n_tokens"]:
             raise CacheError(f"cache: {str(path)!r} is complete with {old['n_tokens']} tokens; extending it "
                              f"to {manifest['n_tokens']} is not supported yet: harvest to another --cache")
-        # settings outside the fingerprint (codec, chunk size, held-out split) must not be dropped silently;
-        # a larger cache's chunking and split follow from its own token count
+        # settings outside the fingerprint (codec, held-out split, chunk size) must not be dropped silently;
+        # a larger cache's chunking and split follow from its own token count; the split is named before the
+        # chunk size, which follows from it (config.holdout_layout)
         same_size = old["n_tokens"] == manifest["n_tokens"]
         for key, was, now in [("codec", old["storage"]["codec"], manifest["storage"]["codec"]),
-                              *([("chunk_tokens", old["storage"]["chunk_tokens"], manifest["storage"]["chunk_tokens"]),
-                                 ("held-out split", old["split"]["heldout"], manifest["split"]["heldout"])]
+                              *([("held-out split", old["split"]["heldout"], manifest["split"]["heldout"]),
+                                 ("chunk_tokens", old["storage"]["chunk_tokens"], manifest["storage"]["chunk_tokens"])]
                                 if same_size else [])]:
             if was != now:
                 raise CacheError(f"cache: {str(path)!r} is complete with {key} {was!r}, not the {now!r} this "
@@ -205,7 +206,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
         threads = cfg.writer_threads or usable_cpus()
         writer = CacheWriter(group, manifest, state, threads=threads, batch_seqs=cfg.batch_size)
         writer.guard = lock.check
-        _run(cfg, p, writer, progress)
+        write_rows(cfg, p, writer, progress)
         created = None
         return path
     except DatasetExhausted as e:
@@ -239,8 +240,8 @@ def _prefetch(it, depth: int = 2):
         yield item
 
 
-def _run(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool, desc: str = "") -> None:
-    """Run the LM over the writer's sequences (all of them, or a shard's range) and write them."""
+def write_rows(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool, desc: str = "") -> None:
+    """Run the LM over the writer's sequences (all of them, a shard's range, or a repair's blocks) and write them."""
     if cfg.source == "synthetic":
         return synthetic.generate(cfg, writer, progress, desc)
     manifest, info, tokenizer = p.manifest, p.info, p.tokenizer

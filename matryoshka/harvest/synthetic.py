@@ -134,7 +134,8 @@ def generate(cfg: HarvestConfig, writer, progress: bool, desc: str = "") -> None
     x_name, y_name = _arrays(cfg)
     t = truth(s, cfg.seed, y_name is not None)
     for name, d in ((x_name, t.directions), (y_name, t.target_directions)):
-        if name is not None and writer.first == 0:  # one writer (the shard with chunk 0); a resume rewrites the same
+        if name is not None and writer.first == 0 and writer.only is None:  # one writer (the shard with chunk 0;
+            # not a repair); a resume rewrites the same
             writer.group.create_array(m["synthetic"]["directions"][name], data=d.astype(np.float32), overwrite=True)
     ctx = cfg.context_size
     start, first, end = writer.start_row // ctx, writer.first * m["storage"]["seqs_per_chunk"], writer.end_row // ctx
