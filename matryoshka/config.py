@@ -228,7 +228,8 @@ class HarvestConfig:
     shard: str | None = opt(None, 'Write only shard ``I/N`` of the cache (workers on separate machines, same ``cache``); under torchrun the rank and world size are used.')
     codec: str = opt("lz4", "Compression: lz4 (blosc lz4 + bitshuffle), zstd (blosc zstd-1 + bitshuffle) or none.")
     chunk_mb: float = opt(4.0, 'Target uncompressed chunk size of the widest array, in MiB.')
-    holdout: int | str = opt("1%", 'Held-out split: the first sequences of the cache, as tokens (``100K``) or a percentage.')
+    holdout: int | str = opt("1%", 'Held-out split: the first sequences of the cache, as tokens (``100K``) or a percentage; '
+                                   'whole chunks, at most 10 % more than asked (smaller chunks where needed).')
     seed: int | None = opt(0, "Document-order seed (a streaming shuffle buffer); ``null`` keeps the dataset's order. "
                               "For the synthetic source, the generator's seed.")
     shuffle_buffer: int = opt(10_000, "Documents in the seeded streaming shuffle buffer.")
