@@ -302,7 +302,8 @@ class CacheWriter:
                 advanced = True
             w = self._watermark
             now = time.monotonic()
-            if self.only is None and advanced and w % self.align_chunks == 0 and w < self.end and now - self._last_commit > 0.5:
+            if (self.only is None and advanced and w % self.align_chunks == 0 and w < self.end
+                    and now - self._last_commit > 0.5):
                 self.guard()
                 self._on_store(lambda: self.record.attrs.update({"progress": self._progress_json(w)}),
                                f"committing chunks ..{w - 1}")
