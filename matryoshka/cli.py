@@ -1,4 +1,5 @@
-"""The `pipeline` command: run (all stages), harvest, train, evaluate, browse, models, and cache ls|info|verify|copy|rm.
+"""The `pipeline` command: run (all stages), harvest, train, evaluate, browse, models, and cache
+ls|info|verify|repair|copy|rm.
 
 Each stage's flags are generated from its config dataclass (:class:`~matryoshka.config.HarvestConfig`,
 :class:`~matryoshka.config.TrainConfig`), so every flag is a key of the stage's pipeline.yaml section
@@ -21,7 +22,7 @@ from .config import ConfigError, EvaluateConfig, HarvestConfig, TrainConfig, fro
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
                        "and transcoders from it.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect, share and remove caches: ls, info, verify, copy, rm.")
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect, share and remove caches: ls, info, verify, repair, copy, rm.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -272,6 +273,16 @@ def cache_verify(path: str = typer.Argument(..., help="The cache directory or UR
     code = _run_guarded(go)
     if code:
         raise typer.Exit(code)
+
+
+@cache_app.command("repair")
+def cache_repair(path: str = typer.Argument(..., metavar="CACHE", help="A complete cache: directory or URL."),
+                 quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+    """Re-harvest exactly the damaged and missing chunks `cache verify` names (byte-identical), then verify
+    again; a healthy cache is left untouched. Takes the cache's writer lock."""
+    from .harvest.repair import repair, summary
+
+    _run_guarded(lambda: typer.echo(summary(repair(path, progress=not quiet))))
 
 
 @cache_app.command("copy")

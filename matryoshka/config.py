@@ -232,7 +232,8 @@ class HarvestConfig:
     shard: str | None = opt(None, 'Write only shard ``I/N`` of the cache (workers on separate machines, same ``cache``); under torchrun the rank and world size are used.')
     codec: str = opt("lz4", "Compression: lz4 (blosc lz4 + bitshuffle), zstd (blosc zstd-1 + bitshuffle) or none.")
     chunk_mb: float = opt(4.0, 'Target uncompressed chunk size of the widest array, in MiB.')
-    holdout: int | str = opt("1%", 'Held-out split: the first sequences of the cache, as tokens (``100K``) or a percentage.')
+    holdout: int | str = opt("1%", 'Held-out split: the first sequences of the cache, as tokens (``100K``) or a percentage; '
+                                   'whole chunks, at most 10 % more than asked (smaller chunks where needed).')
     seed: int | None = opt(0, "Document-order seed (a streaming shuffle buffer); ``null`` keeps the dataset's order. "
                               "For the synthetic source, the generator's seed.")
     shuffle_buffer: int = opt(10_000, "Documents in the seeded streaming shuffle buffer.")
@@ -313,6 +314,27 @@ class HarvestConfig:
                 f"holdout: {h!r} leaves no training data ({held} held-out sequences of {self.n_sequences}); "
                 "raise --tokens or lower --holdout")
         return held
+
+    def holdout_layout(self, seqs_per_chunk: int) -> tuple[int, int]:
+        """``(seqs_per_chunk, held-out sequences)``: the held-out split as asked, rounded up to whole
+        contexts, and the chunk size that makes it whole chunks.
+
+        The held-out split is whole chunks (the reader serves a split chunk by chunk), so with the planned
+        chunk size a small request grew to a whole chunk: 1 % of a small cache held out 16 % of it. Instead
+        the chunks shrink, for the whole cache, to the largest size whose whole chunks hold out at most
+        :data:`HOLDOUT_TOLERANCE` more than asked (one context per chunk always fits exactly). A percentage
+        asks for at most ``1 / percentage`` small chunks; only a tiny absolute held-out split on a large
+        cache makes many small chunks, and harvest says what it chose."""
+        asked = self.holdout_sequences(1)
+        for spc in range(seqs_per_chunk, 0, -1):
+            held = self.holdout_sequences(spc)
+            if held - asked <= HOLDOUT_TOLERANCE * asked:
+                return spc, held
+        raise AssertionError("one sequence per chunk holds out exactly what was asked")
+
+
+HOLDOUT_TOLERANCE = 0.1
+"""How much more than asked (a fraction of the request, in whole contexts) the held-out split may hold."""
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..cpus import usable_cpus
 from . import remote
 from .format import STORAGE, chunk_key, decode_chunk, row_bytes, row_width, token_codec
+from .manifest import holdout_summary
 from .store import Cache, CacheError, is_cache
 
 
@@ -86,8 +87,7 @@ def info_lines(cache: Cache) -> list[str]:
         f"storage      {cache.storage_dtype}, codec {m['storage']['codec']} + crc32c, chunks of "
         f"{m['storage']['chunk_tokens']:,} tokens ({m['storage']['seqs_per_chunk']} sequences)",
         f"size         {size / 1e9:.3f} GB on disk, {raw / 1e9:.3f} GB raw, ratio {raw / max(size, 1):.2f}",
-        f"split        held-out tokens {m['split']['heldout'][0]:,}..{m['split']['heldout'][1]:,}, "
-        f"train {m['split']['train'][0]:,}..{m['split']['train'][1]:,}",
+        f"split        {holdout_summary(m)}",
         *shard_lines(cache),
         "arrays:",
     ]
@@ -105,6 +105,9 @@ def info_lines(cache: Cache) -> list[str]:
 class Damage:
     key: str
     problem: str
+    chunk: int | None = None
+    """The chunk index of a damaged or missing chunk (what `pipeline cache repair` re-harvests); None for
+    damage that is not one chunk's (an array's shape, an unfinished cache)."""
 
 
 def verify(cache: Cache, progress: bool = True) -> list[Damage]:
@@ -131,17 +134,17 @@ def verify(cache: Cache, progress: bool = True) -> list[Damage]:
         names = [*cache.array_names, "tokens"]
         exists = {n: (chunk_key(n, i) in present) if present is not None else (root / chunk_key(n, i)).is_file()
                   for n in names}
-        found = [Damage(chunk_key(n, i), "missing") for n in names if not exists[n]]
+        found = [Damage(chunk_key(n, i), "missing", i) for n in names if not exists[n]]
         try:
             raw = cache.chunk_bytes_many([(n, i) for n in names if exists[n]])
         except OSError as e:  # the store failed for longer than its retries (cache/retry.py)
-            return found + [Damage(chunk_key(n, i), f"unreadable ({str(e).splitlines()[0][:120]})")
+            return found + [Damage(chunk_key(n, i), f"unreadable ({str(e).splitlines()[0][:120]})", i)
                             for n in names if exists[n]]
         for (n, _), data in raw.items():
             try:
                 decode_chunk(data, *_decoder(cache, n, scratch))
             except Exception as e:  # noqa: BLE001 - any decode failure is damage
-                found.append(Damage(chunk_key(n, i), f"unreadable ({str(e).splitlines()[0][:120]})"))
+                found.append(Damage(chunk_key(n, i), f"unreadable ({str(e).splitlines()[0][:120]})", i))
         return found
 
     workers = 16 if cache.remote else usable_cpus()  # object storage: requests in flight, not cores

@@ -19,11 +19,14 @@ CACHE_SOURCES = ("model", "synthetic", "fixture")
 def build_manifest(*, source: str, identity: dict[str, Any], model: dict[str, Any], tokenizer: dict[str, Any],
                    dataset: dict[str, Any], context_size: int, bos: dict[str, Any], dtype: str, codec: str,
                    seqs_per_chunk: int, arrays: dict[str, dict[str, Any]], n_sequences: int, batch_size: int,
-                   heldout_seqs: int, fingerprint_override: str | None = None,
+                   heldout_seqs: int, holdout_asked: int | str | None = None, fingerprint_override: str | None = None,
                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """A cache's manifest. ``identity`` is everything that determines the rows; its hash is the
     fingerprint (``fingerprint_override`` lets a test fixture pick its own). The held-out split is the
-    first ``heldout_seqs`` sequences. ``extra`` adds source-specific fields (the synthetic parameters)."""
+    first ``heldout_seqs`` sequences; ``holdout_asked`` (the ``--holdout`` it was made from) is kept beside
+    it, so ``cache info`` can say what was asked and what was held out. The split is not part of the
+    fingerprint: which rows a run trained on is recorded in the run and checked by evaluation
+    (evaluate/run.py). ``extra`` adds source-specific fields (the synthetic parameters)."""
     if source not in CACHE_SOURCES:
         raise ValueError(f"source: {source!r} is not one of {', '.join(CACHE_SOURCES)}")
     n_tokens = n_sequences * context_size
@@ -37,6 +40,14 @@ def build_manifest(*, source: str, identity: dict[str, Any], model: dict[str, An
                     "chunk_tokens": seqs_per_chunk * context_size, "checksum": "crc32c"},
         "arrays": arrays,
         "n_tokens": n_tokens, "n_sequences": n_sequences, "batch_size": batch_size,
-        "split": {"heldout": [0, heldout], "train": [heldout, n_tokens]},
+        "split": {"heldout": [0, heldout], "train": [heldout, n_tokens]}, "holdout_asked": holdout_asked,
         **(extra or {}),
     }
+
+
+def holdout_summary(manifest: dict[str, Any]) -> str:
+    """What was held out, against what ``--holdout`` asked: harvest says it and ``cache info`` shows it."""
+    (a, b), n = manifest["split"]["heldout"], manifest["n_tokens"]
+    asked = manifest.get("holdout_asked")
+    return (f"held-out tokens {a:,}..{b:,} ({(b - a) / n:.1%} of {n:,}"
+            + (f"; --holdout {asked!s} asked" if asked is not None else "") + f"), train {b:,}..{n:,}")

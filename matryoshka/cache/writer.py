@@ -85,9 +85,12 @@ class CacheWriter:
     """Called before every commit; raises if this writer may no longer commit (its lock was broken)."""
 
     def __init__(self, group: zarr.Group, manifest: dict[str, Any], progress: dict[str, Any],
-                 threads: int, batch_seqs: int, chunks: range | None = None, record: zarr.Group | None = None) -> None:
+                 threads: int, batch_seqs: int, chunks: range | None = None, record: zarr.Group | None = None,
+                 only: set[int] | None = None) -> None:
         """``chunks`` and ``record``: a shard of a multi-worker harvest writes only these chunks and keeps its
-        progress in its own ``record`` group (harvest/shards.py); by default, every chunk and the cache's group."""
+        progress in its own ``record`` group (harvest/shards.py); by default, every chunk and the cache's group.
+        ``only``: a repair (harvest/repair.py) is fed whole resume blocks, so the LM sees the batches the
+        harvest did, but stores only these chunks and commits nothing (progress and statistics stay)."""
         self.group = group
         self.record = record if record is not None else group
         self.manifest = manifest
@@ -100,6 +103,7 @@ class CacheWriter:
         chunks = chunks if chunks is not None else range(self.n_chunks)
         self.first, self.end = chunks.start, chunks.stop
         self.names = list(manifest["arrays"])
+        self.only = only
         self.codec: str = st["codec"]
         self.token_codec = token_codec(self.codec)
         # Commits land only where a resumed run restarts on the same LM batch boundaries.
@@ -176,6 +180,8 @@ class CacheWriter:
                              "were written")
         self.guard()
         self.committed = self.end
+        if self.only is not None:  # a repair: the cache's attributes already describe it
+            return
         if self.record is not self.group:  # a shard: the last shard to finish completes the cache
             self._on_store(lambda: self.record.attrs.update({"progress": self._progress_json(self.end), "done": True}),
                            "recording the shard's end")
@@ -238,6 +244,9 @@ class CacheWriter:
     # -- writer threads -------------------------------------------------------------------------
     def _write_chunk(self, c: _Chunk) -> None:
         try:
+            if self.only is not None and c.index not in self.only:  # a repair: an intact chunk of the block
+                self._chunk_done(c, {}, 0)
+                return
             r0 = c.index * self.chunk_rows
             keep = ~bos_rows(self.manifest["bos"], (r0 + np.arange(c.rows)) % self.manifest["context_size"], c.tokens)
             sums = {}
@@ -293,7 +302,8 @@ class CacheWriter:
                 advanced = True
             w = self._watermark
             now = time.monotonic()
-            if advanced and w % self.align_chunks == 0 and w < self.end and now - self._last_commit > 0.5:
+            if (self.only is None and advanced and w % self.align_chunks == 0 and w < self.end
+                    and now - self._last_commit > 0.5):
                 self.guard()
                 self._on_store(lambda: self.record.attrs.update({"progress": self._progress_json(w)}),
                                f"committing chunks ..{w - 1}")

@@ -37,6 +37,7 @@ once every run is evaluated; ``pipeline run`` evaluates a failed run again.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -55,6 +56,7 @@ from .errors import NonFiniteMetrics
 from .features import feature_metrics, heldout_codes
 from .ground_truth import ground_truth
 from .metrics import reconstruction
+from .overlap import check_disjoint
 from .report import runs_of, write_report
 from .saelens import check_saes, load_sae
 from .splice import LM, Splice, dictionary_fn, no_lm_reason
@@ -87,14 +89,11 @@ def _dictionaries(settings: EvaluateConfig, runs: list[Path],
         if cache is None:
             raise CacheError("evaluate: --sae needs --cache, the cache to evaluate the SAELens dictionaries on")
         sae_cache = Cache(cache, local_cache_dir=local_cache_dir)
+        _check_heldout(sae_cache)
         checked = check_saes(saes, sae_cache, settings.runs_dir)
-    for path in runs:
-        dic = load(path)
-        c = Cache(cache or dic.config["cache"], local_cache_dir=local_cache_dir)
-        if c.fingerprint != dic.config["fingerprint"]:
-            raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {dic.config['fingerprint']}, not on "
-                             f"{c.path!r} ({c.fingerprint})")
-        yield path, dic, c
+    # every run is checked against its cache before any is evaluated: a refusal leaves no eval.json behind
+    for path, c in [(path, _checked_cache(path, cache, local_cache_dir)) for path in runs]:
+        yield path, load(path), c
     for sae_cfg, out in checked:
         out.mkdir(parents=True, exist_ok=True)
         yield out, load_sae(sae_cfg), sae_cache
@@ -124,9 +123,6 @@ def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[Path], saes: list[
     lm = None
     for path, dic, c in _dictionaries(settings, runs, saes):
         cfg = dic.config
-        if c.split["heldout"][0] == c.split["heldout"][1]:
-            raise CacheError(f"evaluate: cache {c.path!r} has no held-out split; evaluation reads only held-out "
-                             "tokens (`pipeline harvest` holds out at least one chunk: --holdout)")
         if pending and pending[0][1]["fingerprint"] != c.fingerprint:
             results += _lm_pass(lm, pending)  # before the next cache's LM replaces this one
             pending = []
@@ -171,6 +167,26 @@ def _lm_pass(lm: LM | None, pending: list[tuple[Path, dict[str, Any], Splice]]) 
             out["failed"] = f"run {out['run']}: non-finite LM metrics " + ", ".join(f"{k} = {v}" for k, v in bad.items())
         (path / "eval.json").write_text(strict_json.dumps(out, indent=2))
     return [out for _, out, _ in pending]
+
+
+def _checked_cache(path: Path, cache: str | None, local_cache_dir: str | None) -> Cache:
+    """The cache a run is evaluated on (``cache``, else the one it trained on), refused unless it has the
+    run's fingerprint and a held-out split that shares no row with the rows the run trained on."""
+    ck = checkpoint_dir(path)
+    cfg = json.loads(((ck if ck.is_dir() else Path(path)) / "config.json").read_text())
+    c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
+    if c.fingerprint != cfg["fingerprint"]:
+        raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "
+                         f"{c.path!r} ({c.fingerprint})")
+    _check_heldout(c)
+    check_disjoint(path, cfg, c)
+    return c
+
+
+def _check_heldout(c: Cache) -> None:
+    if c.split["heldout"][0] == c.split["heldout"][1]:
+        raise CacheError(f"evaluate: cache {c.path!r} has no held-out split; evaluation reads only held-out "
+                         "tokens (`pipeline harvest` holds out at least one chunk: --holdout)")
 
 
 def _lm_of(cache: Cache, settings: EvaluateConfig, lms: dict[str, LM | None], progress: bool) -> LM | None:

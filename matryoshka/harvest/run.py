@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 import shutil
 import threading
@@ -15,7 +16,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk, to_storage
-from ..cache.manifest import build_manifest
+from ..cache.manifest import build_manifest, holdout_summary
 from ..cache import remote
 from ..cache.lock import LOCK_NAME, writer_lock
 from ..cache.store import CacheError, cache_location
@@ -50,8 +51,8 @@ def plan(cfg: HarvestConfig) -> Plan:
     tokenizer = load_tokenizer(info)
     ds = open_documents(cfg)
     bos = bos_id(tokenizer, cfg.bos)
-    spc = seqs_per_chunk(cfg.context_size, row_bytes(info.d_model, cfg.dtype), cfg.chunk_mb, cfg.n_sequences)
-    heldout = cfg.holdout_sequences(spc)
+    spc, heldout = cfg.holdout_layout(
+        seqs_per_chunk(cfg.context_size, row_bytes(info.d_model, cfg.dtype), cfg.chunk_mb, cfg.n_sequences))
     arrays = {site_name(l, s): {"layer": l, "site": s, "hook_name": hook_name(l, s), "width": info.d_model}
               for l, s in cfg.site_list}
     identity = {
@@ -76,7 +77,7 @@ def plan(cfg: HarvestConfig) -> Plan:
                  "token_column": cfg.token_column, "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer},
         context_size=cfg.context_size, bos={"policy": cfg.bos, "token_id": bos}, dtype=cfg.dtype, codec=cfg.codec,
         seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
-        heldout_seqs=heldout)
+        heldout_seqs=heldout, holdout_asked=cfg.holdout)
     return Plan(manifest, info, tokenizer, ds)
 
 
@@ -139,12 +140,13 @@ def _existing(path: Path | str, manifest: dict[str, Any], resume: bool,
         if old["n_tokens"] < manifest["n_tokens"]:
             raise CacheError(f"cache: {str(path)!r} is complete with {old['n_tokens']} tokens; extending it "
                              f"to {manifest['n_tokens']} is not supported yet: harvest to another --cache")
-        # settings outside the fingerprint (codec, chunk size, held-out split) must not be dropped silently;
-        # a larger cache's chunking and split follow from its own token count
+        # settings outside the fingerprint (codec, held-out split, chunk size) must not be dropped silently;
+        # a larger cache's chunking and split follow from its own token count; the split is named before the
+        # chunk size, which follows from it (config.holdout_layout)
         same_size = old["n_tokens"] == manifest["n_tokens"]
         for key, was, now in [("codec", old["storage"]["codec"], manifest["storage"]["codec"]),
-                              *([("chunk_tokens", old["storage"]["chunk_tokens"], manifest["storage"]["chunk_tokens"]),
-                                 ("held-out split", old["split"]["heldout"], manifest["split"]["heldout"])]
+                              *([("held-out split", old["split"]["heldout"], manifest["split"]["heldout"]),
+                                 ("chunk_tokens", old["storage"]["chunk_tokens"], manifest["storage"]["chunk_tokens"])]
                                 if same_size else [])]:
             if was != now:
                 raise CacheError(f"cache: {str(path)!r} is complete with {key} {was!r}, not the {now!r} this "
@@ -171,6 +173,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
     """Run the harvest described by ``cfg`` and return the cache's path (a URL stays a string)."""
     p = plan(cfg)
     manifest = p.manifest
+    if progress:
+        print(f"harvest: {holdout_summary(manifest)}", file=sys.stderr)
     given = remote.local_path(cfg.cache) if cfg.cache else None
     path = (given if remote.is_url(given) else Path(given).expanduser()) if given else \
         cache_location(cfg.cache_root, manifest)
@@ -208,7 +212,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path | str:
         threads = cfg.writer_threads or usable_cpus()
         writer = CacheWriter(group, manifest, state, threads=threads, batch_seqs=cfg.batch_size)
         writer.guard = lock.check
-        _run(cfg, p, writer, progress)
+        write_rows(cfg, p, writer, progress)
         created = None
         return path
     except DatasetExhausted as e:
@@ -242,8 +246,8 @@ def _prefetch(it, depth: int = 2):
         yield item
 
 
-def _run(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool, desc: str = "") -> None:
-    """Run the LM over the writer's sequences (all of them, or a shard's range) and write them."""
+def write_rows(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool, desc: str = "") -> None:
+    """Run the LM over the writer's sequences (all of them, a shard's range, or a repair's blocks) and write them."""
     if cfg.source == "synthetic":
         return synthetic.generate(cfg, writer, progress, desc)
     manifest, info, tokenizer = p.manifest, p.info, p.tokenizer

@@ -147,7 +147,7 @@ def finish_if_last(path: str | Path) -> bool:
 
 def harvest_shard(cfg: HarvestConfig, p, path: str | Path, shard: Shard, progress: bool) -> str | Path:
     """Write shard ``shard`` of the cache at ``path`` (creating the store if no shard has yet)."""
-    from .run import _check_space, _existing, _run, exhausted_error
+    from .run import _check_space, _existing, exhausted_error, write_rows
 
     manifest = p.manifest
     if not is_url(path):
@@ -191,7 +191,7 @@ def harvest_shard(cfg: HarvestConfig, p, path: str | Path, shard: Shard, progres
                                  chunks=chunks, record=record)
             writer.guard = lock.check
             if writer.committed < chunks.stop:
-                _run(cfg, p, writer, progress, desc=f" shard {shard}")
+                write_rows(cfg, p, writer, progress, desc=f" shard {shard}")
             else:
                 writer.finish()
     except DatasetExhausted as e:

@@ -106,8 +106,8 @@ def manifest(cfg: HarvestConfig) -> dict[str, Any]:
         arrays[y_name] = {"layer": cfg.site_list[1][0], "site": cfg.site_list[1][1], "hook_name": "synthetic.y",
                           "width": d_target}
     arrays[FEATURES] = {"layer": None, "site": FEATURES, "hook_name": "synthetic.features", "width": s.n_features}
-    spc = seqs_per_chunk(cfg.context_size, max(row_bytes(a["width"], cfg.dtype) for a in arrays.values()),
-                         cfg.chunk_mb, cfg.n_sequences)
+    spc, heldout = cfg.holdout_layout(seqs_per_chunk(
+        cfg.context_size, max(row_bytes(a["width"], cfg.dtype) for a in arrays.values()), cfg.chunk_mb, cfg.n_sequences))
     settings = dataclasses.asdict(s)
     identity = {"format_version": FORMAT_VERSION, "source": "synthetic", "generator": GENERATOR_VERSION,
                 "synthetic": settings, "seed": cfg.seed, "context_size": cfg.context_size,
@@ -123,7 +123,7 @@ def manifest(cfg: HarvestConfig) -> dict[str, Any]:
                  "token_column": None, "seed": cfg.seed, "shuffle_buffer": 0},
         context_size=cfg.context_size, bos={"policy": "none", "token_id": None}, dtype=cfg.dtype, codec=cfg.codec,
         seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
-        heldout_seqs=cfg.holdout_sequences(spc),
+        heldout_seqs=heldout, holdout_asked=cfg.holdout,
         extra={"synthetic": {"settings": settings, "seed": cfg.seed, "generator": GENERATOR_VERSION,
                              "features": FEATURES, "parent": parent.tolist(), "directions": directions}})
 
@@ -134,7 +134,8 @@ def generate(cfg: HarvestConfig, writer, progress: bool, desc: str = "") -> None
     x_name, y_name = _arrays(cfg)
     t = truth(s, cfg.seed, y_name is not None)
     for name, d in ((x_name, t.directions), (y_name, t.target_directions)):
-        if name is not None and writer.first == 0:  # one writer (the shard with chunk 0); a resume rewrites the same
+        if name is not None and writer.first == 0 and writer.only is None:  # one writer (the shard with chunk 0;
+            # not a repair); a resume rewrites the same
             writer.group.create_array(m["synthetic"]["directions"][name], data=d.astype(np.float32), overwrite=True)
     ctx = cfg.context_size
     start, first, end = writer.start_row // ctx, writer.first * m["storage"]["seqs_per_chunk"], writer.end_row // ctx

@@ -73,6 +73,9 @@ class Run:
         self.scale_out = math.sqrt(d_out / tgt.mean_sq_norm)
         self.variance = tgt.total_variance * self.scale_out**2  # FVU denominator, in scaled units
         self.cache_path, self.fingerprint = cache.path, cache.fingerprint
+        # every row range this run has read (a resume on a larger cache of the same fingerprint adds one):
+        # evaluation refuses held-out rows inside them (evaluate/overlap.py)
+        self.trained_rows: list[list[int]] = [list(cache.split["train"])]
         self.step = 0
 
     def _lr_factor(self, step: int) -> float:
@@ -141,12 +144,14 @@ class Run:
         self.sched.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state["objective"])
         self.step = state["step"]
+        saved = json.loads((ck / "config.json").read_text()).get("trained_rows", [])
+        self.trained_rows = [*saved, *(r for r in self.trained_rows if r not in saved)]
         return state
 
     def describe(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.cfg), "d_in": self.dic.d_in, "d_out": self.dic.d_out,
                 "transcoder": self.dic.transcoder, "scale_in": self.scale_in, "scale_out": self.scale_out,
-                "cache": self.cache_path, "fingerprint": self.fingerprint,
+                "cache": self.cache_path, "fingerprint": self.fingerprint, "trained_rows": self.trained_rows,
                 "total_steps": self.total_steps, "step": self.step}
 
 
