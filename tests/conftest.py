@@ -15,6 +15,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path, monkeypatch):
+    """Every test runs in its own empty temporary directory, so nothing a test writes to a relative or
+    default path (``cache/``, ``runs/``, a mistyped ``None``) can land in the repository. Tests find the
+    repository's own files (README.md, pipeline.yaml, examples/) from their own path, never the cwd."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's server mode) on a free localhost port, for the session.
