@@ -111,8 +111,11 @@ class Cache:
         for key in [*(f"acts/{name}" for name in m["arrays"]), "tokens"]:
             try:
                 node = self.group[key]
-            except KeyError:
-                raise CacheDamagedError(self.path, f"{key}/zarr.json is missing") from None
+            except KeyError:  # zarr says so both when the file is absent and when it is not array metadata
+                meta = f"{key}/zarr.json"
+                there = exists(self.path, meta) if self.remote else (Path(self.path) / meta).is_file()
+                raise CacheDamagedError(self.path, f"{meta} is {'not valid zarr metadata' if there else 'missing'}") \
+                    from None
             except (ValueError, TypeError) as e:
                 raise CacheDamagedError(self.path, f"{key}/zarr.json is unreadable ({_why(e)})") from None
             if not isinstance(node, zarr.Array):
