@@ -34,6 +34,10 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}{': ' + text if text else ''}"
 
 
+HEADLESS = ("its root zarr.json is missing (the arrays are there; a `cache copy` writes it last: if one was "
+            "interrupted, run it again)")
+"""Why a folder with a cache's arrays and no root metadata is damaged."""
+
 REQUIRED_MANIFEST = ("fingerprint", "format_version", "n_tokens", "arrays", "split", "context_size", "storage")
 """Manifest fields every reader relies on; one missing means the metadata was damaged or hand-edited."""
 
@@ -74,14 +78,14 @@ class Cache:
         self.remote = is_url(self.path)
         if not self.remote and not (Path(self.path) / "zarr.json").is_file():
             if has_cache_arrays(Path(self.path)):
-                raise CacheDamagedError(self.path, "its root zarr.json is missing (the arrays are there)")
+                raise CacheDamagedError(self.path, HEADLESS)
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr.json); run `pipeline harvest` "
                              "or list caches with `pipeline cache ls`")
         try:
             self.group = zarr.open_group(self.path, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
             if self.remote and exists(self.path, "tokens/zarr.json"):
-                raise CacheDamagedError(self.path, "its root zarr.json is missing (the arrays are there)") from None
+                raise CacheDamagedError(self.path, HEADLESS) from None
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr group there)") from None
         except (ValueError, TypeError, KeyError) as e:  # a truncated or hand-broken zarr.json
             raise CacheDamagedError(self.path, f"its zarr.json is unreadable ({_why(e)})") from None

@@ -99,9 +99,9 @@ def _check_not_foreign(path: Path | str) -> None:
     too: a new root over its old arrays fails half-way and leaves an empty "partial" cache."""
     names = remote.entries(path)
     if "zarr.json" not in names and ("acts" in names or "tokens" in names):
-        raise CacheError(f"cache: {str(path)!r} holds a cache's arrays but no root zarr.json (it was deleted); "
-                         "nothing was written: restore the zarr.json from a copy, or delete the folder (or give "
-                         "another --cache) and harvest again")
+        raise CacheError(f"cache: {str(path)!r} holds a cache's arrays but no root zarr.json (deleted, or a "
+                         "`cache copy` interrupted before its last step); nothing was written: run the copy again, "
+                         "restore the zarr.json, or delete the folder (or give another --cache) and harvest again")
     foreign = [n for n in names if n not in CACHE_ENTRIES and not n.startswith(".part-") and not n.endswith(".partial")]
     if foreign and "zarr.json" not in names:
         raise ConfigError(f"cache: {str(path)!r} is a folder that is not a cache and holds {len(foreign)} other "
@@ -126,12 +126,7 @@ def _existing(path: Path | str, manifest: dict[str, Any], resume: bool,
     what cannot continue."""
     if not (remote.exists(path, "zarr.json") if remote.is_url(path) else (path / "zarr.json").exists()):
         return None
-    try:
-        there = Cache(path)  # refuses damaged metadata (root or array zarr.json) in one line
-    except CacheError as e:
-        if "without a matryoshka manifest" in str(e):
-            raise CacheError(f"cache: {str(path)!r} holds a zarr group that is not a matryoshka cache") from None
-        raise
+    there = Cache(path)  # refuses another zarr group, and damaged metadata (root or array zarr.json), in one line
     attrs, old = there.group.attrs.asdict(), there.manifest
     if old["fingerprint"] != manifest["fingerprint"]:
         raise CacheError(f"cache: {str(path)!r} holds fingerprint {old['fingerprint']}, this harvest is "
