@@ -14,6 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tests run in their own temporary directories (below), so `python -m matryoshka.cli` in a subprocess no longer
+# finds this tree's package through the working directory: put the repository first on its path instead.
+REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([REPO, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                    if p and p != REPO]])
 
 @pytest.fixture(autouse=True)
 def _own_working_directory(tmp_path, monkeypatch):
