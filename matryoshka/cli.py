@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from .config import ConfigError, EvaluateConfig, HarvestConfig, TrainConfig, from_dict, load_pipeline
+from .config import ConfigError, EvaluateConfig, HarvestConfig, TrainConfig, check_path, from_dict, load_pipeline
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
@@ -218,20 +218,36 @@ def browse_cmd(runs: Optional[list[str]] = typer.Argument(None, metavar="RUN", h
 @app.command("models")
 def models(names: Optional[list[str]] = typer.Argument(
         None, help="Model names (gpt2, google/gemma-2-2b) or local directories; none: the seed's table.")) -> None:
-    """Width, layers and the seed's suggested sizes (16x dictionary, groups [1x, 2x, 4x, 9x], k = width/200)."""
+    """Width, layers and the seed's suggested sizes (16x dictionary, groups [1x, 2x, 4x, 9x], k = width/200).
+
+    Each name stands alone: the rows of the names that resolve are printed, then one error line for each
+    name that does not (exit status 2)."""
     from .suggest import format_table, from_config, seed_table
 
-    _run_guarded(lambda: typer.echo(format_table([from_config(n) for n in names] if names else seed_table())))
+    if not names:
+        typer.echo(format_table(seed_table()))
+        return
+    rows, errors = [], []
+    for n in names:
+        try:
+            rows.append(from_config(n))
+        except ConfigError as e:
+            errors.append(str(e))
+    if rows:
+        typer.echo(format_table(rows))
+    for e in errors:
+        typer.echo(f"error: {e}", err=True)
+    if errors:
+        raise typer.Exit(2)
 
 
 @cache_app.command("ls")
 def cache_ls(root: str = typer.Argument("cache", help="Directory or URL prefix (s3://bucket/prefix) to search.")) -> None:
     """List the caches under ROOT with model, sites, tokens and size."""
-    from .cache import Cache
-    from .cache.inspect import describe, find_caches
+    from .cache.inspect import describe_path, find_caches
 
     def go() -> None:
-        rows = [describe(Cache(p)) for p in find_caches(root)]
+        rows = [describe_path(p) for p in find_caches(root)]
         if not rows:
             typer.echo(f"no caches under {root}")
             return
@@ -296,6 +312,7 @@ def cache_copy(src: str = typer.Argument(..., metavar="CACHE", help="A complete 
 
     if workers < 1:
         raise _fail(f"--workers: {workers} must be at least 1")
+    _run_guarded(lambda: check_path(dest_root, "ROOT", "cache copy ", optional=False))
     typer.echo(str(_run_guarded(lambda: copy_cache(src, dest_root, workers=workers, progress=not quiet))))
 
 

@@ -337,6 +337,28 @@ HOLDOUT_TOLERANCE = 0.1
 """How much more than asked (a fraction of the request, in whole contexts) the held-out split may hold."""
 
 
+PATH_KEYS = ("model", "dataset", "cache", "cache_root", "runs_dir", "run", "local_cache_dir")
+"""Keys whose value is a path (or a Hub name): the text ``None`` there is a mistyped null, not a folder name."""
+
+NULL_WORDS = ("none", "null", "~")
+
+
+def check_path(value: Any, key: str, where: str = "", optional: bool = True) -> None:
+    """Refuse ``None``, ``null`` or ``~`` given as text for a path (``where`` prefixes the key in the message):
+    YAML ``cache: None`` (or a quoted null) is the string "None", which would otherwise become a folder named
+    None beside the user's files."""
+    if isinstance(value, str) and value.strip().lower() in NULL_WORDS:
+        tip = f", or leave {key} out (or write {key}: null, unquoted) for its default" if optional else ""
+        raise ConfigError(f"{where}{key}: {value!r} is not a path (a null written as text); give a folder, URL or "
+                          f"name{tip}")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is meant as a local directory rather than a Hub id: it exists as one, starts like a
+    path (``/``, ``.``, ``~``), or has more than the one ``/`` of ``namespace/repo``."""
+    return Path(name).expanduser().is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
 def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     """Build a config dataclass from a YAML mapping, naming unknown keys and wrong types by path."""
     if not isinstance(data, dict):
@@ -345,6 +367,9 @@ def from_dict(cls: type, data: dict[str, Any], path: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{path}.{unknown[0]}: unknown key; valid keys are {', '.join(sorted(names))}")
+    for key in PATH_KEYS:
+        if key in data:
+            check_path(data[key], key, f"{path}.")
     try:
         built = cls(**data)
     except ConfigError as e:  # the dataclass's own check, unless a YAML type was wrong (that says more)

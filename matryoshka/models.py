@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import SITES, ConfigError
+from .config import SITES, ConfigError, looks_like_path
+from .hub import offline_hint, offline_reason
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,29 +103,48 @@ class ModelInfo:
     """A hash of the weights for a local directory, else the HF id and resolved commit."""
     attention: tuple[str, ...] = ("eager",)
     """The attention implementations the installed transformers offers for this model class."""
+    max_positions: int | None = None
+    """The longest context the model's position embeddings cover (its config's n_positions or
+    max_position_embeddings); None when the config does not say."""
 
 
 def model_info(name: str, revision: str | None = None) -> ModelInfo:
-    """Read a model's config (cheap: no weights) and check that we can capture its sites."""
+    """Read a model's config (cheap: no weights) and check that we can capture its sites.
+
+    A local directory must exist and hold whole weight files; a Hub name is looked up offline (the local
+    Hugging Face cache only) when the Hub cannot be reached (:mod:`matryoshka.hub`)."""
     from transformers import AutoConfig
 
     resolved = resolve_name(name)
+    local = Path(resolved).is_dir()
+    if not local and looks_like_path(name):
+        where = Path(name).expanduser()
+        raise ConfigError(f"model: {name!r} " + ("is a file, not a model directory" if where.exists() else
+                                                 "is a local path that does not exist") +
+                          "; give a directory with config.json (saved with save_pretrained) or a Hugging Face id "
+                          f"such as {', '.join(sorted(ALIASES))}")
+    offline = None if local else offline_reason()
     try:
-        cfg = AutoConfig.from_pretrained(resolved, revision=revision)
+        cfg = AutoConfig.from_pretrained(resolved, revision=revision, local_files_only=offline is not None)
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
-        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""  # e.g. no network and not in the HF cache
+        if offline is not None:
+            raise ConfigError(f"model: {name!r} could not be resolved offline ({offline}) and is not in the local "
+                              f"Hugging Face cache; {offline_hint('model')} (short names: {', '.join(sorted(ALIASES))})") from None
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise ConfigError(
             f"model: cannot load {name!r} ({type(e).__name__}{': ' + why if why else ''}); give a local directory "
             f"with config.json or a Hugging Face id such as {', '.join(sorted(ALIASES))}") from None
     arch = cfg.model_type
     if arch not in _RECIPES:
         raise ConfigError(f"model: {name!r} is a {arch!r} model; supported: {', '.join(SUPPORTED.values())}")
-    local = Path(resolved).is_dir()
+    if local:
+        check_weights(Path(resolved))
     commit = getattr(cfg, "_commit_hash", None)
     identity = _hash_dir(Path(resolved)) if local else f"{resolved}@{commit or revision or 'main'}"
+    positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     return ModelInfo(name=name, resolved=resolved, arch=arch, d_model=int(cfg.hidden_size),
                      n_layers=int(cfg.num_hidden_layers), revision=revision, identity=identity,
-                     attention=_attention_offered(cfg))
+                     attention=_attention_offered(cfg), max_positions=int(positions) if positions else None)
 
 
 def _attention_offered(cfg) -> tuple[str, ...]:
@@ -144,6 +164,37 @@ def resolve_attention(info: ModelInfo, requested: str = "auto") -> str:
         raise ConfigError(f"attn_implementation: {requested!r} is not offered for {info.name} ({info.arch}) by the "
                           f"installed transformers; valid: auto, {', '.join(info.attention)}")
     return impl
+
+
+def check_context_size(info: ModelInfo, context_size: int) -> None:
+    """A context longer than the model's position embeddings fails deep in the forward pass (an IndexError in
+    the embedding lookup): refuse it from the config, before any weights load."""
+    if info.max_positions is not None and context_size > info.max_positions:
+        raise ConfigError(f"context_size: {context_size} is more than the {info.max_positions} positions "
+                          f"{info.name!r} supports (its config); use --context-size {info.max_positions} or less")
+
+
+def check_weights(path: Path) -> None:
+    """Every ``*.safetensors`` file of a local model is whole: its header parses and the file holds every
+    byte the header lists. A truncated download otherwise fails inside the loader with a traceback, after the
+    cache has been created."""
+    for f in sorted(path.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(fh.read(n)) if 0 <= n <= size - 8 else None
+            except (ValueError, UnicodeDecodeError):
+                header = None
+        if not isinstance(header, dict):
+            raise ConfigError(f"model: {str(f)!r} is not a readable safetensors file (its header is cut short or "
+                              f"damaged; the file has {size:,} bytes); download or save the model again")
+        end = 8 + n + max((t["data_offsets"][1] for k, t in header.items()
+                           if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t), default=0)
+        if size < end:
+            raise ConfigError(f"model: {str(f)!r} is truncated ({size:,} of the {end:,} bytes its header lists); "
+                              "download or save the model again")
 
 
 def _hash_dir(path: Path) -> str:

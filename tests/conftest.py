@@ -14,6 +14,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# Tests run in their own temporary directories (below), so `python -m matryoshka.cli` in a subprocess no longer
+# finds this tree's package through the working directory: put the repository first on its path instead.
+REPO = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join([REPO, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                    if p and p != REPO]])
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path, monkeypatch):
+    """Every test runs in its own empty temporary directory, so nothing a test writes to a relative or
+    default path (``cache/``, ``runs/``, a mistyped ``None``) can land in the repository. Tests find the
+    repository's own files (README.md, pipeline.yaml, examples/) from their own path, never the cwd."""
+    monkeypatch.chdir(tmp_path)
+
 
 @pytest.fixture(scope="session")
 def s3_server():

@@ -43,7 +43,7 @@ def test_no_argument_shows_the_seeds_table_offline():
 def test_an_unknown_or_unsupported_model_is_one_line(tmp_path):
     out = CliRunner().invoke(app, ["models", str(tmp_path / "no-such-model")])
     assert out.exit_code == 2 and out.output.count("\n") == 1
-    assert "model: cannot load" in out.output and "no-such-model" in out.output
+    assert f"model: '{tmp_path / 'no-such-model'}' is a local path that does not exist" in out.output
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     out = CliRunner().invoke(app, ["models", str(tmp_path / "llama")])

@@ -229,3 +229,166 @@ def test_usage_errors_are_one_line_too():
 def test_train_without_a_cache_says_so():
     run_bad(["train", "--config", str(Path(__file__).parent.parent / "pipeline.yaml")],
             "cache: none given; pass --cache CACHE")
+
+
+# --- issue 17: tracebacks where one line is promised, offline names, fingerprint differences -------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` and its bytes (a lock file's holder record aside): to show nothing was written."""
+    return {str(p.relative_to(root)): b"" if p.name == ".writer.lock" else p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_tests_run_outside_the_repository(tmp_path):
+    """conftest's autouse fixture: a test writing to a relative path writes into its own temporary folder."""
+    assert Path.cwd() == tmp_path and not Path.cwd().resolve().is_relative_to(REPO)
+
+
+@pytest.mark.parametrize("word", ["None", "null", "~", "NULL"])
+def test_a_null_written_as_text_is_not_a_folder(gpt2_dir, corpus, tmp_path, word):
+    """YAML `cache: None` is the text "None" (an unquoted null or ~ is YAML's null: the default path); it used to
+    become a folder named None in the working directory."""
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"harvest:\n  model: {gpt2_dir}\n  dataset: {corpus}\n  cache: {word if word == 'None' else json.dumps(word)}\n")
+    run_bad(["harvest", "--config", str(cfg), "--quiet"], f"harvest.cache: {word!r} is not a path", "leave cache out")
+    run_bad(harvest_args(gpt2_dir, corpus, Path(word)), f"harvest.cache: {word!r} is not a path")
+    run_bad(["train", "--cache", "x", "--runs-dir", word], f"train.runs_dir: {word!r} is not a path")
+    run_bad(["cache", "copy", str(tmp_path), word], f"cache copy ROOT: {word!r} is not a path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.yaml"]
+
+
+def test_context_size_above_the_models_positions(gpt2_dir, corpus, tmp_path):
+    """The tiny GPT-2 has 256 positions: 512 was an IndexError deep in the forward pass, after the cache was made."""
+    run_bad(harvest_args(gpt2_dir, corpus, tmp_path / "c", "--context-size", "512"),
+            "context_size: 512 is more than the 256 positions", "--context-size 256 or less")
+    assert not (tmp_path / "c").exists()
+
+
+def test_truncated_weights_and_missing_model_directory(gpt2_dir, corpus, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(gpt2_dir, broken)
+    weights = broken / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    run_bad(harvest_args(broken, corpus, tmp_path / "c"), f"'{weights}' is truncated ({size // 2:,} of the {size:,} bytes",
+            "download or save the model again")
+    with open(weights, "r+b") as f:
+        f.truncate(5)  # not even a header
+    run_bad(harvest_args(broken, corpus, tmp_path / "c"), f"'{weights}' is not a readable safetensors file")
+    run_bad(harvest_args(tmp_path / "nope", corpus, tmp_path / "c"),
+            f"model: '{tmp_path / 'nope'}' is a local path that does not exist", "config.json")
+    assert not (tmp_path / "c").exists()
+
+
+def _damage(cache: Path, how: str) -> None:
+    if how == "truncated root":
+        meta = cache / "zarr.json"
+        meta.write_bytes(meta.read_bytes()[:len(meta.read_bytes()) // 2])
+    elif how == "invalid root":
+        meta = cache / "zarr.json"
+        doc = json.loads(meta.read_text())
+        del doc["attributes"]["manifest"]["storage"]
+        meta.write_text(json.dumps(doc))
+    elif how == "truncated array":
+        meta = cache / "acts" / "1.mlp_out" / "zarr.json"
+        meta.write_bytes(meta.read_bytes()[:100])
+    else:
+        (cache / "tokens" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "array"}')
+
+
+@pytest.mark.parametrize("how, fragment", [
+    ("truncated root", "its zarr.json is unreadable (JSONDecodeError"),
+    ("invalid root", "its zarr.json manifest lacks storage"),
+    ("truncated array", "acts/1.mlp_out/zarr.json is unreadable (JSONDecodeError"),
+    ("invalid array", "tokens/zarr.json is not valid zarr metadata"),
+])
+def test_damaged_metadata_is_one_line_in_every_command(gpt2_dir, corpus, tmp_path, how, fragment):
+    cache = tmp_path / "root" / "c"
+    assert runner.invoke(app, harvest_args(gpt2_dir, corpus, cache)).exit_code == 0
+    _damage(cache, how)
+    before = files(tmp_path)
+    (tmp_path / "t.yaml").write_text(f"train:\n  cache: {cache}\n  runs_dir: {tmp_path / 'runs'}\n"
+                                     "  runs:\n    - {name: a, source: 1.mlp_out}\n")
+    damaged = f"cache: '{cache}' is damaged: {fragment}"
+    for args in (harvest_args(gpt2_dir, corpus, cache), harvest_args(gpt2_dir, corpus, cache, "--resume"),
+                 ["cache", "info", str(cache)], ["cache", "verify", str(cache), "-q"], ["cache", "rm", str(cache), "--yes"],
+                 ["cache", "copy", str(cache), str(tmp_path / "copies"), "-q"], ["train", "--config", str(tmp_path / "t.yaml"), "-q"],
+                 ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path / "runs"), "-q"]):
+        run_bad(args, damaged, "restore the cache from a copy")
+    (tmp_path / "t.yaml").unlink()
+    assert files(tmp_path) == before
+    ls = runner.invoke(app, ["cache", "ls", str(tmp_path / "root")])
+    assert ls.exit_code == 0 and str(cache) in ls.output and f"DAMAGED ({fragment}" in ls.output, ls.output
+
+
+def test_harvest_into_a_cache_whose_root_metadata_was_deleted(gpt2_dir, corpus, tmp_path):
+    """Was a ContainsArrayError traceback, and a cache left at "partial 0%"."""
+    cache = tmp_path / "c"
+    assert runner.invoke(app, harvest_args(gpt2_dir, corpus, cache)).exit_code == 0
+    (cache / "zarr.json").unlink()
+    before = files(tmp_path)
+    run_bad(harvest_args(gpt2_dir, corpus, cache), "holds a cache's arrays but no root zarr.json", "nothing was written")
+    assert files(tmp_path) == before
+    run_bad(["cache", "info", str(cache)], "is damaged: its root zarr.json is missing")
+    ls = runner.invoke(app, ["cache", "ls", str(tmp_path)])
+    assert ls.exit_code == 0 and "DAMAGED (its root zarr.json is missing" in ls.output, ls.output
+
+
+def test_fingerprint_mismatch_names_the_settings_that_differ(gpt2_dir, corpus, tmp_path):
+    cache = tmp_path / "c"
+    assert runner.invoke(app, harvest_args(gpt2_dir, corpus, cache)).exit_code == 0
+    msg = run_bad(harvest_args(gpt2_dir, corpus, cache, "--dtype", "float32", "--seed", "7"), "holds fingerprint")
+    assert "(dataset.seed: 7 here, 0 in the cache; dtype: float32 here, bfloat16 in the cache)" in msg
+
+
+def test_hub_names_fail_fast_offline(gpt2_dir, corpus, tmp_path):
+    """HF_HUB_OFFLINE (set by conftest): one line saying the name could not be resolved offline, and what to do."""
+    run_bad(["models", "gpt2"], "model: 'gpt2' could not be resolved offline (HF_HUB_OFFLINE is set)",
+            "give a local model directory")
+    run_bad(harvest_args(gpt2_dir, "Skylion007/openwebtext", tmp_path / "c"),
+            "dataset: 'Skylion007/openwebtext' could not be resolved offline (HF_HUB_OFFLINE is set)",
+            "give a local .txt, .jsonl or .parquet file")
+    assert not (tmp_path / "c").exists()
+
+
+def test_no_route_to_the_hub_is_one_line_without_retries(tmp_path):
+    """Without HF_HUB_OFFLINE and with no route to the Hub (here: an endpoint whose port nobody listens on),
+    huggingface_hub retried for ~25 s, a line per retry; one probe connection now decides, and the name is
+    looked up in the local Hugging Face cache only."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    code = ("import time, transformers; t = time.monotonic()\n"
+            "from matryoshka.models import model_info\n"
+            "try:\n    model_info('gpt2')\nexcept Exception as e:\n    print(f'{time.monotonic() - t:.1f}'); print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    seconds, message = r.stdout.splitlines()
+    assert "could not be resolved offline (no route to 127.0.0.1)" in message and "local model directory" in message
+    assert float(seconds) < 10 and "Retry" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "matryoshka.cli", "models", "gpt2"], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: model: 'gpt2' could not be resolved offline (no route to 127.0.0.1)")
+
+
+def test_models_lists_what_it_can_and_one_line_per_name_it_cannot(gpt2_dir):
+    r = runner.invoke(app, ["models", str(gpt2_dir), "gpt2", "./local-dir"])
+    assert r.exit_code == 2
+    lines = r.output.splitlines()
+    assert lines[0].startswith("model") and lines[1].startswith(f"{gpt2_dir} ") and "[64, 128, 256, 576]" in lines[1]
+    assert lines[2].startswith("error: model: 'gpt2' could not be resolved offline") and len(lines) == 4
+    assert lines[3].startswith("error: model: './local-dir' is a local path that does not exist")

@@ -99,7 +99,7 @@ def test_site_and_model_errors(model_dir, tmp_path):
     info = model_info(str(model_dir))
     with pytest.raises(ConfigError, match=r"layer 3 is out of range; .* has layers 0\.\.2"):
         check_sites(info, [(3, "resid_mid")])
-    with pytest.raises(ConfigError, match="cannot load 'no-such-model'"):
+    with pytest.raises(ConfigError, match="'no-such-model' could not be resolved offline .HF_HUB_OFFLINE is set."):
         model_info("no-such-model")
     from transformers import LlamaConfig
     LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,

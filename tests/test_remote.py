@@ -470,3 +470,22 @@ def test_cache_rm_of_a_cache_at_a_bucket_root_leaves_the_bucket_and_what_else_is
     fs.invalidate_cache()
     assert fs.exists(s3_bucket) and Cache(url).complete
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(s3_bucket)) == ["x"]
+
+
+def test_damaged_metadata_on_a_bucket_is_listed_and_one_line(s3_bucket, tmp_path):
+    """A truncated root zarr.json, or none over a cache's arrays, on object storage: `cache ls` lists the cache
+    as damaged instead of leaving it out, and opening it is one line naming what is wrong."""
+    from matryoshka.cache import remote
+    from matryoshka.cache.copy import copy_cache
+
+    dest = str(copy_cache(_synthetic(tmp_path / "src", 48, 0), f"{s3_bucket}/team", workers=2, progress=False))
+    fs, root = _fs(dest), dest.split("://", 1)[1]
+    meta = fs.cat(f"{root}/zarr.json")
+    fs.pipe(f"{root}/zarr.json", meta[: len(meta) // 2])
+    run_bad(["cache", "info", dest], f"cache: '{dest}' is damaged: its zarr.json is unreadable (JSONDecodeError")
+    ls = runner.invoke(app, ["cache", "ls", s3_bucket])
+    assert ls.exit_code == 0 and dest in ls.output and "DAMAGED (its zarr.json is unreadable" in ls.output, ls.output
+    remote.remove_object(dest, "zarr.json")
+    run_bad(["cache", "verify", dest, "-q"], f"cache: '{dest}' is damaged: its root zarr.json is missing")
+    ls = runner.invoke(app, ["cache", "ls", s3_bucket])
+    assert ls.exit_code == 0 and dest in ls.output and "DAMAGED (its root zarr.json is missing" in ls.output, ls.output

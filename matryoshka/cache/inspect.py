@@ -15,7 +15,7 @@ from ..cpus import usable_cpus
 from . import remote
 from .format import STORAGE, chunk_key, decode_chunk, row_bytes, row_width, token_codec
 from .manifest import holdout_summary
-from .store import Cache, CacheError, is_cache
+from .store import Cache, CacheDamagedError, CacheError, cache_or_wreck, has_cache_arrays
 
 
 def stored_bytes(path: Path | str) -> int:
@@ -25,7 +25,8 @@ def stored_bytes(path: Path | str) -> int:
 
 
 def find_caches(root: str | Path, max_depth: int = 4) -> Iterator[Path | str]:
-    """Caches under ``root`` (a directory or a URL prefix): those whose zarr.json carries a matryoshka manifest."""
+    """Caches under ``root`` (a directory or a URL prefix): those whose zarr.json carries a matryoshka manifest,
+    and damaged ones (a cache's arrays under an unreadable or missing zarr.json; :func:`cache_or_wreck`)."""
     if remote.is_url(root):
         yield from remote.find_caches(str(root), max_depth)
         return
@@ -36,12 +37,22 @@ def find_caches(root: str | Path, max_depth: int = 4) -> Iterator[Path | str]:
     base = len(root.parts)
     for dirpath, dirnames, _ in os.walk(root):
         p = Path(dirpath)
-        if is_cache(p):
+        meta = p / "zarr.json"
+        if cache_or_wreck(meta.read_bytes() if meta.is_file() else None, has_cache_arrays(p)):
             dirnames.clear()
             yield p
         elif len(p.parts) - base >= max_depth:
             dirnames.clear()
         dirnames.sort()
+
+
+def describe_path(path: Path | str) -> dict:
+    """:func:`describe` of the cache at ``path``, or, for a damaged one, a row that says so."""
+    try:
+        return describe(Cache(path))
+    except CacheDamagedError as e:
+        return {"path": str(path), "fingerprint": "?", "model": "?", "sites": "?", "tokens": 0, "planned": 0,
+                "status": f"DAMAGED ({e.reason})", "bytes": stored_bytes(path)}
 
 
 def describe(cache: Cache) -> dict:

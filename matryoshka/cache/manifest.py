@@ -51,3 +51,27 @@ def holdout_summary(manifest: dict[str, Any]) -> str:
     asked = manifest.get("holdout_asked")
     return (f"held-out tokens {a:,}..{b:,} ({(b - a) / n:.1%} of {n:,}"
             + (f"; --holdout {asked!s} asked" if asked is not None else "") + f"), train {b:,}..{n:,}")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested identity as ``{"dataset.seed": 0, ...}``."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _short(v: Any) -> str:
+    text = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def identity_difference(here: dict[str, Any], cache: dict[str, Any]) -> str:
+    """The settings two manifests' fingerprints differ by, as ``dtype: float32 here, bfloat16 in the cache``
+    (every one, ``; ``-separated), so a refused harvest says what to change rather than two hashes."""
+    a, b = _flat(here.get("identity", {})), _flat(cache.get("identity", {}))
+    diffs = [f"{k}: {_short(a.get(k, '(none)'))} here, {_short(b.get(k, '(none)'))} in the cache"
+             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return "; ".join(diffs) if diffs else "the same settings, hashed by another version"

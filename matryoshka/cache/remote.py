@@ -14,7 +14,6 @@ a copy can never be stale; each is still checked by its crc32c when it is decode
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -186,21 +185,25 @@ def store_error_line(e: BaseException) -> str:
 
 
 def find_caches(url: str, max_depth: int = 4) -> list[str]:
-    """URLs of the caches under ``url``: prefixes whose ``zarr.json`` carries a matryoshka manifest."""
+    """URLs of the caches under ``url``: prefixes whose ``zarr.json`` carries a matryoshka manifest, and damaged
+    ones (see :func:`.store.cache_or_wreck`)."""
+    from .store import cache_or_wreck
+
     fs, root = filesystem(url)
     fs.invalidate_cache()
     root = root.rstrip("/")
-    metas = sorted(p for p in fs.find(root, maxdepth=max_depth + 1) if p.endswith("/zarr.json") or p == "zarr.json")
+    listed = set(fs.find(root, maxdepth=max_depth + 2))
+    metas = sorted(p for p in listed if p.endswith("/zarr.json") or p == "zarr.json")
+    blobs = fs.cat(metas) if metas else {}
+    # a folder is a candidate if it has a zarr.json, or a cache's arrays under a missing one
+    prefixes = {p[: -len("/zarr.json")] for p in metas} | {p[: -len("/tokens/zarr.json")] for p in metas
+                                                            if p.endswith("/tokens/zarr.json")}
     found: list[str] = []
-    for p, blob in fs.cat(metas).items() if metas else []:
-        prefix = p[: -len("/zarr.json")]
+    for prefix in sorted(prefixes):
         if any(prefix.startswith(f + "/") for f in found):
             continue  # an array's zarr.json inside a cache already found
-        try:
-            meta = json.loads(blob)
-        except ValueError:
-            continue
-        if meta.get("node_type") == "group" and "manifest" in meta.get("attributes", {}):
+        arrays = f"{prefix}/acts/zarr.json" in listed and f"{prefix}/tokens/zarr.json" in listed
+        if cache_or_wreck(blobs.get(f"{prefix}/zarr.json"), arrays):
             found.append(prefix)
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     return [f"{protocol}://{p}" for p in sorted(found)]

@@ -9,12 +9,37 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..config import looks_like_path
 from .format import FORMAT_VERSION, chunk_key, decode
-from .remote import ChunkSource, is_url, join, local_path
+from .remote import ChunkSource, exists, is_url, join, local_path
 
 
 class CacheError(ValueError):
     """A cache that is missing, incomplete, damaged or not the one expected."""
+
+
+class CacheDamagedError(CacheError):
+    """A cache whose metadata (root or array ``zarr.json``) cannot be read: nothing in it can be trusted.
+    ``reason`` is the short cause, as `pipeline cache ls` shows it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cache: {path!r} is damaged: {reason}; restore the cache from a copy, or delete the "
+                         "folder and harvest again")
+        self.reason = reason
+
+
+def _why(e: BaseException) -> str:
+    """A library exception as a short cause: its type and the first line of its message."""
+    text = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+    return f"{type(e).__name__}{': ' + text if text else ''}"
+
+
+HEADLESS = ("its root zarr.json is missing (the arrays are there; a `cache copy` writes it last: if one was "
+            "interrupted, run it again)")
+"""Why a folder with a cache's arrays and no root metadata is damaged."""
+
+REQUIRED_MANIFEST = ("fingerprint", "format_version", "n_tokens", "arrays", "split", "context_size", "storage")
+"""Manifest fields every reader relies on; one missing means the metadata was damaged or hand-edited."""
 
 
 @dataclass
@@ -52,16 +77,23 @@ class Cache:
         self.path = str(local_path(path))
         self.remote = is_url(self.path)
         if not self.remote and not (Path(self.path) / "zarr.json").is_file():
+            if has_cache_arrays(Path(self.path)):
+                raise CacheDamagedError(self.path, HEADLESS)
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr.json); run `pipeline harvest` "
                              "or list caches with `pipeline cache ls`")
         try:
             self.group = zarr.open_group(self.path, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+            if self.remote and exists(self.path, "tokens/zarr.json"):
+                raise CacheDamagedError(self.path, HEADLESS) from None
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr group there)") from None
+        except (ValueError, TypeError, KeyError) as e:  # a truncated or hand-broken zarr.json
+            raise CacheDamagedError(self.path, f"its zarr.json is unreadable ({_why(e)})") from None
         attrs = self.group.attrs.asdict()
         if "manifest" not in attrs:
             raise CacheError(f"cache: {self.path!r} is a zarr group without a matryoshka manifest")
         self.manifest: dict[str, Any] = attrs["manifest"]
+        self._check_metadata()
         if self.manifest["format_version"] > FORMAT_VERSION:
             raise CacheError(f"cache: {self.path!r} has format {self.manifest['format_version']}; "
                              f"this version reads up to {FORMAT_VERSION}: upgrade matryoshka")
@@ -70,6 +102,28 @@ class Cache:
         self._stats = attrs.get("stats")
         layout = f"{self.fingerprint}-{self.manifest['n_tokens']}x{self.chunk_tokens}"  # see remote.py
         self._chunks = ChunkSource(self.path, layout, local_cache_dir) if self.remote else None
+
+    def _check_metadata(self) -> None:
+        """The manifest has what readers rely on, and every array's own zarr.json opens: a damaged one is one
+        line naming it, here, rather than a traceback in whichever command touches the array first."""
+        m = self.manifest
+        missing = [k for k in REQUIRED_MANIFEST if not isinstance(m, dict) or k not in m]
+        if missing or not isinstance(m["arrays"], dict) or not isinstance(m["storage"], dict) \
+                or "chunk_tokens" not in m["storage"] or "dtype" not in m["storage"]:
+            what = ", ".join(missing) if missing else "arrays or storage"
+            raise CacheDamagedError(self.path, f"its zarr.json manifest lacks {what}")
+        for key in [*(f"acts/{name}" for name in m["arrays"]), "tokens"]:
+            try:
+                node = self.group[key]
+            except KeyError:  # zarr says so both when the file is absent and when it is not array metadata
+                meta = f"{key}/zarr.json"
+                there = exists(self.path, meta) if self.remote else (Path(self.path) / meta).is_file()
+                raise CacheDamagedError(self.path, f"{meta} is {'not valid zarr metadata' if there else 'missing'}") \
+                    from None
+            except (ValueError, TypeError) as e:
+                raise CacheDamagedError(self.path, f"{key}/zarr.json is unreadable ({_why(e)})") from None
+            if not isinstance(node, zarr.Array):
+                raise CacheDamagedError(self.path, f"{key}/zarr.json is not an array's")
 
     @property
     def fingerprint(self) -> str:
@@ -174,8 +228,26 @@ def is_cache(path: Path) -> bool:
     try:
         meta = json.loads((Path(path) / "zarr.json").read_text())
         return meta.get("node_type") == "group" and "manifest" in meta.get("attributes", {})
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
+
+
+def cache_or_wreck(meta: bytes | None, has_arrays: bool) -> bool:
+    """Whether a folder is a cache, intact or damaged, from its root ``zarr.json`` (None: there is none) and
+    whether it holds a cache's ``acts`` group and ``tokens`` array. `cache ls` lists a damaged one as
+    damaged rather than leaving it out; a zarr group of someone else's (no manifest, no cache arrays) is not one."""
+    if has_arrays:
+        return True
+    try:
+        m = json.loads(meta) if meta is not None else None
+        return isinstance(m, dict) and m.get("node_type") == "group" and "manifest" in m.get("attributes", {})
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def has_cache_arrays(path: Path) -> bool:
+    """Whether a local folder holds a cache's ``acts`` group and ``tokens`` array metadata."""
+    return (path / "acts" / "zarr.json").is_file() and (path / "tokens" / "zarr.json").is_file()
 
 
 def cache_location(root: str | Path, manifest: dict[str, Any]) -> Path | str:
@@ -185,5 +257,5 @@ def cache_location(root: str | Path, manifest: dict[str, Any]) -> Path | str:
     ``openai-community/gpt2`` are one model, one fingerprint and so one folder; ``synthetic`` for the
     synthetic source)."""
     root, name = local_path(root), manifest["model"].get("resolved") or manifest["model"]["name"]
-    local = Path(name).expanduser().is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+    local = looks_like_path(name)
     return join(root, Path(name).name if local else name.replace("/", "--"), manifest["fingerprint"])

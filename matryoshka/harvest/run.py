@@ -19,12 +19,13 @@ from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk, to_storage
 from ..cache.manifest import build_manifest, holdout_summary
 from ..cache import remote
 from ..cache.lock import LOCK_NAME, writer_lock
-from ..cache.store import CacheError, cache_location
+from ..cache.store import Cache, CacheError, cache_location
+from ..cache.manifest import identity_difference
 from ..cache.writer import CacheWriter, create_arrays
 from ..config import ConfigError, HarvestConfig, check_device, site_name
 from ..cpus import usable_cpus
-from ..models import (Capture, ModelInfo, check_sites, hook_name, load_model, load_tokenizer, model_info,
-                      resolve_attention, tokenizer_identity)
+from ..models import (Capture, ModelInfo, check_context_size, check_sites, hook_name, load_model,
+                      load_tokenizer, model_info, resolve_attention, tokenizer_identity)
 from . import synthetic
 from .shards import harvest_shard, worker_shard
 from .tokens import DatasetExhausted, batches, bos_id, contexts, dataset_identity, open_documents
@@ -48,6 +49,7 @@ def plan(cfg: HarvestConfig) -> Plan:
     info = model_info(cfg.model, cfg.revision)
     check_sites(info, cfg.site_list)
     attention = resolve_attention(info, cfg.attn_implementation)
+    check_context_size(info, cfg.context_size)
     tokenizer = load_tokenizer(info)
     ds = open_documents(cfg)
     bos = bos_id(tokenizer, cfg.bos)
@@ -100,8 +102,13 @@ CACHE_ENTRIES = {"zarr.json", "acts", "tokens", "shards", "ground_truth", LOCK_N
 
 def _check_not_foreign(path: Path | str) -> None:
     """A folder that is not a cache must be new or empty: the cache would be written among someone's files,
-    and ``cache rm`` would be asked to delete it with them."""
+    and ``cache rm`` would be asked to delete it with them. A cache whose root zarr.json was deleted is refused
+    too: a new root over its old arrays fails half-way and leaves an empty "partial" cache."""
     names = remote.entries(path)
+    if "zarr.json" not in names and ("acts" in names or "tokens" in names):
+        raise CacheError(f"cache: {str(path)!r} holds a cache's arrays but no root zarr.json (deleted, or a "
+                         "`cache copy` interrupted before its last step); nothing was written: run the copy again, "
+                         "restore the zarr.json, or delete the folder (or give another --cache) and harvest again")
     foreign = [n for n in names if n not in CACHE_ENTRIES and not n.startswith(".part-") and not n.endswith(".partial")]
     if foreign and "zarr.json" not in names:
         raise ConfigError(f"cache: {str(path)!r} is a folder that is not a cache and holds {len(foreign)} other "
@@ -126,14 +133,13 @@ def _existing(path: Path | str, manifest: dict[str, Any], resume: bool,
     what cannot continue."""
     if not (remote.exists(path, "zarr.json") if remote.is_url(path) else (path / "zarr.json").exists()):
         return None
-    attrs = zarr.open_group(str(path), mode="r").attrs.asdict()
-    old = attrs.get("manifest")
-    if old is None:
-        raise CacheError(f"cache: {str(path)!r} holds a zarr group that is not a matryoshka cache")
+    there = Cache(path)  # refuses another zarr group, and damaged metadata (root or array zarr.json), in one line
+    attrs, old = there.group.attrs.asdict(), there.manifest
     if old["fingerprint"] != manifest["fingerprint"]:
         raise CacheError(f"cache: {str(path)!r} holds fingerprint {old['fingerprint']}, this harvest is "
-                         f"{manifest['fingerprint']}; choose another --cache (the default path never collides)")
-    if "shards" in zarr.open_group(str(path), mode="r") and not attrs.get("complete") and not sharded:
+                         f"{manifest['fingerprint']} ({identity_difference(manifest, old)}); choose another "
+                         "--cache (the default path never collides)")
+    if "shards" in there.group and not attrs.get("complete") and not sharded:
         raise CacheError(f"cache: {str(path)!r} is being harvested in shards; continue it with --shard I/N "
                          "(or torchrun), as it was started")
     if attrs.get("complete"):

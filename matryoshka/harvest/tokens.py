@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..config import ConfigError, HarvestConfig
+from ..hub import offline_hint, offline_reason
 
 _LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TOKENIZE_BATCH = 256
@@ -64,8 +65,14 @@ def open_documents(cfg: HarvestConfig):
             p = Path(cfg.dataset).expanduser()
             ds = datasets.load_dataset(_LOCAL_BUILDERS[p.suffix], data_files=str(p), split="train", streaming=True)
         else:
+            offline = offline_reason()
+            if offline is not None:  # a streamed dataset is read from the Hub as it goes: offline, it cannot be
+                raise ConfigError(f"dataset: {cfg.dataset!r} could not be resolved offline ({offline}): a Hugging "
+                                  f"Face dataset is streamed from the Hub; {offline_hint('dataset')}")
             ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.dataset_split,
                                        revision=cfg.dataset_revision, streaming=True)
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types here
         raise ConfigError(f"dataset: cannot open {cfg.dataset!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                           "give a local .txt/.jsonl/.parquet file or a Hugging Face dataset id") from None
