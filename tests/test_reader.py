@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from matryoshka.cache import CacheError
+from matryoshka.cache.plan import block_bounds
 from matryoshka.cache.reader import ReaderConfig, RecycledArrays, ShuffledReader, default_threads
 from matryoshka.fixtures import write_cache
 
@@ -205,8 +206,8 @@ def test_batches_mix_many_sequences_and_positions(cache):
 def test_an_epochs_blocks_are_even_so_its_last_rows_still_mix_chunks(cache):
     """22 train chunks in blocks of at most 3: 8 blocks of 2 or 3 chunks, not 7 of 3 and a last one of 1
     whose rows, the epoch's last, would all come from one chunk. A cursor from before is refused."""
-    assert ShuffledReader._block_bounds(22, 3).tolist() == [0, 2, 5, 8, 11, 13, 16, 19, 22]
-    assert ShuffledReader._block_bounds(6, 3).tolist() == [0, 3, 6]
+    assert block_bounds(22, 3).tolist() == [0, 2, 5, 8, 11, 13, 16, 19, 22]
+    assert block_bounds(6, 3).tolist() == [0, 3, 6]
     with _reader(cache, buffer_tokens=6 * SPC * CTX) as r:
         last = np.concatenate(_epoch(r))[-SPC * (CTX - 1):]  # as many rows as one chunk serves
         assert len(set(last // (SPC * CTX))) >= 2
