@@ -10,7 +10,8 @@ its rows (BOS rows dropped) are permuted and served as batches while the next bl
 the other half. A batch that straddles two blocks takes the old block's last rows first. So every row
 of the split is served exactly once per epoch, each epoch in a new order, and a batch is a uniform
 sample of one block: up to ``buffer_tokens / 2`` rows from up to ``buffer_tokens / (2 * chunk_tokens)``
-chunks (at least half as many, whatever the split's size).
+chunks (at least half as many, whatever the split's size). The order and the blocks, and the checks
+that the settings can serve them, are :mod:`matryoshka.cache.plan`'s; this module serves them.
 
 Memory is the buffer (``buffer_tokens`` rows in two halves) and, on the CPU, four batches (see
 :attr:`ShuffledReader.host_bytes`), whatever the size of the cache: a chunk is decompressed in place,
