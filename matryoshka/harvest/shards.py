@@ -36,7 +36,6 @@ import zarr
 
 from ..cache.lifecycle import WriteSession, check_space, locked, open_part_writer, open_writer
 from ..cache.location import Location
-from ..cache.lock import CacheLockedError
 from ..cache.store import CacheError
 from ..cache.writer import CacheWriter, complete_attrs, merge_progress
 from ..config import ConfigError, HarvestConfig, parse_shard
