@@ -44,8 +44,11 @@ def store_error_line(e: BaseException) -> str:
 class ChunkSource:
     """Stored chunk bytes of one remote cache: many keys fetched concurrently, optionally kept locally."""
 
-    def __init__(self, where: Prefix, name: str, local_cache_dir: str | Path | None = None) -> None:
+    def __init__(self, url: str | Prefix, name: str, local_cache_dir: str | Path | None = None) -> None:
         """``name``: the folder of this cache's copies under ``local_cache_dir`` (see the module docstring)."""
+        where = Location.of(url)
+        if not isinstance(where, Prefix):  # a local cache is read from its files directly (store.Cache)
+            raise TypeError(f"ChunkSource: {where} is not on object storage")
         self.fs, self.root, self.protocol = where.fs, where.root, where.protocol
         self.copies = Location.of(local_cache_dir).join(name) if local_cache_dir else None
         self.local = self.copies.path if isinstance(self.copies, Folder) else None
