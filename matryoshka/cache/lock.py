@@ -44,6 +44,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .location import Location
 from .retry import retrying
 
 LOCK_NAME = ".writer.lock"
@@ -104,13 +105,12 @@ class WriterLock:
 class ObjectLock:
     """A lock object with an owner and a heartbeat, for caches on object storage (module docstring)."""
 
-    def __init__(self, url: str, break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
+    def __init__(self, url: "str | Location", break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
                  stale_s: float = STALE_S, what: str = "cache", doing: str = "written") -> None:
-        from .remote import filesystem
-
-        self.url = str(url).rstrip("/")
-        self.fs, root = filesystem(self.url)
-        self.key = f"{root.rstrip('/')}/{LOCK_NAME}"
+        where = Location.of(url)
+        self.url = str(where).rstrip("/")
+        self.fs = where.fs
+        self.key = f"{where.root}/{LOCK_NAME}"
         self.break_lock, self.heartbeat_s, self.stale_s = break_lock, heartbeat_s, stale_s
         self.what = what
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex,
@@ -254,11 +254,11 @@ class ObjectLock:
         self.release()
 
 
-def writer_lock(path: str | Path, break_lock: bool = False, what: str = "cache",
+def writer_lock(path: "str | Path | Location", break_lock: bool = False, what: str = "cache",
                 doing: str = "written") -> WriterLock | ObjectLock:
-    """The lock for a cache or run path: ``flock`` for a directory, a lock object for an fsspec URL."""
-    from .remote import is_url, local_path
-
-    if is_url(path):
-        return ObjectLock(str(path), break_lock=break_lock, what=what, doing=doing)
-    return WriterLock(Path(local_path(path)), what=what, doing=doing)
+    """The lock for a cache or run path: ``flock`` for a local folder (``file://`` URLs included), a lock
+    object on object storage, where ``flock`` does not exist."""
+    where = Location.of(path)
+    if where.remote:
+        return ObjectLock(where, break_lock=break_lock, what=what, doing=doing)
+    return WriterLock(Path(str(where)), what=what, doing=doing)
