@@ -62,5 +62,5 @@ def plan(cfg: HarvestConfig) -> Plan:
                  "token_column": cfg.token_column, "seed": cfg.seed, "shuffle_buffer": cfg.shuffle_buffer},
         context_size=cfg.context_size, bos={"policy": cfg.bos, "token_id": bos}, dtype=cfg.dtype, codec=cfg.codec,
         seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
-        heldout_seqs=heldout, holdout_asked=cfg.holdout)
+        heldout_seqs=heldout, holdout_asked=str(cfg.holdout))
     return Plan(manifest, info, tokenizer, ds)

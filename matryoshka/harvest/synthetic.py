@@ -123,7 +123,7 @@ def manifest(cfg: HarvestConfig) -> dict[str, Any]:
                  "token_column": None, "seed": cfg.seed, "shuffle_buffer": 0},
         context_size=cfg.context_size, bos={"policy": "none", "token_id": None}, dtype=cfg.dtype, codec=cfg.codec,
         seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
-        heldout_seqs=heldout, holdout_asked=cfg.holdout,
+        heldout_seqs=heldout, holdout_asked=str(cfg.holdout),
         extra={"synthetic": {"settings": settings, "seed": cfg.seed, "generator": GENERATOR_VERSION,
                              "features": FEATURES, "parent": parent.tolist(), "directions": directions}})
 
