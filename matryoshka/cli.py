@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from .config import ConfigError, EvaluateConfig, HarvestConfig, TrainConfig, check_path, from_dict, load_pipeline
+from .errors import MatryoshkaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
@@ -32,22 +33,12 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _run_guarded(fn: Callable[[], Any]) -> Any:
-    """One clear line and exit status 2 for bad input; tracebacks only for our own bugs."""
-    from .cache.lock import CacheLockedError
-    from .cache.store import CacheError
-    from .cache.writer import ActivationError
-    from .evaluate.errors import NonFiniteMetrics
-    from .train.stop import Interrupted
-
+    """One line and the error's exit status for every :class:`~matryoshka.errors.MatryoshkaError` (bad
+    input: 2) and for a store that keeps failing; tracebacks only for our own bugs."""
     try:
         return fn()
-    except (ConfigError, CacheError, CacheLockedError) as e:
-        raise _fail(str(e)) from None
-    except (ActivationError, NonFiniteMetrics) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-    except Interrupted as e:  # a signal stopped training after writing its checkpoint
-        typer.echo(str(e), err=True)
+    except MatryoshkaError as e:
+        typer.echo(f"{e.prefix}{e}", err=True)
         raise typer.Exit(e.exit_code) from None
     except Exception as e:
         from .cache.remote import is_store_error, store_error_line

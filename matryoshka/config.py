@@ -18,9 +18,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """Bad user input. The CLI prints it as one line and exits with status 2."""
+from .errors import ConfigError
 
 
 SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")

@@ -44,6 +44,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..errors import MatryoshkaError
 from .retry import retrying
 
 LOCK_NAME = ".writer.lock"
@@ -51,7 +52,7 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 
 
-class CacheLockedError(RuntimeError):
+class CacheLockedError(MatryoshkaError, RuntimeError):
     pass
 
 

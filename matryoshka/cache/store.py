@@ -10,11 +10,12 @@ import numpy as np
 import zarr
 
 from ..config import looks_like_path
+from ..errors import MatryoshkaError
 from .format import FORMAT_VERSION, chunk_key, decode
 from .remote import ChunkSource, exists, is_url, join, local_path
 
 
-class CacheError(ValueError):
+class CacheError(MatryoshkaError, ValueError):
     """A cache that is missing, incomplete, damaged or not the one expected."""
 
 
