@@ -1,7 +1,6 @@
 """Config parsing: counts, sites, held-out split, pipeline.yaml and the CLI flags that mirror it."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -71,9 +70,9 @@ def test_yaml_round_trip_and_key_paths(tmp_path: Path):
 
 def test_every_config_key_is_a_flag_and_flags_override_yaml(tmp_path: Path):
     flags = {p.name for p in _flags_from(HarvestConfig)}
-    assert flags == {f.name for f in dataclasses.fields(HarvestConfig)}
+    assert flags == set(HarvestConfig.model_fields)
     train_flags = {p.name for p in _flags_from(TrainConfig, skip=("runs",))}
-    assert train_flags == {f.name for f in dataclasses.fields(TrainConfig)} - {"runs"}
+    assert train_flags == set(TrainConfig.model_fields) - {"runs"}
     p = tmp_path / "pipeline.yaml"
     p.write_text(yaml.safe_dump({"harvest": {"layers": 8, "tokens": "1M", "dtype": "float16"}}))
     cfg = _config_from(HarvestConfig, "harvest", p, {"tokens": "2M", "dtype": None})

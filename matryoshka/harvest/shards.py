@@ -167,7 +167,7 @@ def harvest_shard(cfg: HarvestConfig, p, path: str | Path, shard: Shard, progres
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if cfg.device is None and torch.cuda.is_available() and local > 1:  # a GPU per local rank (or shared)
         gpu = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        cfg = dataclasses.replace(cfg, device=f"cuda:{gpu}")
+        cfg = cfg.model_copy(update={"device": f"cuda:{gpu}"})
     lock = writer_lock(join(path, "shards", str(shard.index)), cfg.break_lock)
     writer = None
     try:
