@@ -108,20 +108,21 @@ def parse_sites(sites: str | list[str], layers: str | list[int] | int | None) ->
     return sorted(out, key=lambda ls: (ls[0], SITES.index(ls[1])))
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"1/4"`` -> (1, 4): shard index (from 0) and shard count."""
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m or not int(m.group(1)) < int(m.group(2)):
-        raise ConfigError(f"shard: {text!r} {_SHARD_FORMAT}")
-    return int(m.group(1)), int(m.group(2))
-
-
+_SHARD = re.compile(r"\s*(\d+)\s*/\s*(\d+)\s*")
 _SHARD_FORMAT = "is not I/N with 0 <= I < N (e.g. 0/2 and 1/2 for two workers)"
 
 
 def _is_shard(text: str) -> bool:
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    m = _SHARD.fullmatch(str(text))
     return bool(m) and int(m.group(1)) < int(m.group(2))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> (1, 4): shard index (from 0) and shard count."""
+    if not _is_shard(text):
+        raise ConfigError(f"shard: {text!r} {_SHARD_FORMAT}")
+    m = _SHARD.fullmatch(str(text))
+    return int(m.group(1)), int(m.group(2))
 
 
 def site_name(layer: int, site: str) -> str:
@@ -195,11 +196,8 @@ Arch = one_of(ARCHS)
 Objective = one_of(OBJECTIVES)
 
 
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
-
-
-Finite = rule(_finite, "must be a finite number")
+# The value types of the sections' keys: each says what it accepts and how a refusal reads.
+Finite = rule(math.isfinite, "must be a finite number")
 """YAML's .nan and .inf pass every comparison that tests a range, and then fail deep inside a run."""
 PositiveInt = Annotated[int, rule(lambda v: v > 0, "must be a positive integer")]
 PositiveNumber = Annotated[Number, Finite, rule(lambda v: v > 0, "must be a positive number")]

@@ -1,5 +1,6 @@
 """Names that configs and the language-model code share: the capturable sites, and whether a model name
-is a local directory. Their own module, so that models.py and config.py need not import each other."""
+is a local directory. Their own module, so that models.py need not import config.py (which reads a model's width
+through models.py): no import cycle."""
 from __future__ import annotations
 
 from pathlib import Path
