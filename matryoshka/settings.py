@@ -84,6 +84,9 @@ class Invalid(ConfigError):
         super().__init__(one_line(model, error, path))
         self.model, self.error = model, error
 
+    def __reduce__(self) -> tuple:
+        return ConfigError, (str(self),)  # its line, across processes (pydantic's errors need not pickle)
+
 
 _EXPECTED = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "bool_type": "true/false",
              "list_type": "a list", "model_type": "a mapping", "dict_type": "a mapping",
