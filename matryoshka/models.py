@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import SITES, ConfigError, looks_like_path
+from .errors import ConfigError
 from .hub import offline_hint, offline_reason
+from .names import SITES, looks_like_path
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,8 +1,10 @@
 """The cache's errors, in a module of their own so that every cache module can raise them."""
 from __future__ import annotations
 
+from ..errors import MatryoshkaError
 
-class CacheError(ValueError):
+
+class CacheError(MatryoshkaError, ValueError):
     """A cache that is missing, incomplete, damaged or not the one expected."""
 
 

@@ -44,6 +44,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..errors import MatryoshkaError
 from .location import Location
 from .retry import retrying
 
@@ -52,7 +53,7 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 
 
-class CacheLockedError(RuntimeError):
+class CacheLockedError(MatryoshkaError, RuntimeError):
     pass
 
 

@@ -121,7 +121,7 @@ def _shard_device(cfg: HarvestConfig) -> HarvestConfig:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if cfg.device is None and torch.cuda.is_available() and local > 1:
         gpu = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        return dataclasses.replace(cfg, device=f"cuda:{gpu}")
+        return cfg.model_copy(update={"device": f"cuda:{gpu}"})
     return cfg
 
 

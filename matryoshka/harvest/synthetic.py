@@ -108,7 +108,7 @@ def manifest(cfg: HarvestConfig) -> dict[str, Any]:
     arrays[FEATURES] = {"layer": None, "site": FEATURES, "hook_name": "synthetic.features", "width": s.n_features}
     spc, heldout = cfg.holdout_layout(seqs_per_chunk(
         cfg.context_size, max(row_bytes(a["width"], cfg.dtype) for a in arrays.values()), cfg.chunk_mb, cfg.n_sequences))
-    settings = dataclasses.asdict(s)
+    settings = s.model_dump()
     identity = {"format_version": FORMAT_VERSION, "source": "synthetic", "generator": GENERATOR_VERSION,
                 "synthetic": settings, "seed": cfg.seed, "context_size": cfg.context_size,
                 "sites": list(arrays), "dtype": cfg.dtype}

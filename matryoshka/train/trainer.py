@@ -19,7 +19,6 @@ scales are saved with the run); FVU is reported against the cache's total varian
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
@@ -149,7 +148,7 @@ class Run:
         return state
 
     def describe(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.cfg), "d_in": self.dic.d_in, "d_out": self.dic.d_out,
+        return {**self.cfg.model_dump(), "d_in": self.dic.d_in, "d_out": self.dic.d_out,
                 "transcoder": self.dic.transcoder, "scale_in": self.scale_in, "scale_out": self.scale_out,
                 "cache": self.cache_path, "fingerprint": self.fingerprint, "trained_rows": self.trained_rows,
                 "total_steps": self.total_steps, "step": self.step}
@@ -163,7 +162,7 @@ def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v]
+    changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in cfg.model_dump().items() if saved.get(k) != v]
     if saved.get("total_steps") != total_steps:
         changed.append(f"total_steps (tokens / batch_size: {saved.get('total_steps')} -> {total_steps})")
     if changed:
