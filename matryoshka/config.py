@@ -9,6 +9,7 @@ the bad key by its path and the valid choices, in one line.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
@@ -177,8 +178,13 @@ def _path_text(value: str, info: ValidationInfo) -> str:
     return value
 
 
-PathText = Annotated[str, AfterValidator(_path_text)]
-"""A folder, URL or Hub name: the text ``None`` there is a mistyped null, not a folder name."""
+def _fspath(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+PathText = Annotated[str, BeforeValidator(_fspath), AfterValidator(_path_text)]
+"""A folder, URL or Hub name (a ``pathlib.Path`` from Python is taken as its text): the text ``None`` there is
+a mistyped null, not a folder name."""
 
 
 def one_of(choices: tuple[str, ...]) -> Any:

@@ -144,7 +144,8 @@ def one_line(cls: type[BaseModel], error: ValidationError, path: str) -> str:
         words = list(dict.fromkeys(_EXPECTED[e["type"]] for e in same))
         if _allows_null(field) and not key.endswith("]") and "null" not in words:
             words.append("null")
-        return f"{where}: {value!r} is a {type(value).__name__}; expected {' or '.join(words)}"
+        name = type(value).__name__
+        return f"{where}: {value!r} is {'an' if name[0] in 'aeiou' else 'a'} {name}; expected {' or '.join(words)}"
     if first["type"] == "rule":
         return f"{where}: {value!r} {first['msg']}"
     cause = (first.get("ctx") or {}).get("error")
