@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table
 
 from matryoshka.config import load_pipeline
-from matryoshka.evaluate.run import evaluate
+from matryoshka.evaluate.stage import evaluate
 from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 

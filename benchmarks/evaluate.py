@@ -79,7 +79,7 @@ def lm_cache(work: Path, quick: bool) -> Path:
 
 
 def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
-    from matryoshka.evaluate.run import evaluate
+    from matryoshka.evaluate.stage import evaluate
     from matryoshka.train.trainer import train
 
     cache = lm_cache(work, quick)
@@ -202,7 +202,7 @@ def first_page(run: Path, start: int, width: int) -> str:
 
 # -- table 3 -----------------------------------------------------------------------------------------
 def lm_runs(work: Path, quick: bool, device: str = "cpu") -> tuple[list[list[str]], str]:
-    from matryoshka.evaluate.run import evaluate
+    from matryoshka.evaluate.stage import evaluate
     from matryoshka.train.trainer import train
 
     cache = lm_cache(work, quick)

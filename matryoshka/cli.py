@@ -142,7 +142,7 @@ app.command("train", help="Train every run listed in the config from one shuffle
 
 def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[str] = None,
               sae: Optional[list[str]] = None, **flags: Any) -> None:
-    from .evaluate.run import LEGEND, evaluate, table
+    from .evaluate.stage import LEGEND, evaluate, table
 
     def go() -> None:
         cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run, "sae": sae or None})
@@ -175,7 +175,7 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
     def go() -> None:
         out = run_pipeline(load_pipeline(config), progress=not quiet, echo=typer.echo)
         if out.table:
-            from .evaluate.run import LEGEND
+            from .evaluate.stage import LEGEND
 
             typer.echo(out.table)
             typer.echo(LEGEND)

@@ -54,7 +54,7 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, echo: Callable[[str
     evaluate_cfg = cfg.evaluate.model_copy(update={"runs_dir": train_cfg.runs_dir})
     evaluated = _evaluate(evaluate_cfg, run_dirs, cache, progress, echo)
     results = [json.loads((d / "eval.json").read_text()) for d in run_dirs]
-    from .evaluate.run import table
+    from .evaluate.stage import table
 
     return Outcome(cache=cache.path, trained=trained, evaluated=evaluated, results=results,
                    table=table(results), report=_report(evaluate_cfg, cache, bool(evaluated)))
@@ -110,7 +110,7 @@ def harvest_cache(cfg: PipelineConfig) -> str | None:
     if given or cfg.harvest is None:
         return given
     from .cache.store import cache_location
-    from .harvest.run import plan
+    from .harvest.stage import plan
 
     return str(cache_location(cfg.harvest.cache_root, plan(cfg.harvest).manifest))
 
@@ -165,7 +165,7 @@ def _current(run_dir: Path, fingerprint: str) -> bool:
 
 def _evaluate(cfg: EvaluateConfig, run_dirs: list[Path], cache: Cache, progress: bool,
               echo: Callable[[str], None]) -> list[str]:
-    from .evaluate.run import evaluate
+    from .evaluate.stage import evaluate
 
     stale = [d for d in run_dirs if not _current(d, cache.fingerprint)]
     if not stale:

@@ -22,7 +22,7 @@ from matryoshka.cache import Cache, CacheError
 from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ObjectLock
 from matryoshka.cli import app
 from matryoshka.config import EvaluateConfig, TrainConfig
-from matryoshka.evaluate.run import evaluate
+from matryoshka.evaluate.stage import evaluate
 from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 from test_errors import harvest_args, run_bad

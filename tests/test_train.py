@@ -224,7 +224,7 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
     from typer.testing import CliRunner
 
     from matryoshka.cli import app
-    from matryoshka.evaluate.run import LEGEND, evaluate
+    from matryoshka.evaluate.stage import LEGEND, evaluate
     from matryoshka.config import EvaluateConfig
 
     runs = [{**RUNS[0], "tokens": "20K"}, {**RUNS[1], "tokens": "20K"}]

@@ -167,7 +167,7 @@ class Folder(Location):
             raise ConfigError(f"cache: cannot write to {str(self.path)!r} ({str(probe)!r} is not a writable directory)")
 
     def free_space(self) -> tuple[int, str] | None:
-        """Free bytes on the disk this folder is (or will be) on, and the folder measured."""
+        """Free bytes on the disk this folder is (or will be) on, and the folder that was asked."""
         probe = self._existing_ancestor()
         return shutil.disk_usage(probe).free, str(probe)
 

@@ -26,7 +26,7 @@ def build_manifest(*, source: str, identity: dict[str, Any], model: dict[str, An
     first ``heldout_seqs`` sequences; ``holdout_asked`` (the ``--holdout`` it was made from) is kept beside
     it, so ``cache info`` can say what was asked and what was held out. The split is not part of the
     fingerprint: which rows a run trained on is recorded in the run and checked by evaluation
-    (evaluate/run.py). ``extra`` adds source-specific fields (the synthetic parameters)."""
+    (evaluate/stage.py). ``extra`` adds source-specific fields (the synthetic parameters)."""
     if source not in CACHE_SOURCES:
         raise ValueError(f"source: {source!r} is not one of {', '.join(CACHE_SOURCES)}")
     n_tokens = n_sequences * context_size

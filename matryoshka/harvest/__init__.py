@@ -1,5 +1,5 @@
 """Stage 1: run the language model once and write its activations to a cache."""
 from .plan import plan
-from .run import harvest
+from .stage import harvest
 
 __all__ = ["harvest", "plan"]
