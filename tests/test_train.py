@@ -68,7 +68,7 @@ def test_training_lowers_fvu_for_sae_and_transcoder(cache, tmp_path):
 def test_metrics_report_the_share_of_time_spent_waiting_on_the_reader(cache, tmp_path, monkeypatch):
     """A reader slowed by a known sleep: each metrics line's share times its interval (from the lines'
     wall-clock times) accounts for every sleep of that interval, whatever the machine's load."""
-    from matryoshka import distributed
+    from matryoshka.train import distributed
 
     run = {**RUNS[0], "tokens": "5K"}  # 20 steps of 256 tokens, a metrics line every 5
     nap = 0.25

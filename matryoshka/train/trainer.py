@@ -36,7 +36,7 @@ from .. import strict_json
 from ..cache import Cache, CacheError
 from ..cache.lock import writer_lock
 from ..cache.reader import ReaderConfig
-from ..distributed import RankStreams, Team
+from .distributed import RankStreams, Team
 from ..config import ConfigError, RunConfig, TrainConfig, check_device
 from .dictionary import Dictionary
 from .export import export_missing, export_saelens
@@ -50,7 +50,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig, cache: Cache, root: Path, batch_size: int, device: torch.device,
                  team: Team | None = None) -> None:
-        self.team = team  # data-parallel ranks (matryoshka/distributed.py); None: this process sees whole batches
+        self.team = team  # data-parallel ranks (train/distributed.py); None: this process sees whole batches
         self.source, self.target = cfg.source, cfg.target or cfg.source
         for name in (self.source, self.target):
             if name not in cache.array_names:
@@ -193,7 +193,7 @@ def _json_value(v: Any) -> float | list:
 
 def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
     """Train every run of ``cfg`` from one read of its cache; resume runs that have checkpoints.
-    Under torchrun, the ranks train data-parallel (matryoshka/distributed.py) and rank 0 writes the files."""
+    Under torchrun, the ranks train data-parallel (train/distributed.py) and rank 0 writes the files."""
     team = Team.join(torch.device(cfg.device) if cfg.device else None)
     try:
         with ExitStack() as locks, StopSignals() as stop:
