@@ -201,14 +201,14 @@ def test_wandb_offline_logs_every_run(cache, tmp_path, monkeypatch):
 
 def test_load_folds_the_input_scales(cache, tmp_path):
     import matryoshka
-    from matryoshka.train.trainer import Run
+    from matryoshka.train.trainer import TrainingRun
 
     runs = [{**RUNS[0], "tokens": "5K"}, {**RUNS[1], "tokens": "5K"}]
     dirs = {p.name: p for p in train(_cfg(cache, tmp_path, runs=runs), progress=False)}
     c = Cache(cache)
     x_raw = torch.from_numpy(c.read("1.resid_mid", 0, 256))
     for cfg in runs:
-        run = Run(RunConfig(**cfg), c, tmp_path / Cache(cache).fingerprint, 256, torch.device("cpu"))
+        run = TrainingRun(RunConfig(**cfg), c, tmp_path / Cache(cache).fingerprint, 256, torch.device("cpu"))
         run.load()  # the trained dictionary, in training (scaled) units
         loaded = matryoshka.load(dirs[cfg["name"]])
         acts = loaded.encode(x_raw)
