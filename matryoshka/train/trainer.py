@@ -16,6 +16,11 @@ It is not evaluation's ``dead`` (no firing on any held-out token), which is name
 
 Inputs are scaled by constants from the cache's statistics so every array has E||x||^2 = d (the
 scales are saved with the run); FVU is reported against the cache's total variance.
+
+Reading order: :func:`train` holds one ``ExitStack`` for everything that must be closed (the signal
+handlers, run locks, the reader, metrics files, W&B runs, progress bars); :func:`_train` sets up
+(:func:`_open_cache`, a :class:`TrainingRun` per run, :func:`_resume`, :func:`_open_reader`, the
+:class:`~matryoshka.train.monitor.Monitor` that reports) and hands over to :func:`_loop`, the idea itself.
 """
 from __future__ import annotations
 
