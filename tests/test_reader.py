@@ -181,7 +181,7 @@ def test_training_streams_split_the_default_among_them(cache, monkeypatch):
     """The trainer's streams share the host: on 16 cores one stream decodes on 12 threads, two streams in
     one process on 6 each (8 cores each, less a quarter)."""
     from matryoshka.cache.store import Cache
-    from matryoshka.distributed import RankStreams, Team
+    from matryoshka.train.distributed import RankStreams, Team
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     for data_ranks, want in ((1, [12]), (2, [6, 6])):
