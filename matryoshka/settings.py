@@ -144,8 +144,7 @@ def one_line(cls: type[BaseModel], error: ValidationError, path: str) -> str:
         words = list(dict.fromkeys(_EXPECTED[e["type"]] for e in same))
         if _allows_null(field) and not key.endswith("]") and "null" not in words:
             words.append("null")
-        name = type(value).__name__
-        return f"{where}: {value!r} is {'an' if name[0] in 'aeiou' else 'a'} {name}; expected {' or '.join(words)}"
+        return f"{where}: {value!r} is {_a(type(value).__name__)}; expected {' or '.join(words)}"
     if first["type"] == "rule":
         return f"{where}: {value!r} {first['msg']}"
     cause = (first.get("ctx") or {}).get("error")
@@ -155,3 +154,7 @@ def one_line(cls: type[BaseModel], error: ValidationError, path: str) -> str:
         return _join(where, str(cause))
     return f"{where}: {value!r}: {first['msg']}"
 
+
+def _a(noun: str) -> str:
+    """``a str``, ``an int``."""
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
