@@ -557,6 +557,7 @@ class EvaluateConfig:
     lm_tokens: int | str = opt("64K", "Held-out tokens the downstream metrics run the LM on: whole contexts from the start of the split, at most all of it.")
     lm_batch_size: int = opt(8, "Contexts per LM forward pass (its memory grows with this times the context size times the vocabulary).")
     device: str | None = opt(None, "Device for the LM and the spliced dictionaries (default: cuda if available, else cpu).")
+    model: str | None = opt(None, "A local copy of the cache's model for the downstream metrics (checked against the cache's record: architecture, widths, weights hash); default: where the cache says it was harvested from.")
 
     def __post_init__(self) -> None:
         _finite(self)

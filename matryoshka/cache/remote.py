@@ -14,14 +14,13 @@ a copy can never be stale; each is still checked by its crc32c when it is decode
 """
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import fsspec
 
+from ..files import write_atomic
 from .format import crc_ok
 from .retry import log, retrying, transient
 
@@ -92,22 +91,14 @@ def read_object(path: str | Path, key: str) -> bytes:
 
 
 def write_object(path: str | Path, key: str, data: bytes) -> None:
-    """Write one object whole: a PUT on object storage, a temporary file renamed into place on disk, so
-    a writer killed midway never leaves a torn object."""
+    """Write one object whole: a PUT on object storage, a temporary file renamed into place on disk (with
+    the mode the user's umask gives a new file: :mod:`matryoshka.files`), so a writer killed midway never
+    leaves a torn object."""
     if is_url(path):
         fs, root = filesystem(str(path))
         retrying(lambda: fs.pipe_file(f"{root.rstrip('/')}/{key}", data), f"writing {path}/{key}")
         return
-    dest = Path(path) / key
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:  # a full disk, a kill: no half-written temporary file left behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path) / key, data)
 
 
 def remove_object(path: str | Path, key: str) -> None:
@@ -145,16 +136,32 @@ def check_writable(url: str) -> None:
     """The bucket (the URL's first component) must exist: a typo should fail before the LM loads."""
     from .store import CacheError
 
-    bucket = url.split("://", 1)[-1].strip("/").split("/")[0]
     try:
-        fs, _ = filesystem(url)
-        fs.invalidate_cache()
+        check_bucket(url, "cache: cannot write to")
+    except CacheError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+        raise CacheError(f"cache: cannot reach {url!r} ({describe_error(e)}); {STORE_HINT}") from None
+
+
+def check_bucket(url: str, doing: str) -> None:
+    """The URL's bucket exists and these credentials may use it: else one line saying which it is (no such
+    bucket, access denied, or a store that cannot be reached), ``doing`` first. Listing alone cannot tell:
+    a missing bucket or a refused listing look like an empty prefix to some filesystems. A store that cannot
+    be reached raises its own error (the caller's to word)."""
+    from .store import CacheError
+
+    bucket = url.split("://", 1)[-1].strip("/").split("/")[0]
+    fs, _ = filesystem(url)
+    fs.invalidate_cache()
+    try:
         if "file" not in fs.protocol:
             fs.info(bucket)  # not exists(): that answers False for a store it cannot reach, too
     except FileNotFoundError:
-        raise CacheError(f"cache: cannot write to {url!r}: bucket {bucket!r} does not exist") from None
-    except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
-        raise CacheError(f"cache: cannot reach {url!r} ({describe_error(e)}); {STORE_HINT}") from None
+        raise CacheError(f"{doing} {url!r}: bucket {bucket!r} does not exist") from None
+    except PermissionError as e:
+        raise CacheError(f"{doing} {url!r}: access to bucket {bucket!r} was denied ({describe_error(e)}); check the "
+                         f"credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE)") from None
 
 
 STORE_HINT = "check the URL, the endpoint (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST), the network and credentials"
@@ -189,6 +196,7 @@ def find_caches(url: str, max_depth: int = 4) -> list[str]:
     ones (see :func:`.store.cache_or_wreck`)."""
     from .store import cache_or_wreck
 
+    check_bucket(url, "cache ls:")
     fs, root = filesystem(url)
     fs.invalidate_cache()
     root = root.rstrip("/")
@@ -220,6 +228,12 @@ class ChunkSource:
         self.local = Path(local_path(local_cache_dir)).expanduser() / name if local_cache_dir else None
         self.keeping = self.local is not None
         """Whether fetched chunks are still copied to ``local``: off after the first local write fails."""
+        self.served = {"local": 0, "store": 0}
+        """Chunks served so far from the local copy and from the store (told at the end of a read)."""
+
+    def local_count(self, keys: Iterable[str]) -> int:
+        """How many of ``keys`` the local copy already holds."""
+        return 0 if self.local is None else sum((self.local / k).is_file() for k in keys)
 
     def has_local(self, keys: Iterable[str]) -> bool:
         """Whether every key has a local copy (then many threads can read them, no fetch needed)."""
@@ -235,6 +249,8 @@ class ChunkSource:
                 out[k] = (self.local / k).read_bytes()
             else:
                 missing.append(k)
+        self.served["local"] += len(keys) - len(missing)  # a stray miscount from two threads is harmless
+        self.served["store"] += len(missing)
         if missing:
             retrying(lambda: self._fetch([k for k in missing if k not in out], out),
                      f"fetching {len(missing)} chunk(s) of {self.protocol}://{self.root}")

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -34,9 +35,11 @@ from tqdm.auto import tqdm
 
 from .. import strict_json
 from ..cache import Cache, CacheError
+from ..cache import local_copy
 from ..cache.lock import writer_lock
 from ..cache.reader import ReaderConfig
 from ..distributed import RankStreams, Team
+from ..files import shareable
 from ..config import ConfigError, RunConfig, TrainConfig, check_device
 from .dictionary import Dictionary
 from .export import export_missing, export_saelens
@@ -122,6 +125,7 @@ class Run:
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous() for k, v in self.dic.state_dict().items()}
         save_file(tensors, tmp / "model.safetensors")
+        shareable(tmp / "model.safetensors")  # safetensors writes 0600: teammates read checkpoints too
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                     "objective": self.objective.state_dict(), "step": self.step,
                     "cursor": cursor, "rng": torch.get_rng_state()}, tmp / "state.pt")
@@ -170,6 +174,12 @@ def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
         raise ConfigError(f"train.runs.{cfg.name}: {str(run_dir)!r} was trained with another {', '.join(changed)}; "
                           "rename the run or delete its folder")
     return int(saved["step"])
+
+
+def _say(line: str | None, team: Team) -> None:
+    """One line on stderr from the leader (nothing for None)."""
+    if line and team.leader:
+        print(line, file=sys.stderr)
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -252,6 +262,7 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop:
     if state is not None:
         torch.set_rng_state(state["rng"].cpu())  # loaded onto the run's device with the rest of the state
     arrays = sorted({a for r in active for a in (r.source, r.target)})
+    _say(local_copy.start_line(cache, arrays), team)
     cursors = state["cursor"] if state is not None else None  # one per data rank
     if isinstance(cursors, dict):  # a checkpoint written before data-parallel training: one stream
         cursors = [cursors]
@@ -320,6 +331,7 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop:
         for b in bars.values():
             b.close()
         reader.close()
+    _say(local_copy.end_line(cache), team)
     return [r.dir for r in runs]
 
 
