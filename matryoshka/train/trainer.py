@@ -262,13 +262,13 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop:
     if state is not None:
         torch.set_rng_state(state["rng"].cpu())  # loaded onto the run's device with the rest of the state
     arrays = sorted({a for r in active for a in (r.source, r.target)})
-    _say(local_copy.start_line(cache, arrays), team)
     cursors = state["cursor"] if state is not None else None  # one per data rank
     if isinstance(cursors, dict):  # a checkpoint written before data-parallel training: one stream
         cursors = [cursors]
     reader = RankStreams(arrays, cache, ReaderConfig(batch_size=cfg.batch_size, buffer_tokens=cfg.buffer_tokens,
                                                      seed=cfg.seed, drop_last=True),
                          team, cfg.data_ranks, device, torch.float32, cursors)
+    _say(local_copy.start_line(cache, arrays), team)  # the config is valid: the read begins
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and device.type == "cuda"
                 else nullcontext())
     writes = team.leader  # rank 0 writes every file

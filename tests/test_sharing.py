@@ -1,0 +1,132 @@
+"""Team sharing (issue 20): files teammates can read, storage errors that say what they are, and reads
+that say what a local copy served, against the real local S3 server and the local file system."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from matryoshka.cache import Cache
+from matryoshka.cache.copy import copy_cache
+from matryoshka.fixtures import write_cache
+from test_errors import run_bad
+
+CTX, SEQS = 16, 2
+
+
+def _small_cache(path: Path) -> Path:
+    """8 chunks of 2 contexts of 16 tokens, one array ``x`` of width 8, 2 held-out contexts."""
+    rng = np.random.default_rng(0)
+    n = 8 * SEQS * CTX
+    return write_cache(path, {"x": rng.standard_normal((n, 8)).astype(np.float32)}, rng.integers(4, 50, n),
+                       CTX, SEQS, heldout_seqs=2, fingerprint="5ha7edcafe000001")
+
+
+@pytest.fixture
+def bucket_cache(s3_bucket, tmp_path) -> str:
+    """The small cache, copied to a fresh bucket: its URL."""
+    return str(copy_cache(_small_cache(tmp_path / "src"), s3_bucket, progress=False))
+
+
+def _pipeline(*args: str, umask: int | None = None, **kw) -> subprocess.CompletedProcess:
+    """`pipeline ARGS` in a subprocess of its own (this worktree's code), optionally under ``umask``."""
+    return subprocess.run([sys.executable, "-m", "matryoshka.cli", *args], capture_output=True, text=True,
+                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None, timeout=300, **kw)
+
+
+def _train_args(url: str, keep: Path, runs: Path, tmp: Path) -> list[str]:
+    cfg = tmp / "train.yaml"
+    cfg.write_text(json.dumps({"train": {"runs": [{"name": "sae", "source": "x", "width": 16, "k": 2,
+                                                   "tokens": "512"}]}}))
+    return ["train", "--cache", url, "--config", str(cfg), "--local-cache-dir", str(keep), "--runs-dir", str(runs),
+            "--batch-size", "32", "--buffer-tokens", "512", "--device", "cpu"]
+
+
+def _files(*roots: Path) -> list[Path]:
+    return [p for r in roots for p in r.rglob("*") if p.is_file()]
+
+
+# -- item 2: files teammates can read ------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_every_written_file_gets_the_umask_mode(bucket_cache, tmp_path, umask):
+    """`cache copy` to a folder, the chunks kept under local_cache_dir (the 7 training chunks), and a run's checkpoint and export:
+    each file has the mode open() gives a new file under the user's umask (mkstemp and safetensors alone
+    would leave them 0600, readable by their writer only)."""
+    copied, keep, runs = tmp_path / "copied", tmp_path / "keep", tmp_path / "runs"
+    r = _pipeline("cache", "copy", bucket_cache, str(copied), umask=umask)
+    assert r.returncode == 0, r.stderr
+    r = _pipeline(*_train_args(bucket_cache, keep, runs, tmp_path), umask=umask)
+    assert r.returncode == 0, r.stderr
+    files = _files(copied, keep, runs)
+    assert any(p.name == "model.safetensors" for p in files) and any(p.suffix == ".safetensors" and
+                                                                     "saelens" in p.parts for p in files)
+    assert len(_files(keep)) == 7 and len(_files(copied)) > 16
+    want = 0o666 & ~umask
+    wrong = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files if stat.S_IMODE(p.stat().st_mode) != want}
+    assert not wrong, f"not {oct(want)}: {wrong}"
+
+
+def _other_user() -> str:
+    """A second user who can read what the umask lets others read (root can act as ``nobody``)."""
+    if os.geteuid() != 0:
+        pytest.skip("a second user needs root on this machine (to run a command as another user)")
+    try:
+        import pwd
+
+        pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("this machine has no user 'nobody' to act as a teammate")
+    return "nobody"
+
+
+def test_a_second_user_reads_the_copies_and_the_weights(bucket_cache):
+    """A teammate (another uid) reads every file of a `cache copy`, the local chunk copies and the run's
+    weights when the writer's umask is 022 (plain `cat` as that user: its Python may not be readable)."""
+    other = _other_user()
+    shared = Path(tempfile.mkdtemp(prefix="matryoshka-shared-", dir="/tmp"))  # pytest's tmp is 0700
+    try:
+        shared.chmod(0o755)
+        r = _pipeline("cache", "copy", bucket_cache, str(shared / "copied"), umask=0o022)
+        assert r.returncode == 0, r.stderr
+        r = _pipeline(*_train_args(bucket_cache, shared / "keep", shared / "runs", shared), umask=0o022)
+        assert r.returncode == 0, r.stderr
+        files = _files(shared / "copied", shared / "keep", shared / "runs")
+        assert any(p.name == "model.safetensors" for p in files)
+        for p in files:
+            got = subprocess.run(["cat", str(p)], user=other, capture_output=True)
+            assert got.returncode == 0 and got.stdout == p.read_bytes(), (p, got.stderr)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_file_a_teammate_cannot_read_is_named_as_a_permission_problem(bucket_cache, tmp_path):
+    """A kept chunk that this user may not read (a teammate's, written owner-only) stops training with one
+    line naming the file and saying it is a permission problem, not the hint to verify the cache. The
+    kernel really refuses the read: the files belong to another uid, and the command runs without root's
+    capability to bypass file permissions (setpriv)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to act as a user who may not read another's files")
+    keep = tmp_path / "keep"
+    r = _pipeline(*_train_args(bucket_cache, keep, tmp_path / "runs", tmp_path), umask=0o077)
+    assert r.returncode == 0, r.stderr
+    kept = _files(keep)
+    assert kept and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in kept)  # as that umask says
+    for p in kept:
+        os.chown(p, 65534, 65534)  # a teammate's files now
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+            "-dac_override,-dac_read_search", sys.executable, "-m", "matryoshka.cli"]
+    got = subprocess.run([*drop, *_train_args(bucket_cache, keep, tmp_path / "mine", tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    lines = [l for l in got.stderr.splitlines() if l.strip() and not l.startswith(("sae:", "local copy:"))]
+    assert got.returncode == 2 and len(lines) == 1, got.stderr
+    assert lines[0].startswith("error: ") and "permission denied" in lines[0], lines[0]
+    assert str(keep) in lines[0] and "a permission problem" in lines[0] and "verify" not in lines[0], lines[0]
