@@ -130,3 +130,110 @@ def test_a_file_a_teammate_cannot_read_is_named_as_a_permission_problem(bucket_c
     assert got.returncode == 2 and len(lines) == 1, got.stderr
     assert lines[0].startswith("error: ") and "permission denied" in lines[0], lines[0]
     assert str(keep) in lines[0] and "a permission problem" in lines[0] and "verify" not in lines[0], lines[0]
+
+
+# -- item 3: storage errors that do not hide ------------------------------------------------------------
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def auth_s3():
+    """A second real S3 server (moto) that checks credentials: its first request (creating bucket ``team``)
+    is let through, every later one must be signed by a key it knows, and it knows none."""
+    import time
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        endpoint = f"http://127.0.0.1:{port}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="any",
+                     aws_secret_access_key="any").create_bucket(Bucket="team")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_cache_ls_of_a_missing_bucket_or_with_wrong_credentials_is_one_line(s3_server, auth_s3):
+    """Both used to print "no caches under ..." and exit 0; each is now one line saying which it is."""
+    run_bad(["cache", "ls", "s3://no-such-bucket-h20"], "cache ls:", "bucket 'no-such-bucket-h20' does not exist")
+    r = _pipeline("cache", "ls", "s3://team", env={**os.environ, "AWS_ENDPOINT_URL": auth_s3,
+                                                    "AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"})
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and not r.stdout, (r.stdout, r.stderr)
+    assert lines[0].startswith("error: cache ls: 's3://team': access to bucket 'team' was denied"), lines[0]
+    assert "credentials" in lines[0]
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "train"])
+def test_a_wrong_endpoint_is_one_line_and_nothing_after_it(bucket_cache, tmp_path, command):
+    """No "Exception ignored in: <coroutine ...>" tracebacks from requests abandoned at exit."""
+    args = (_train_args(bucket_cache, tmp_path / "keep", tmp_path / "runs", tmp_path) if command == "train"
+            else ["cache", command, bucket_cache])
+    r = _pipeline(*args, env={**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+                              "MATRYOSHKA_STORE_RETRY_S": "1"})
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: ") and "Could not connect" in lines[0], lines[0]
+
+
+def test_a_cache_deleted_while_read_is_reported_as_deleted(bucket_cache, tmp_path):
+    """Opened, then removed by a teammate (`cache rm`): reading a chunk says the cache was deleted, not
+    that a chunk is unreadable with a hint to verify."""
+    from matryoshka.cache import CacheError
+    from matryoshka.cache.reader import ReaderConfig, ShuffledReader
+    from matryoshka.cache.remote import remove
+
+    for where in (bucket_cache, str(_small_cache(tmp_path / "local"))):
+        with ShuffledReader(["x"], Cache(where), ReaderConfig(batch_size=16, buffer_tokens=64)) as reader:
+            batches = iter(reader)  # blocks of one chunk: the rest are read after the first batch
+            next(batches)
+            remove(where)
+            with pytest.raises(CacheError, match="was deleted while being read") as e:
+                for _ in range(8 * SEQS * CTX // 16):
+                    next(batches)
+        assert "verify" not in str(e.value)
+
+
+def test_a_lock_held_by_a_dead_pid_on_this_host_is_stale_at_once(s3_bucket):
+    """A killed harvest's lock object (fresh heartbeat, its pid gone from this host): refused as stale (not
+    "wait for it to finish"), and --break-lock takes it over at once."""
+    import fsspec
+
+    from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ObjectLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    url = f"{s3_bucket}/c"
+    body = {"host": socket.gethostname(), "pid": dead.pid, "id": "0" * 32, "since": 0, "doing": "harvested"}
+    fs = fsspec.core.url_to_fs(url)[0]
+    import time
+
+    fs.pipe_file(f"{url.split('://')[1]}/{LOCK_NAME}", json.dumps({**body, "heartbeat": time.time()}).encode())
+    with pytest.raises(CacheLockedError, match="no longer runs on this host.*--break-lock"):
+        ObjectLock(url).acquire()
+    lock = ObjectLock(url, break_lock=True).acquire()
+    lock.release()
+    fs.pipe_file(f"{url.split('://')[1]}/{LOCK_NAME}",  # a live pid here, or any pid elsewhere: still live
+                 json.dumps({**body, "pid": os.getpid(), "heartbeat": time.time()}).encode())
+    with pytest.raises(CacheLockedError, match="wait for it to finish"):
+        ObjectLock(url, break_lock=True).acquire()
+    fs.pipe_file(f"{url.split('://')[1]}/{LOCK_NAME}",
+                 json.dumps({**body, "host": "another-host", "heartbeat": time.time()}).encode())
+    with pytest.raises(CacheLockedError, match="wait for it to finish"):
+        ObjectLock(url, break_lock=True).acquire()
