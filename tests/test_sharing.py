@@ -237,3 +237,67 @@ def test_a_lock_held_by_a_dead_pid_on_this_host_is_stale_at_once(s3_bucket):
                  json.dumps({**body, "host": "another-host", "heartbeat": time.time()}).encode())
     with pytest.raises(CacheLockedError, match="wait for it to finish"):
         ObjectLock(url, break_lock=True).acquire()
+
+
+# -- item 4: visible and portable -----------------------------------------------------------------------
+def test_a_read_says_what_the_local_copy_served(bucket_cache, tmp_path, capsys):
+    """One line at the start (how much of the cache is local already) and one at the end (how many chunks
+    came from the store): the first training fills the copy, the second reads nothing from the store."""
+    from matryoshka.config import TrainConfig
+    from matryoshka.train.trainer import train
+
+    def once(runs: str) -> list[str]:
+        train(TrainConfig(cache=bucket_cache, runs=[{"name": "sae", "source": "x", "width": 16, "k": 2,
+                                                     "tokens": "512"}], runs_dir=str(tmp_path / runs),
+                          local_cache_dir=str(tmp_path / "keep"), batch_size=32, buffer_tokens=512, device="cpu"),
+              progress=False)
+        return [l for l in capsys.readouterr().err.splitlines() if l.startswith("local copy:")]
+
+    first = once("a")
+    assert len(first) == 2 and first[0].startswith("local copy: 0 of 8 chunks (0%) of " + bucket_cache), first
+    assert first[1].startswith("local copy: 7 chunk(s) came from the store, "), first
+    second = once("b")
+    assert second[0].startswith("local copy: 7 of 8 chunks (88%) of "), second
+    assert second[1].startswith("local copy: 0 chunk(s) came from the store, "), second
+
+
+def test_a_cache_of_a_local_model_names_its_hub_id_and_evaluates_with_a_teammates_copy(
+        s3_bucket, gpt2_dir, gemma2_dir, corpus, tmp_path):
+    """Harvested to the bucket from a local directory saved from a Hub model: the cache records the Hub id;
+    on a machine without that directory, evaluation names it and `--model` a local copy, which is used when
+    it is the same model (architecture, widths, weights hash) and refused in one line when not."""
+    from conftest import harvest_config
+    from matryoshka.cache import CacheError
+    from matryoshka.config import ConfigError
+    from matryoshka.evaluate.splice import LM
+    from matryoshka.harvest import harvest
+
+    alice = tmp_path / "alice" / "gpt2"
+    shutil.copytree(gpt2_dir, alice)
+    cfg = json.loads((alice / "config.json").read_text())
+    (alice / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "openai-community/gpt2"}))
+    url = harvest(harvest_config(alice, corpus, f"{s3_bucket}/c", sites="1.resid_mid", layers=None, tokens=8 * 32),
+                  progress=False)
+    cache = Cache(url)
+    assert cache.manifest["model"]["hub_id"] == "openai-community/gpt2"
+    bob = tmp_path / "bob" / "gpt2"
+    shutil.copytree(alice, bob)
+    shutil.rmtree(alice)  # Bob's machine has no /.../alice
+    with pytest.raises(ConfigError, match=r"point --model at a local copy of the cache's model \(a copy of "
+                                          r"'openai-community/gpt2' on the Hub\)"):
+        LM.load(cache, tokens=64)
+    assert LM.load(cache, tokens=64, model=str(bob)).arch == "gpt2"
+    with pytest.raises(CacheError, match="architecture gemma2 here, gpt2 in the cache.*weights sha256:"):
+        LM.load(cache, tokens=64, model=str(gemma2_dir))
+    from matryoshka.models import hub_id
+
+    assert hub_id(gpt2_dir) is None  # a directory saved from no Hub model (no _name_or_path) records none
+
+
+def test_evaluate_takes_a_model_flag():
+    from typer.testing import CliRunner
+
+    from matryoshka.cli import app
+
+    out = CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "200"})
+    assert "--model" in out.output
