@@ -199,7 +199,8 @@ def check_weights(path: Path) -> None:
 
 def hub_id(local_dir: str | Path) -> str | None:
     """The Hub id a local model directory came from, as its config.json says (``_name_or_path``, written by
-    ``save_pretrained``), or None when that is a local path (or missing): a path says nothing to a teammate."""
+    ``save_pretrained``), or None when that is a local path (or missing, or ``local_dir`` is a Hub name): a
+    path says nothing to a teammate on another machine. Harvest records it (evaluate/cache_model.py)."""
     try:
         name = json.loads((Path(local_dir) / "config.json").read_text()).get("_name_or_path")
     except (OSError, ValueError, AttributeError):

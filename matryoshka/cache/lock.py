@@ -63,11 +63,11 @@ def holder_gone(holder: dict[str, Any]) -> bool:
     if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the pid exists
     except ProcessLookupError:
         return True
     except PermissionError:  # alive, another user's
-        return False
+        pass
     return False
 
 

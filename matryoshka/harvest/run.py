@@ -24,7 +24,7 @@ from ..cache.manifest import identity_difference
 from ..cache.writer import CacheWriter, create_arrays
 from ..config import ConfigError, HarvestConfig, check_device, site_name
 from ..cpus import usable_cpus
-from ..models import (Capture, ModelInfo, hub_id, check_context_size, check_sites, hook_name, load_model,
+from ..models import (Capture, ModelInfo, check_context_size, check_sites, hook_name, hub_id, load_model,
                       load_tokenizer, model_info, resolve_attention, tokenizer_identity)
 from . import synthetic
 from .shards import harvest_shard, worker_shard
@@ -72,7 +72,7 @@ def plan(cfg: HarvestConfig) -> Plan:
         source="model", identity=identity,
         model={"name": info.name, "resolved": info.resolved, "revision": info.revision, "arch": info.arch,
                "d_model": info.d_model, "n_layers": info.n_layers, "dtype": cfg.model_dtype,
-               "attn_implementation": attention, **({"hub_id": hub} if (hub := _hub_id(info)) else {})},
+               "attn_implementation": attention, **({"hub_id": hub} if (hub := hub_id(info.resolved)) else {})},
         tokenizer={"name": tokenizer.name_or_path, **tokenizer_identity(tokenizer)},
         dataset={"id": cfg.dataset, "config": cfg.dataset_config, "split": cfg.dataset_split,
                  "revision": cfg.dataset_revision, "text_column": cfg.text_column,
@@ -81,12 +81,6 @@ def plan(cfg: HarvestConfig) -> Plan:
         seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
         heldout_seqs=heldout, holdout_asked=cfg.holdout)
     return Plan(manifest, info, tokenizer, ds)
-
-
-def _hub_id(info: ModelInfo) -> str | None:
-    """Where a local model directory came from on the Hub (its config's ``_name_or_path``), recorded so a
-    teammate on another machine knows which model to fetch (evaluate/cache_model.py); None for a Hub name."""
-    return hub_id(info.resolved) if Path(info.resolved).is_dir() else None
 
 
 def _existing_ancestor(path: Path) -> Path:
