@@ -13,7 +13,7 @@ import inspect
 import sys
 
 
-def _drop_abandoned_coroutines(unraisable) -> None:  # noqa: ANN001 - sys.UnraisableHookArgs
+def _drop_abandoned_coroutines(unraisable: sys.UnraisableHookArgs) -> None:
     if inspect.iscoroutine(unraisable.object) or inspect.isasyncgen(unraisable.object):
         return
     sys.__unraisablehook__(unraisable)

@@ -40,7 +40,8 @@ def bucket_cache(s3_bucket, tmp_path) -> str:
 def _pipeline(*args: str, umask: int | None = None, **kw) -> subprocess.CompletedProcess:
     """`pipeline ARGS` in a subprocess of its own (this worktree's code), optionally under ``umask``."""
     return subprocess.run([sys.executable, "-m", "matryoshka.cli", *args], capture_output=True, text=True,
-                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None, timeout=300, **kw)
+                          check=False, timeout=300, **kw,
+                          preexec_fn=(lambda: os.umask(umask)) if umask is not None else None)
 
 
 def _train_args(url: str, keep: Path, runs: Path, tmp: Path) -> list[str]:
@@ -102,7 +103,7 @@ def test_a_second_user_reads_the_copies_and_the_weights(bucket_cache):
         files = _files(shared / "copied", shared / "keep", shared / "runs")
         assert any(p.name == "model.safetensors" for p in files)
         for p in files:
-            got = subprocess.run(["cat", str(p)], user=other, capture_output=True)
+            got = subprocess.run(["cat", str(p)], user=other, capture_output=True, check=False)
             assert got.returncode == 0 and got.stdout == p.read_bytes(), (p, got.stderr)
     finally:
         shutil.rmtree(shared, ignore_errors=True)
@@ -267,6 +268,7 @@ def test_a_cache_of_a_local_model_names_its_hub_id_and_evaluates_with_a_teammate
     on a machine without that directory, evaluation names it and `--model` a local copy, which is used when
     it is the same model (architecture, widths, weights hash) and refused in one line when not."""
     from conftest import harvest_config
+
     from matryoshka.cache import CacheError
     from matryoshka.config import ConfigError
     from matryoshka.evaluate.splice import LM
