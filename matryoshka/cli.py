@@ -362,7 +362,12 @@ def main() -> int:
     except typer.Abort:
         typer.echo("Aborted!", err=True)
         return 1
-    return code if isinstance(code, int) else 0
+    code = code if isinstance(code, int) else 0
+    if code:  # the command said why in one line: nothing after it (see quiet_exit)
+        from .quiet_exit import quiet_abandoned_coroutines
+
+        quiet_abandoned_coroutines()
+    return code
 
 
 if __name__ == "__main__":

@@ -487,6 +487,7 @@ class EvaluateConfig(Keys):
     lm_tokens: Count = opt("64K", "Held-out tokens the downstream metrics run the LM on: whole contexts from the start of the split, at most all of it.")
     lm_batch_size: PositiveInt = opt(8, "Contexts per LM forward pass (its memory grows with this times the context size times the vocabulary).")
     device: Optional[str] = opt(None, "Device for the LM and the spliced dictionaries (default: cuda if available, else cpu).")
+    model: Optional[PathText] = opt(None, "A local copy of the cache's model for the downstream metrics (checked against the cache's record: architecture, widths, weights hash); default: where the cache says it was harvested from.")
 
 
 class PipelineConfig(Keys):

@@ -409,8 +409,8 @@ def _committed(url: str) -> int:
 
 
 def test_killed_remote_harvest_needs_break_lock_then_resumes_identical(s3_bucket, gpt2_dir, corpus, tmp_path):
-    """A real SIGKILL: its lock stays (fresh, then stale); --break-lock --resume finishes the cache to the
-    same bytes as an uninterrupted local harvest."""
+    """A real SIGKILL: its lock stays (stale at once: its pid is gone from this host; aged too); --break-lock
+    --resume finishes the cache to the same bytes as an uninterrupted local harvest."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     whole, url = tmp_path / "whole", f"{s3_bucket}/killed"
     small = ("--tokens", str(32 * 144))  # 36 chunks, commits every 3 (batches of 6 sequences, chunks of 4)
@@ -422,7 +422,8 @@ def test_killed_remote_harvest_needs_break_lock_then_resumes_identical(s3_bucket
     rows = partial.tokens_committed
     np.testing.assert_array_equal(partial.read("1.mlp_out", 0, rows), Cache(whole).read("1.mlp_out", 0, rows))
 
-    run_bad(args(url, "--resume"), f"being written by pid {pid} ", "last heartbeat")
+    # its pid is gone from this host: stale at once (issue 20), not "wait for it to finish" for 60 s
+    run_bad(args(url, "--resume"), f"stale writer lock of pid {pid} ", "no longer runs on this host", "--break-lock")
     _age_lock(url, 600)
     run_bad(args(url, "--resume"), f"stale writer lock of pid {pid} ", "--break-lock")
     assert Cache(url).chunks_committed == partial.chunks_committed  # refused writers change nothing

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import fsspec
 
 from ..config import ConfigError
+from ..files import write_atomic
 from .errors import CacheError
 from .retry import retrying
 
@@ -124,17 +124,8 @@ class Folder(Location):
 
     def write(self, key: str, data: bytes) -> None:
         """Write one file whole: a temporary file renamed into place, so a writer killed midway never
-        leaves a torn one."""
-        dest = self.path / key
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, dest)
-        except BaseException:  # a full disk, a kill: no half-written temporary file left behind
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        leaves a torn one, with the mode the user's umask gives a new file (:mod:`matryoshka.files`)."""
+        write_atomic(self.path / key, data)
 
     def remove_object(self, key: str) -> None:
         (self.path / key).unlink()
@@ -285,15 +276,29 @@ class Prefix(Location):
 
     def check_writable(self) -> None:
         """The bucket (the URL's first component) must exist: a typo should fail before the LM loads."""
-        bucket = self.url.split("://", 1)[-1].strip("/").split("/")[0]
         try:
-            self.fs.invalidate_cache()
+            self.check_bucket("cache: cannot write to")
+        except CacheError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
+            raise CacheError(f"cache: cannot reach {self.url!r} ({describe_error(e)}); {STORE_HINT}") from None
+
+    def check_bucket(self, doing: str) -> None:
+        """The URL's bucket exists and these credentials may use it: else one line saying which (no such
+        bucket, or access denied), ``doing`` first. Listing alone cannot tell: a missing bucket or a refused
+        listing look like an empty prefix to some filesystems. A store that cannot be reached raises its own
+        error (the caller's to word)."""
+        bucket = self.url.split("://", 1)[-1].strip("/").split("/")[0]
+        self.fs.invalidate_cache()
+        try:
             if "file" not in self.fs.protocol:
                 self.fs.info(bucket)  # not exists(): that answers False for a store it cannot reach, too
         except FileNotFoundError:
-            raise CacheError(f"cache: cannot write to {self.url!r}: bucket {bucket!r} does not exist") from None
-        except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
-            raise CacheError(f"cache: cannot reach {self.url!r} ({describe_error(e)}); {STORE_HINT}") from None
+            raise CacheError(f"{doing} {self.url!r}: bucket {bucket!r} does not exist") from None
+        except PermissionError as e:
+            raise CacheError(f"{doing} {self.url!r}: access to bucket {bucket!r} was denied ({describe_error(e)}); "
+                             "check the credentials (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE)"
+                             ) from None
 
     def free_space(self) -> None:
         """A bucket has no free space to check."""
@@ -308,7 +313,9 @@ class Prefix(Location):
         """A prefix with no objects is gone already (and an object lock deletes itself on release)."""
 
     def find_caches(self, is_cache: IsCache, max_depth: int) -> list[str]:
-        """URLs of the caches under this prefix (see :data:`IsCache`), reading every ``zarr.json`` in one request."""
+        """URLs of the caches under this prefix (see :data:`IsCache`), reading every ``zarr.json`` in one request;
+        a missing bucket or refused credentials are one line each, not an empty listing."""
+        self.check_bucket("cache ls:")
         self.fs.invalidate_cache()
         listed = set(self.fs.find(self.root, maxdepth=max_depth + 2))
         metas = sorted(p for p in listed if p.endswith("/zarr.json") or p == "zarr.json")

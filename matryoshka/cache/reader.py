@@ -49,6 +49,7 @@ from .format import (STORAGE, bos_rows, decode, decode_chunk, from_storage, nump
 from .plan import ReaderConfig, ReadPlan, bos_to_exclude, check_rank
 from .retry import StoreUnavailable
 from .store import Cache, CacheError
+from .unreadable import unreadable_chunk
 from .workers import URGENT, PriorityPool, Task
 
 PREPARED = 2
@@ -306,9 +307,8 @@ class ShuffledReader:
                 decode_chunk(raw, self.codec, out[base:base + self.ct])
             except StoreUnavailable as e:
                 raise CacheError(f"cache: chunk {chunk} of {name} in {c.path!r} could not be read: {e}") from None
-            except (OSError, ValueError) as e:
-                raise CacheError(f"cache: chunk {chunk} of {name} in {c.path!r} is unreadable ({e}); "
-                                 "run `pipeline cache verify`") from None
+            except (OSError, ValueError) as e:  # damage, a deleted cache or a permission problem
+                raise unreadable_chunk(c.path, chunk, name, e) from None
         return ids, ids - r.start + base
 
     def _next_to_load(self) -> tuple[int, int]:

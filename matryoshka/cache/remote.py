@@ -54,6 +54,12 @@ class ChunkSource:
         self.local = self.copies.path if isinstance(self.copies, Folder) else None
         self.keeping = self.local is not None
         """Whether fetched chunks are still copied to ``local``: off after the first local write fails."""
+        self.served = {"local": 0, "store": 0}
+        """Chunks served so far from the local copy and from the store (told at the end of a read)."""
+
+    def local_count(self, keys: Iterable[str]) -> int:
+        """How many of ``keys`` the local copy already holds."""
+        return 0 if self.local is None else sum((self.local / k).is_file() for k in keys)
 
     def has_local(self, keys: Iterable[str]) -> bool:
         """Whether every key has a local copy (then many threads can read them, no fetch needed)."""
@@ -69,6 +75,8 @@ class ChunkSource:
                 out[k] = (self.local / k).read_bytes()
             else:
                 missing.append(k)
+        self.served["local"] += len(keys) - len(missing)  # a stray miscount from two threads is harmless
+        self.served["store"] += len(missing)
         if missing:
             retrying(lambda: self._fetch([k for k in missing if k not in out], out),
                      f"fetching {len(missing)} chunk(s) of {self.protocol}://{self.root}")

@@ -91,6 +91,11 @@ class Cache:
         layout = f"{self.fingerprint}-{self.manifest['n_tokens']}x{self.chunk_tokens}"  # see remote.py
         self._chunks = ChunkSource(self.location, layout, local_cache_dir) if self.remote else None
 
+    @property
+    def chunk_source(self) -> ChunkSource | None:
+        """Where a remote cache's chunk bytes come from (its local copy, the store); None for a local cache."""
+        return self._chunks
+
     def _check_metadata(self) -> None:
         """The manifest has what readers rely on, and every array's own zarr.json opens: a damaged one is one
         line naming it, here, rather than a traceback in whichever command touches the array first."""

@@ -8,7 +8,7 @@ from typing import Any
 from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk
 from ..cache.manifest import build_manifest
 from ..config import HarvestConfig, check_device, site_name
-from ..models import (ModelInfo, check_context_size, check_sites, hook_name, load_tokenizer, model_info,
+from ..models import (ModelInfo, check_context_size, check_sites, hook_name, hub_id, load_tokenizer, model_info,
                       resolve_attention, tokenizer_identity)
 from .synthetic import manifest as synthetic_manifest
 from .tokens import bos_id, dataset_identity, open_documents
@@ -55,7 +55,7 @@ def plan(cfg: HarvestConfig) -> Plan:
         source="model", identity=identity,
         model={"name": info.name, "resolved": info.resolved, "revision": info.revision, "arch": info.arch,
                "d_model": info.d_model, "n_layers": info.n_layers, "dtype": cfg.model_dtype,
-               "attn_implementation": attention},
+               "attn_implementation": attention, **({"hub_id": hub} if (hub := hub_id(info.resolved)) else {})},
         tokenizer={"name": tokenizer.name_or_path, **tokenizer_identity(tokenizer)},
         dataset={"id": cfg.dataset, "config": cfg.dataset_config, "split": cfg.dataset_split,
                  "revision": cfg.dataset_revision, "text_column": cfg.text_column,

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cache import Cache, CacheError
+from ..cache import local_copy
 from ..cache.lock import writer_lock
 from ..cache.reader import ReaderConfig
+from ..files import shareable
 from ..config import ConfigError, RunConfig, TrainConfig, check_device
 from .dictionary import Dictionary
 from .distributed import RankStreams, Team
@@ -124,6 +127,7 @@ class TrainingRun:
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous() for k, v in self.dic.state_dict().items()}
         save_file(tensors, tmp / "model.safetensors")
+        shareable(tmp / "model.safetensors")  # safetensors writes 0600: teammates read checkpoints too
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                     "objective": self.objective.state_dict(), "step": self.step,
                     "cursor": cursor, "rng": torch.get_rng_state()}, tmp / "state.pt")
@@ -174,6 +178,12 @@ def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
     return int(saved["step"])
 
 
+def _say(line: str | None, team: Team) -> None:
+    """One line on stderr from the leader (nothing for None)."""
+    if line and team.leader:
+        print(line, file=sys.stderr)
+
+
 def run_lock(run_dir: Path, doing: str) -> Any:
     """The run folder's writer lock (the folder is created), to hold with ``with``: entering it is refused,
     naming the holder's pid and host, while another process trains or evaluates the run (exit 2)."""
@@ -205,11 +215,13 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, stop: StopSignals, clos
     if active:
         reader = _open_reader(cfg, cache, active, state, team, device)
         closing.callback(reader.close)
+        _say(local_copy.start_line(cache, _arrays(active)), team)  # the config is valid: the read begins
         for r in active if team.leader else []:
             r.dir.mkdir(parents=True, exist_ok=True)
             (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
         monitor = Monitor(cfg, active, cache, team, device, progress, closing)
         _loop(cfg, active, reader, monitor, stop, team, device)
+        _say(local_copy.end_line(cache), team)
     return [r.dir for r in runs]
 
 
@@ -271,10 +283,14 @@ def _resume(runs: list[TrainingRun], cache: Cache, team: Team, closing: ExitStac
     return state
 
 
+def _arrays(active: list[TrainingRun]) -> list[str]:
+    return sorted({a for r in active for a in (r.source, r.target)})
+
+
 def _open_reader(cfg: TrainConfig, cache: Cache, active: list[TrainingRun], state: dict[str, Any] | None,
                  team: Team, device: torch.device) -> RankStreams:
     """The shuffled stream of the arrays ``active`` train on, at the checkpoint's cursors if resuming."""
-    arrays = sorted({a for r in active for a in (r.source, r.target)})
+    arrays = _arrays(active)
     cursors = state["cursor"] if state is not None else None  # one per data rank
     if isinstance(cursors, dict):  # a checkpoint written before data-parallel training: one stream
         cursors = [cursors]
