@@ -178,6 +178,14 @@ def _path_text(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _local_folder(value: str) -> str:
+    """Run folders are local (a ``file://`` URL names one): a URL there would become a folder named ``s3:``."""
+    if "://" in value and not value.startswith("file://"):
+        raise PydanticCustomError("rule", "is a URL; run folders are local paths (sharing runs through a bucket is "
+                                          "not supported yet: copy the folder, or train where the team can read it)")
+    return value[len("file://"):] if value.startswith("file://") else value
+
+
 def _fspath(value: Any) -> Any:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
@@ -185,6 +193,9 @@ def _fspath(value: Any) -> Any:
 PathText = Annotated[str, BeforeValidator(_fspath), AfterValidator(_path_text)]
 """A folder, URL or Hub name (a ``pathlib.Path`` from Python is taken as its text): the text ``None`` there is
 a mistyped null, not a folder name."""
+
+LocalFolder = Annotated[PathText, AfterValidator(_local_folder)]
+"""A local folder: runs are written with renames and ``flock``, which object storage does not have."""
 
 
 def one_of(choices: tuple[str, ...]) -> Any:
@@ -442,7 +453,7 @@ class TrainConfig(Keys):
 
     cache: PathText = opt("", "The cache to train from.")
     runs: list[RunConfig] = Field(default_factory=list, description="The dictionaries to train.")
-    runs_dir: PathText = opt("runs", "Runs land in RUNS_DIR/<cache fingerprint>/<run name>/.")
+    runs_dir: LocalFolder = opt("runs", "Runs land in RUNS_DIR/<cache fingerprint>/<run name>/ (a local folder).")
     batch_size: PositiveInt = opt(4096, "Tokens per step, shared by every run.")
     buffer_tokens: PositiveInt = opt(2**18, "Reader buffer: two blocks of half this size.")
     seed: int = opt(0, "Data order seed.")
@@ -471,7 +482,7 @@ class EvaluateConfig(Keys):
     run: Optional[PathText] = opt(None, "A run folder; default: every run of ``cache``, or the most recent run.")
     cache: Optional[PathText] = opt(None, "Evaluate every run trained on this cache.")
     sae: Optional[list[str]] = opt(None, "SAELens folders (cfg.json + sae_weights.safetensors) to evaluate on ``cache`` instead of its runs (with ``run``, if given), into its report; on the command line ``--sae FOLDER``, repeatable.")
-    runs_dir: PathText = opt("runs", "Where runs are.")
+    runs_dir: LocalFolder = opt("runs", "Where runs are (a local folder).")
     batch_size: PositiveInt = opt(4096, "Tokens per evaluation batch.")
     dense_above: Fraction = opt(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
     features: bool = opt(True, "Feature metrics: absorption, splitting, monosemanticity, hierarchy per group.")

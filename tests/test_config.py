@@ -170,3 +170,14 @@ def test_the_language_model_code_does_not_import_the_config():
     code = "import sys, matryoshka.models; print('matryoshka.config' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_runs_folder_given_as_a_url_is_refused_not_made_a_local_folder(tmp_path: Path):
+    """`--runs-dir s3://team/runs` once wrote a local folder named 's3:'; run folders are local, file:// included."""
+    from matryoshka.config import EvaluateConfig
+
+    for cls in (TrainConfig, EvaluateConfig):
+        with pytest.raises(ConfigError, match=r"runs_dir: 's3://team/runs' is a URL; run folders are local paths"):
+            cls(runs_dir="s3://team/runs")
+    assert TrainConfig(runs_dir=f"file://{tmp_path}").runs_dir == str(tmp_path)
+    assert not (tmp_path / "s3:").exists()
