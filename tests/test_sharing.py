@@ -198,13 +198,13 @@ def test_a_cache_deleted_while_read_is_reported_as_deleted(bucket_cache, tmp_pat
     that a chunk is unreadable with a hint to verify."""
     from matryoshka.cache import CacheError
     from matryoshka.cache.reader import ReaderConfig, ShuffledReader
-    from matryoshka.cache.remote import remove
+    from matryoshka.cache.location import Location
 
     for where in (bucket_cache, str(_small_cache(tmp_path / "local"))):
         with ShuffledReader(["x"], Cache(where), ReaderConfig(batch_size=16, buffer_tokens=64)) as reader:
             batches = iter(reader)  # blocks of one chunk: the rest are read after the first batch
             next(batches)
-            remove(where)
+            Location.of(where).remove()
             with pytest.raises(CacheError, match="was deleted while being read") as e:
                 for _ in range(8 * SEQS * CTX // 16):
                     next(batches)
