@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table
-
 from matryoshka.config import load_pipeline
 from matryoshka.evaluate.run import evaluate
 from matryoshka.harvest import harvest

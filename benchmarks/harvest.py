@@ -28,9 +28,9 @@ import os
 import tempfile
 import time
 import timeit
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
@@ -212,12 +212,12 @@ def writer_table(f32: np.ndarray) -> list[list[str]]:
     for dtype in STORAGE:
         a = to_storage(torch.from_numpy(rows), dtype).numpy()
 
-        def stats() -> None:
+        def stats(a: np.ndarray = a, dtype: str = dtype) -> None:  # bound now: timeit calls it in this iteration
             x = decode(a, dtype)
             assert not len(nonfinite_rows(a, x, dtype))
             chunk_sums(x[keep])
         t_stats = min(timeit.repeat(stats, number=1, repeat=5))
-        t_enc = min(timeit.repeat(lambda: encode_chunk(a, "lz4"), number=1, repeat=5))
+        t_enc = min(timeit.repeat(lambda a=a: encode_chunk(a, "lz4"), number=1, repeat=5))
         out.append([dtype, f"{a.nbytes / 2**20:.2f}", f"{1e3 * t_stats:.2f}", f"{1e3 * t_enc:.2f}",
                     f"{t_stats / t_enc:.2f}", f"{len(rows) / (2 * (t_stats + t_enc)):,.0f}"])
     return out
@@ -239,7 +239,8 @@ def main() -> None:
         path = gpt2_small_9(Path(tmp), n_docs=(args.tokens + 20 * max(args.contexts)) // 20, context=max(args.contexts))
         for i, context in enumerate(args.contexts):
             rows, data, note = throughput(path, args, Path(tmp), context)
-            f32 = data if i == 0 else f32
+            if i == 0:  # the per-chunk table uses the first context's activations
+                f32 = data
             print(f"\n1{'abcdefgh'[i]}. Harvest throughput at context {context}, GPT-2-small shape (d 768, 12 heads, "
                   "random weights), sites 8.resid_mid,8.mlp_out")
             print(f"   {note}")

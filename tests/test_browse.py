@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.browse.build import dictionary_data
 from matryoshka.browse.family import family
 from matryoshka.browse.sample import sample_heldout

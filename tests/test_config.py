@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from matryoshka.cli import _flags_from, _config_from
-from matryoshka.config import ConfigError, HarvestConfig, RunConfig, TrainConfig, load_pipeline, parse_count, parse_sites
+from matryoshka.cli import _config_from, _flags_from
+from matryoshka.config import (
+    ConfigError,
+    HarvestConfig,
+    RunConfig,
+    TrainConfig,
+    load_pipeline,
+    parse_count,
+    parse_sites,
+)
 
 
 @pytest.mark.parametrize("text, n", [("4096", 4096), (4096, 4096), ("64K", 64_000), ("200M", 200_000_000),

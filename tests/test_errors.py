@@ -25,7 +25,7 @@ def harvest_args(model: Path, corpus: Path, cache: Path, *extra: str) -> list[st
 
 def run_bad(args: list[str], *fragments: str) -> str:
     result = runner.invoke(app, args)
-    lines = [l for l in result.output.splitlines() if l.strip()]
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for f in fragments:
@@ -365,7 +365,6 @@ def test_no_route_to_the_hub_is_one_line_without_retries(tmp_path):
     import socket
     import subprocess
     import sys
-    import time
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache import Cache
 from matryoshka.cache.format import from_storage, to_storage
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader

@@ -70,7 +70,7 @@ def test_drop_last_serves_full_batches_and_resumes_exactly(cache):
     with _reader(cache, drop_last=True) as r:
         assert r.batches_per_epoch == 41
         seen = []
-        for epoch in range(2):
+        for _epoch_number in range(2):
             rows = [x for b in _epoch(r) for x in b]
             assert len(rows) == len(set(rows)) == 41 * 32 and set(rows) <= _train_rows()
             seen.append(_train_rows() - set(rows))

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import harvest_config, new_bucket
+from helpers import harvest_config, new_bucket
 from matryoshka.cache import Cache, CacheError
 from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ObjectLock
 from matryoshka.cli import app
@@ -128,7 +128,7 @@ def test_cache_ls_info_verify_on_urls(caches, bucket):
     local, url = caches
     r = runner.invoke(app, ["cache", "ls", bucket])
     assert r.exit_code == 0, r.output
-    (row,) = [l for l in r.output.splitlines() if l.startswith(url)]
+    (row,) = [ln for ln in r.output.splitlines() if ln.startswith(url)]
     assert "tiny-gpt2" in row and SITES in row and f"{Cache(url).tokens_committed:,}" in row and "complete" in row
     size = sum(len(v) for v in _objects(url).values())
     assert f"{size / 1e9:.3f}GB" in row
@@ -147,7 +147,7 @@ def test_cache_ls_info_verify_on_urls(caches, bucket):
     fs.rm(f"{damaged}/tokens/c/1")
     r = runner.invoke(app, ["cache", "verify", damaged, "-q"])
     assert r.exit_code == 1
-    bad = sorted(l.split(":")[0] for l in r.output.splitlines() if l.startswith("DAMAGED"))
+    bad = sorted(ln.split(":")[0] for ln in r.output.splitlines() if ln.startswith("DAMAGED"))
     assert bad == ["DAMAGED acts/1.mlp_out/c/2/0", "DAMAGED tokens/c/1"], r.output
 
     r = runner.invoke(app, ["cache", "ls", f"{bucket}/nothing-here"])

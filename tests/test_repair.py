@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import fsspec
-import pytest
 from typer.testing import CliRunner
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache.lock import LOCK_NAME, writer_lock
 from matryoshka.cli import app
 from matryoshka.config import HarvestConfig, from_dict

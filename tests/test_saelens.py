@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache import Cache
 from matryoshka.config import ConfigError, TrainConfig
 from matryoshka.harvest import harvest

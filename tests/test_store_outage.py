@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import new_bucket
+from helpers import new_bucket
 from matryoshka.cache import Cache, CacheError
 from matryoshka.cache.copy import copy_cache
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache import Cache
 from matryoshka.config import ConfigError, RunConfig, TrainConfig
 from matryoshka.harvest import harvest
@@ -224,8 +224,8 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
     from typer.testing import CliRunner
 
     from matryoshka.cli import app
-    from matryoshka.evaluate.run import LEGEND, evaluate
     from matryoshka.config import EvaluateConfig
+    from matryoshka.evaluate.run import LEGEND, evaluate
 
     runs = [{**RUNS[0], "tokens": "20K"}, {**RUNS[1], "tokens": "20K"}]
     train(_cfg(cache, tmp_path, runs=runs), progress=False)

@@ -39,9 +39,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,7 @@ from .overlap import check_disjoint
 from .report import runs_of, write_report
 from .saelens import check_saes, load_sae
 from .splice import LM, Splice, dictionary_fn, no_lm_reason
+
 
 def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Path]:
     if run is not None:
