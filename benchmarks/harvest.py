@@ -86,7 +86,8 @@ class _Stop(Exception):
 
 def bare_forward(path: Path, dtype: torch.dtype, device: str, attn: str) -> Callable[[torch.Tensor], None]:
     """A plain HF forward with attention implementation ``attn`` that a hook on block 8 cuts short."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+    model = model.to(device).eval()
 
     def stop(*_):
         raise _Stop
@@ -146,7 +147,8 @@ def throughput(path: Path, args: argparse.Namespace, work: Path, context: int,
     # Codec data: the model's own float32 8.resid_mid (not the bf16 cache cast back up, whose zero
     # low mantissa bits would flatter the fp16/fp32 ratios).
     exact = Capture(model, "gpt2", SITES[:1])
-    f32 = torch.cat([exact(b)[SITES[0]].float().reshape(-1, 768).cpu() for b in batches[: max(1, 8192 // batches[0].numel())]])
+    f32 = torch.cat([exact(b)[SITES[0]].float().reshape(-1, 768).cpu()
+                     for b in batches[: max(1, 8192 // batches[0].numel())]])
     exact.close()
     t0 = time.perf_counter()
     harvest(cfg, progress=False)
@@ -190,7 +192,8 @@ def codec_row(codec: numcodecs.abc.Codec | None, data: dict[str, np.ndarray], wo
     t_dec = min(timeit.repeat(lambda: [dec(c) for c in packed], number=1, repeat=3))
     with ThreadPoolExecutor(workers) as pool:
         t_par = min(timeit.repeat(lambda: list(pool.map(dec, packed)), number=1, repeat=3))
-    return ratios["bf16"], nbytes / t_enc / 1e9, nbytes / t_dec / 1e9, nbytes / t_par / 1e9, ratios["fp16"], ratios["fp32"]
+    return (ratios["bf16"], nbytes / t_enc / 1e9, nbytes / t_dec / 1e9, nbytes / t_par / 1e9, ratios["fp16"],
+            ratios["fp32"])
 
 
 def codec_table(f32: np.ndarray) -> list[tuple[str, tuple[float, ...]]]:

@@ -12,7 +12,8 @@ def harvest_config(model_dir: Path, corpus: Path, cache: Path, **overrides):
     """A small harvest of a tiny model: 4 chunks of 4 sequences of 32 tokens, float32 storage."""
     from matryoshka.config import HarvestConfig
 
-    kw = dict(model=str(model_dir), dataset=str(corpus), layers="1", sites="resid_pre,attn_out,resid_mid,mlp_in,mlp_out,resid_post",
+    kw = dict(model=str(model_dir), dataset=str(corpus), layers="1",
+              sites="resid_pre,attn_out,resid_mid,mlp_in,mlp_out,resid_post",
               tokens=16 * 32, context_size=32, batch_size=4, dtype="float32", chunk_mb=4 * 32 * 64 * 4 / 2**20,
               holdout=4 * 32, cache=str(cache) if cache else None, writer_threads=2)
     kw.update(overrides)

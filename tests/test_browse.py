@@ -79,7 +79,8 @@ def test_site_layout_next_to_the_report(built):
     remote = re.compile(r'(?:src|href)\s*=\s*"(?:[a-z]+:)?//|@import|url\((?!#)')  # nothing loaded from the network
     for page in [site / "index.html", site / "static" / "browse.css"] + list((site / "mat").glob("*.html")):
         assert not remote.search(page.read_text()), page
-    assert not re.search(r"https?:", (site / "static" / "browse.js").read_text().replace("http://www.w3.org/2000/svg", ""))
+    script = (site / "static" / "browse.js").read_text()
+    assert not re.search(r"https?:", script.replace("http://www.w3.org/2000/svg", ""))
 
 
 def test_contexts_and_density_equal_a_dense_encode(built):
@@ -158,7 +159,8 @@ def test_bad_input_is_one_line_and_writes_nothing(built, tmp_path):
     res = CliRunner().invoke(app, ["browse", str(run), "--batch-size", "-1"])
     assert res.exit_code == 2 and res.output.strip() == "error: browse: --batch-size -1 must be at least 1"
     res = CliRunner().invoke(app, ["browse", str(run), "--serve", "--port", "70000"])
-    assert res.exit_code == 2 and res.output.strip() == "error: --port: 70000 is not a port (0 to 65535; 0: any free one)"
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: --port: 70000 is not a port (0 to 65535; 0: any free one)"
 
 
 def test_synthetic_cache_shows_the_ground_truth(tmp_path):
@@ -186,11 +188,13 @@ def test_synthetic_cache_shows_the_ground_truth(tmp_path):
         assert t["parent"] == parent[j]
         if parent[j] >= 0:
             events = int((present[:, j] & present[:, parent[j]]).sum())
-            assert t["absorbed"] == ([{"child": j, "parent": parent[j], "rate": 0.0, "events": events}] if events else [])
+            absorbed = [{"child": j, "parent": parent[j], "rate": 0.0, "events": events}] if events else []
+            assert t["absorbed"] == absorbed
     dic.config = {"source": "0.resid_mid", "target": None, "arch": "matryoshka", "k": 2}
     data = dictionary_data(dic, "exact", cache, 10 ** 6)  # the whole run's data: truth beside each latent
     assert data.meta["synthetic"] and [r["truth"] for r in data.latents] == out
-    assert "logits" not in data.latents[0] and data.meta["logits"] == "no output tokens: the cache has no language model"
+    assert "logits" not in data.latents[0]
+    assert data.meta["logits"] == "no output tokens: the cache has no language model"
     assert data.meta["tokenizer"].endswith("has no tokenizer")
     assert [r["parent"] for r in data.latents[P:]] == parent[P:]  # each child fires only with its parent
 

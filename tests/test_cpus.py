@@ -31,7 +31,8 @@ def test_cgroup_v2_quota_is_the_tightest_of_the_cgroup_and_its_ancestors(tmp_pat
 def test_cgroup_v1_quota_and_unlimited(tmp_path):
     root, proc = tmp_path / "cg", tmp_path / "proc_cgroup"
     proc.write_text("5:memory:/x\n4:cpu,cpuacct:/slurm/job7\n0::/\n")
-    _tree(root, {"cpu,cpuacct/slurm/job7/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/slurm/job7/cpu.cfs_period_us": "100000\n",
+    _tree(root, {"cpu,cpuacct/slurm/job7/cpu.cfs_quota_us": "300000\n",
+                 "cpu,cpuacct/slurm/job7/cpu.cfs_period_us": "100000\n",
                  "cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
     assert cgroup_cpu_limit(root, proc) == 3
     (root / "cpu,cpuacct/slurm/job7/cpu.cfs_quota_us").write_text("-1\n")

@@ -94,7 +94,8 @@ def test_gpu_training_fp32_tracks_the_cpu(harvested, tmp_path):  # noqa: F811
     """Same stream, same init, float32 on both: the first checkpoints agree to float32 rounding. (Later,
     a rounding difference can flip one batch top-k entry at the threshold, so the runs drift apart.)"""
     runs = [{**RUNS[0], "tokens": "2560"}, {**RUNS[1], "tokens": "2560"}]  # 10 steps
-    cpu = {p.name: _weights(p) for p in train(_cfg(harvested, tmp_path / "cpu", runs=runs, device="cpu"), progress=False)}
+    cpu = {p.name: _weights(p)
+           for p in train(_cfg(harvested, tmp_path / "cpu", runs=runs, device="cpu"), progress=False)}
     gpu = {p.name: _weights(p) for p in train(_cfg(harvested, tmp_path / "gpu", runs=runs, device="cuda",
                                                    autocast=False), progress=False)}
     for name in cpu:

@@ -112,7 +112,8 @@ def test_auto_attention_is_sdpa_for_gpt2_and_eager_for_gemma2(fastest):
     """GPT-2 runs the fused kernel; Gemma-2 (soft-capped logits, sliding windows) stays eager, and the
     installed transformers indeed refuses sdpa for it."""
     info, model = fastest
-    assert model.config._attn_implementation == AUTO_ATTENTION[info.arch] == {"gpt2": "sdpa", "gemma2": "eager"}[info.arch]
+    want = {"gpt2": "sdpa", "gemma2": "eager"}[info.arch]
+    assert model.config._attn_implementation == AUTO_ATTENTION[info.arch] == want
     if info.arch == "gemma2":
         with pytest.raises(ConfigError, match=r"attn_implementation: 'sdpa' is not offered .*; valid: auto, eager"):
             resolve_attention(info, "sdpa")

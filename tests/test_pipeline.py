@@ -179,7 +179,8 @@ def test_killed_in_harvest_then_in_training_resumes_to_the_uninterrupted_result(
     (lambda c: c["train"]["runs"][2].update(widht=64), "train.runs[2].widht: unknown key; valid keys are"),
     (lambda c: c["train"]["runs"][0].update(width="wide"), "train.runs[0].width: 'wide' is a str; expected an integer"),
     (lambda c: c["harvest"].update(layers=1.5), "harvest.layers: 1.5 is a float; expected"),
-    (lambda c: c["evaluate"].update(runs_dir="elsewhere"), "evaluate.runs_dir: 'elsewhere' differs from train.runs_dir"),
+    (lambda c: c["evaluate"].update(runs_dir="elsewhere"),
+     "evaluate.runs_dir: 'elsewhere' differs from train.runs_dir"),
     (lambda c: c["evaluate"].update(cache="x"), "evaluate.cache: pipeline run evaluates the runs of train.runs"),
     (lambda c: c["evaluate"].update(sae=["x"]), "evaluate.sae: pipeline run evaluates the runs of train.runs"),
     (lambda c: c["harvest"].update(shard="0/2"), "harvest.shard: '0/2' writes one worker's part of a cache"),
@@ -216,7 +217,8 @@ def test_evaluate_with_a_config_finds_the_runs_under_train_runs_dir(whole, tmp_p
 
     root, _, first, _ = whole
     fp = Cache(first.cache).fingerprint
-    shutil.copytree(root / "runs" / fp / "btk", tmp_path / "mine" / fp / "btk", ignore=shutil.ignore_patterns("eval.json"))
+    shutil.copytree(root / "runs" / fp / "btk", tmp_path / "mine" / fp / "btk",
+                    ignore=shutil.ignore_patterns("eval.json"))
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"train": {"runs_dir": str(tmp_path / "mine")}}))
     out = CliRunner().invoke(app, ["evaluate", "--config", str(tmp_path / "p.yaml"), "--cache", first.cache,
                                    "--no-lm", "--no-features", "--quiet"])

@@ -113,7 +113,8 @@ def test_the_docs_site_shows_the_readme_python_api():
     assert '--8<-- "README.md:api"' in (DOCS / "python-api.md").read_text()
 
 
-_MEASURED = re.compile(r"\bmeasured\b|\btook \d|tok/s|[GM]B/s|\b\d+(\.\d+)?x (faster|slower)\b|\b\d+(\.\d+)? ?(ms|us)\b")
+_MEASURED = re.compile(r"\bmeasured\b|\btook \d|tok/s|[GM]B/s|\b\d+(\.\d+)?x (faster|slower)\b"
+                       r"|\b\d+(\.\d+)? ?(ms|us)\b")
 
 
 def test_no_docstring_quotes_a_measurement():

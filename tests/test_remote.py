@@ -82,7 +82,8 @@ def test_harvest_to_a_bucket_equals_local_harvest(caches, gpt2_dir, corpus):
     _same_cache(local, url)
     a, b = Cache(local), Cache(url)
     assert b.complete and b.fingerprint == a.fingerprint and b.remote
-    np.testing.assert_array_equal(b.read("1.mlp_out", 0, b.tokens_committed), a.read("1.mlp_out", 0, a.tokens_committed))
+    np.testing.assert_array_equal(b.read("1.mlp_out", 0, b.tokens_committed),
+                                  a.read("1.mlp_out", 0, a.tokens_committed))
     assert not _fs(url).exists(f"{url}/{LOCK_NAME}")  # released
 
     # The fingerprint decides identity: the same config again reuses it; another one is refused.
@@ -314,7 +315,8 @@ def test_second_writer_is_refused_naming_the_owner(store_bucket, gpt2_dir, corpu
     url = f"{store_bucket}/c"
     with ObjectLock(url, heartbeat_s=0.2) as first:
         h0 = _lock_json(url)["heartbeat"]
-        with pytest.raises(CacheLockedError, match=rf"being written by pid {os.getpid()} .*lock {first.owner['id'][:8]}"):
+        with pytest.raises(CacheLockedError,
+                           match=rf"being written by pid {os.getpid()} .*lock {first.owner['id'][:8]}"):
             ObjectLock(url).acquire()
         msg = run_bad(harvest_args(gpt2_dir, corpus, url), "is being written by pid", "last heartbeat",
                       "one writer per cache")

@@ -110,7 +110,8 @@ def test_report_renders_two_runs_with_plots(cache, tmp_path):
         f.write('{"step": 99, "tok')  # a line cut short by a kill
     curves = training_curves(tmp_path / fp / "mat")
     assert curves["tokens"].tolist() == [r["tokens"] for r in logged] == [1280, 2560, 3072]  # 24 steps of 128
-    assert curves["fvu"].tolist() == [r["fvu"] for r in logged] and curves["aux_dead"].tolist() == [r["aux_dead"] for r in logged]
+    assert curves["fvu"].tolist() == [r["fvu"] for r in logged]
+    assert curves["aux_dead"].tolist() == [r["aux_dead"] for r in logged]
     for name in images:
         data = (tmp_path / fp / name).read_bytes()
         assert data[:8] == PNG and len(data) > 2000

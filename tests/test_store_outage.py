@@ -261,7 +261,8 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fai
 resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
 from matryoshka.cache import Cache
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
-with ShuffledReader(["x"], Cache({url!r}, local_cache_dir={str(keep)!r}), ReaderConfig(batch_size=32, buffer_tokens=128)) as r:
+with ShuffledReader(["x"], Cache({url!r}, local_cache_dir={str(keep)!r}),
+                    ReaderConfig(batch_size=32, buffer_tokens=128)) as r:
     print(json.dumps([next(r)["x"][:, 0].long().tolist() for _ in range(r.batches_per_epoch)]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))

@@ -25,8 +25,8 @@ RUNS = [
      "group_sizes": [16, 32, 64, 144], "dead_tokens": "5K"},
     {"name": "tc", "source": "1.resid_mid", "target": "1.mlp_out", "width": 128, "k": 8, "lr": 0.003,
      "tokens": "40K", "dead_tokens": "5K", "skip": True},
-    {"name": "ref", "source": "1.resid_mid", "width": 256, "k": 8, "lr": 0.003, "tokens": "20K", "objective": "reference",
-     "group_sizes": [16, 32, 64, 144]},
+    {"name": "ref", "source": "1.resid_mid", "width": 256, "k": 8, "lr": 0.003, "tokens": "20K",
+     "objective": "reference", "group_sizes": [16, 32, 64, 144]},
 ]
 
 
@@ -183,7 +183,8 @@ def test_config_errors_in_the_yaml():
         TrainConfig(cache="x", runs=[{"name": "a", "source": "s"}, {"name": "a", "source": "s"}])
     with pytest.raises(ConfigError, match="reference' reproduces the seed's Matryoshka BatchTopK"):
         RunConfig(name="a", source="s", arch="topk", objective="reference")
-    assert RunConfig(name="a", source="s", arch="batchtopk", objective="reference").objective == "reference"  # the seed's BatchTopKSAE
+    # the seed's BatchTopKSAE
+    assert RunConfig(name="a", source="s", arch="batchtopk", objective="reference").objective == "reference"
     assert RunConfig(name="a", source="s").resolve(768).group_sizes == [768, 1536, 3072, 6912]
 
 
@@ -241,7 +242,8 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
     assert out.exit_code == 0 and "sae" in out.output and "FVU scalar-mean" in head and "seed" not in head
     latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path), "--quiet"])
     lines = latest.output.strip().splitlines()
-    assert latest.exit_code == 0 and len(lines) == 4 and lines[3].startswith("report: ")  # header, newest run, legend, report
+    # header, newest run, legend, report
+    assert latest.exit_code == 0 and len(lines) == 4 and lines[3].startswith("report: ")
     assert lines[2] == LEGEND and "dead: latents that fire on none of the evaluated held-out tokens" in LEGEND
     missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "is not a trained run" in missing.output

@@ -166,7 +166,8 @@ def _lm_pass(lm: LM | None, pending: list[tuple[Path, dict[str, Any], Splice]]) 
         out["lm"] = lm_results.get(i)
         bad = strict_json.non_finite(out["lm"] or {})
         if bad:
-            out["failed"] = f"run {out['run']}: non-finite LM metrics " + ", ".join(f"{k} = {v}" for k, v in bad.items())
+            out["failed"] = (f"run {out['run']}: non-finite LM metrics "
+                             + ", ".join(f"{k} = {v}" for k, v in bad.items()))
         (path / "eval.json").write_text(strict_json.dumps(out, indent=2))
     return [out for _, out, _ in pending]
 
