@@ -68,6 +68,7 @@ def dense_heldout(built) -> tuple[np.ndarray, np.ndarray, int]:
     return acts, ids, a
 
 
+@pytest.mark.slow
 def test_site_layout_next_to_the_report(built):
     site, meta = built["site"], built["meta"]
     assert site == built["run"].parent / "browse" and (built["run"].parent / "report.md").is_file()
@@ -83,6 +84,7 @@ def test_site_layout_next_to_the_report(built):
     assert not re.search(r"https?:", script.replace("http://www.w3.org/2000/svg", ""))
 
 
+@pytest.mark.slow
 def test_contexts_and_density_equal_a_dense_encode(built):
     acts, ids, start = dense_heldout(built)
     latents = built["shard"]["latents"]
@@ -103,6 +105,7 @@ def test_contexts_and_density_equal_a_dense_encode(built):
         assert [c["v"] for c in rec["top"]] == sorted((c["v"] for c in rec["top"]), reverse=True)
 
 
+@pytest.mark.slow
 def test_parents_follow_dense_coactivation(built):
     acts, _, _ = dense_heldout(built)
     on = acts > 0
@@ -144,6 +147,7 @@ def test_search_bucket_is_the_scripts_hash():
     assert bucket("é🙂", 2 ** 32) == (0xE9 * 31 + 0x1F642) % 2 ** 32
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(built, tmp_path):
     run = built["run"]
     bare = tmp_path / "runs" / "fp" / "copy"
@@ -219,6 +223,7 @@ def chromium():
     return webdriver.Chrome(options=opts, service=Service(driver))
 
 
+@pytest.mark.slow
 def test_in_a_real_browser(built):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -270,6 +275,7 @@ def test_in_a_real_browser(built):
         d.quit()
 
 
+@pytest.mark.slow
 def test_serve_serves_the_site_until_interrupted(built):
     """`--serve`: a real `pipeline` process serves the built pages on localhost and stops on SIGINT."""
     import os

@@ -45,6 +45,7 @@ def test_no_cgroup_files_means_no_limit(tmp_path):
     assert cgroup_cpu_limit(tmp_path / "cg", tmp_path / "proc_cgroup") is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("taskset") or not hasattr(os, "sched_getaffinity"),
                     reason="needs taskset (util-linux) and Linux affinity")
 def test_a_process_pinned_to_one_core_starts_one_decode_thread():
@@ -57,6 +58,7 @@ def test_a_process_pinned_to_one_core_starts_one_decode_thread():
     assert machine == os.cpu_count()
 
 
+@pytest.mark.slow
 def test_torch_threads_fit_a_cgroup_quota(tmp_path):
     """torch follows the affinity mask but not a quota; the CLI sizes its pool (OMP_NUM_THREADS, if set, wins)."""
     root, proc = tmp_path / "cg", tmp_path / "proc_cgroup"

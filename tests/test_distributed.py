@@ -25,6 +25,8 @@ from matryoshka.fixtures import write_cache
 from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 
+pytestmark = pytest.mark.slow  # torchrun and shard processes, each loading torch
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": str(Path(__file__).parents[1])}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]

@@ -45,7 +45,7 @@ def run_bad(args: list[str], *fragments: str) -> str:
     (["--codec", "gzip"], ["'gzip'", "lz4, zstd, none"]),
     (["--bos", "always"], ["'always'", "context, document, none"]),
     (["--attn-implementation", "flash"], ["attn_implementation: 'flash'", "auto, eager, sdpa, flex_attention"]),
-    (["--tokens", "100K"], ["ran out after", "lower --tokens", "removed"]),
+    pytest.param(["--tokens", "100K"], ["ran out after", "lower --tokens", "removed"], marks=pytest.mark.slow),
     (["--tokens", "1T"], ["GB needed", "GB free", "lower --tokens"]),
 ])
 def test_bad_input_writes_nothing(gpt2_dir, corpus, tmp_path, flags, fragments):
@@ -361,6 +361,7 @@ def test_hub_names_fail_fast_offline(gpt2_dir, corpus, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_no_route_to_the_hub_is_one_line_without_retries(tmp_path):
     """Without HF_HUB_OFFLINE and with no route to the Hub (here: an endpoint whose port nobody listens on),
     huggingface_hub retried for ~25 s, a line per retry; one probe connection now decides, and the name is

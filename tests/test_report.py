@@ -65,6 +65,7 @@ def test_top_contexts_equal_a_full_sort():
     assert list(tc.rows[2]) == sorted(cache_rows[[5, 17, 30, 40]])[:3]
 
 
+@pytest.mark.slow
 def test_context_text_marks_the_token_inside_its_sequence(cache):
     c = Cache(cache)
     tok, why = cache_tokenizer(c)
@@ -79,6 +80,7 @@ def test_context_text_marks_the_token_inside_its_sequence(cache):
         f"{tokens[ctx - 3]} {tokens[ctx - 2]} «{tokens[ctx - 1]}»"  # ids; nothing from the next sequence
 
 
+@pytest.mark.slow
 def test_report_renders_two_runs_with_plots(cache, tmp_path):
     _train(cache, tmp_path)
     out = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path), "--quiet",
@@ -122,6 +124,7 @@ def test_report_renders_two_runs_with_plots(cache, tmp_path):
     assert "## Hierarchy per Matryoshka group" in md and "**mat**" in md
 
 
+@pytest.mark.slow
 def test_features_off_and_bounded_tokens(cache, tmp_path):
     _train(cache, tmp_path, RUNS[:1])
     (r,) = evaluate(EvaluateConfig(cache=str(cache), runs_dir=str(tmp_path), features=False, contexts=0))
@@ -136,6 +139,7 @@ def test_features_off_and_bounded_tokens(cache, tmp_path):
         EvaluateConfig(feature_tokens=0)
 
 
+@pytest.mark.slow
 def test_cache_without_heldout_split_is_refused(tmp_path):
     ctx, n = 16, 32 * 16
     rng = np.random.default_rng(0)

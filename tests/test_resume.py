@@ -11,9 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from matryoshka.cache import Cache
 from matryoshka.cache.inspect import verify
+
+pytestmark = pytest.mark.slow  # a real harvest killed with SIGKILL, then resumed
 
 
 def _args(model: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:

@@ -22,6 +22,8 @@ from matryoshka.harvest import harvest
 from matryoshka.train.saelens import RAW_ACTIVATIONS, read_saelens
 from matryoshka.train.trainer import train
 
+pytestmark = pytest.mark.slow  # every test trains five dictionaries first (module fixture)
+
 RUNS = [  # every architecture we export
     {"name": "mat", "source": "1.resid_mid", "width": 128, "k": 4, "group_sizes": [16, 32, 80], "tokens": "4K"},
     {"name": "btk", "source": "1.mlp_in", "width": 128, "k": 4, "arch": "batchtopk", "tokens": "4K"},

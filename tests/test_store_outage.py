@@ -85,6 +85,7 @@ def _stream(reader: ShuffledReader, n: int) -> list[list[int]]:
     return [next(reader)["x"][:, 0].long().tolist() for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_the_reader_rides_out_an_outage_and_serves_the_same_stream(outage, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="matryoshka.cache")
     url = _bucket_cache(tmp_path)
@@ -104,6 +105,7 @@ def test_the_reader_rides_out_an_outage_and_serves_the_same_stream(outage, tmp_p
     assert "fetching" in caplog.text and "s3://" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_long_outage_ends_in_one_clear_line(outage, tmp_path, monkeypatch):
     url = _bucket_cache(tmp_path)
     monkeypatch.setenv("MATRYOSHKA_STORE_RETRY_S", "1")
@@ -114,6 +116,7 @@ def test_a_long_outage_ends_in_one_clear_line(outage, tmp_path, monkeypatch):
             _stream(r, 2 * r.batches_per_epoch)
 
 
+@pytest.mark.slow
 def test_a_chunk_write_rides_out_an_outage(outage, tmp_path, caplog):
     """The harvest's chunk writes (one whole object each, so safe to repeat) wait for the store."""
     import zarr
@@ -138,6 +141,7 @@ def test_a_chunk_write_rides_out_an_outage(outage, tmp_path, caplog):
     np.testing.assert_array_equal(decode_chunk(c.chunk_bytes("x", 3), "lz4", np.empty_like(rows)), rows)
 
 
+@pytest.mark.slow
 def test_the_lock_check_before_a_commit_rides_out_an_outage(outage, caplog):
     """A writer asks its lock before every commit; during an outage it waits for the answer rather than
     stop (a lock broken meanwhile is still seen: test_remote.py)."""
@@ -164,6 +168,7 @@ def _raised(fn) -> list[BaseException]:
     return []
 
 
+@pytest.mark.slow
 def test_a_missing_chunk_fails_at_once(s3_bucket, caplog):
     caplog.set_level(logging.WARNING, logger="matryoshka.cache")
     t0 = time.monotonic()
@@ -201,6 +206,7 @@ def test_which_errors_are_transient(monkeypatch):
         retry_seconds()
 
 
+@pytest.mark.slow
 def test_a_harvest_rides_out_an_outage_to_the_same_bytes(outage, gpt2_dir, corpus, tmp_path):
     """A real harvest process loses its store mid-run for 3 s: it waits (the outage meets its chunk writes;
     a commit's write goes through the same retry, a lock check through its own, tested above), and the
@@ -229,6 +235,7 @@ def test_a_harvest_rides_out_an_outage_to_the_same_bytes(outage, gpt2_dir, corpu
     _same_cache(tmp_path / "local", url)
 
 
+@pytest.mark.slow
 def test_an_unreachable_store_or_a_missing_bucket_is_one_line(outage, gpt2_dir, corpus):
     """Before the LM loads, harvest tells a bucket that does not exist from a store it cannot reach (an
     existence check answers False for both); any command meeting a storage error says it in one line."""
@@ -242,6 +249,7 @@ def test_an_unreachable_store_or_a_missing_bucket_is_one_line(outage, gpt2_dir, 
             "AWS_ENDPOINT_URL")
 
 
+@pytest.mark.slow
 def test_a_full_local_disk_stops_the_copies_not_the_run(s3_server, tmp_path):
     """``local_cache_dir`` on a disk that fills up: the reader keeps streaming from the store, warns once,
     and leaves no half-written file. The full disk is real for the process: RLIMIT_FSIZE makes every
