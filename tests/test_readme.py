@@ -11,6 +11,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from matryoshka.config import EvaluateConfig, HarvestConfig, SyntheticConfig, TrainConfig, opt
@@ -129,6 +130,7 @@ def test_no_docstring_quotes_a_measurement():
     assert not found, found
 
 
+@pytest.mark.slow
 def test_python_examples_run(gpt2_dir, corpus, tmp_path, monkeypatch):
     code = _api_examples()
     for old, new in (('model="gpt2"', f'model="{gpt2_dir}"'), ('dataset="corpus.txt"', f'dataset="{corpus}"'),
