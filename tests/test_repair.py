@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import fsspec
+import pytest
 from typer.testing import CliRunner
 
 from helpers import harvest_config
@@ -66,12 +67,14 @@ def test_a_synthetic_cache_is_repaired_byte_for_byte(tmp_path):
     _repaired_equals_original(cache)
 
 
+@pytest.mark.slow
 def test_a_model_cache_is_repaired_byte_for_byte(tmp_path, gpt2_dir, corpus):
     cfg = harvest_config(gpt2_dir, corpus, tmp_path / "c", sites="1.resid_mid,1.mlp_out", layers=None,
                          tokens=32 * 32, batch_size=6)
     _repaired_equals_original(str(harvest(cfg, progress=False)))
 
 
+@pytest.mark.slow
 def test_a_cache_on_object_storage_is_repaired_byte_for_byte(s3_bucket):
     cache = harvest(_synthetic(f"{s3_bucket}/c"), progress=False)
     _repaired_equals_original(cache)
