@@ -12,23 +12,22 @@ to the BatchTopK SAE's (the baseline, measured in the same run), and the seconds
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 from common import machine, print_table
 from matryoshka.config import load_pipeline
-from matryoshka.evaluate.run import evaluate
+from matryoshka.evaluate.stage import evaluate
 from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 
 
 def one_seed(config: Path, seed: int, root: Path) -> tuple[list[dict], dict[str, float]]:
     p = load_pipeline(config)
-    h = dataclasses.replace(p.harvest, seed=seed, cache=str(root / f"cache-{seed}"))
-    runs = [dataclasses.replace(r, seed=seed) for r in p.train.runs]
-    t = dataclasses.replace(p.train, seed=seed, runs=runs, runs_dir=str(root / "runs"))
+    h = p.harvest.model_copy(update={"seed": seed, "cache": str(root / f"cache-{seed}")})
+    runs = [r.model_copy(update={"seed": seed}) for r in p.train.runs]
+    t = p.train.model_copy(update={"seed": seed, "runs": runs, "runs_dir": str(root / "runs")})
     times = {}
     start = time.perf_counter()
     t.cache = str(harvest(h, progress=False))
@@ -37,8 +36,8 @@ def one_seed(config: Path, seed: int, root: Path) -> tuple[list[dict], dict[str,
     train(t, progress=False)
     times["train"] = time.perf_counter() - start
     start = time.perf_counter()
-    results = evaluate(dataclasses.replace(p.evaluate, cache=t.cache, runs_dir=t.runs_dir, run=None, report=False,
-                                           features=False, contexts=0))
+    results = evaluate(p.evaluate.model_copy(update=dict(cache=t.cache, runs_dir=t.runs_dir, run=None, report=False,
+                                                         features=False, contexts=0)))
     times["evaluate"] = time.perf_counter() - start
     return results, times
 

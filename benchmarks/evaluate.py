@@ -36,7 +36,6 @@ several), and the dense N x W float32 activation history it collects first.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -80,7 +79,7 @@ def lm_cache(work: Path, quick: bool) -> Path:
 
 
 def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
-    from matryoshka.evaluate.run import evaluate
+    from matryoshka.evaluate.stage import evaluate
     from matryoshka.train.trainer import train
 
     cache = lm_cache(work, quick)
@@ -88,7 +87,7 @@ def throughput(work: Path, quick: bool) -> tuple[list[list[str]], str]:
     train(TrainConfig(cache=str(cache), runs_dir=str(work / "runs"), batch_size=1024, buffer_tokens=8192,
                       runs=[{"name": "sae", "source": "8.resid_mid", "width": width, "group_sizes": groups, "k": 64,
                              "tokens": 4096 if quick else 8192, "warmup_steps": 1}]), progress=False)
-    has_lm = "lm" in {f.name for f in dataclasses.fields(EvaluateConfig)}
+    has_lm = "lm" in EvaluateConfig.model_fields
     off = {"lm": False} if has_lm else {}
     rows = [("reconstruction only (baseline)", dict(features=False, contexts=0, report=False, **off)),
             ("+ second pass with top contexts", dict(features=False, contexts=10, report=False, **off)),
@@ -203,7 +202,7 @@ def first_page(run: Path, start: int, width: int) -> str:
 
 # -- table 3 -----------------------------------------------------------------------------------------
 def lm_runs(work: Path, quick: bool, device: str = "cpu") -> tuple[list[list[str]], str]:
-    from matryoshka.evaluate.run import evaluate
+    from matryoshka.evaluate.stage import evaluate
     from matryoshka.train.trainer import train
 
     cache = lm_cache(work, quick)

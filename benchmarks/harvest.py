@@ -49,7 +49,7 @@ from matryoshka.config import HarvestConfig, parse_count
 from matryoshka.cpus import usable_cpus
 from matryoshka.fixtures import build_model, build_tokenizer, write_corpus
 from matryoshka.harvest import harvest
-from matryoshka.harvest.run import plan
+from matryoshka.harvest.plan import plan
 from matryoshka.harvest.tokens import contexts
 from matryoshka.models import Capture, load_model
 

@@ -1,7 +1,7 @@
 """Matryoshka SAE training-step throughput: ours (sparse decoder) against the plain dense computation.
 
 One step = forward, loss, backward, decoder projection, Adam step. Rows, per size, from one run:
-- ours: ``Dictionary`` + ``Objective`` ("default", and "reference") stepped exactly as ``Run.train_step``
+- ours: ``Dictionary`` + ``Objective`` ("default", and "reference") stepped exactly as ``TrainingRun.train_step``
   does (objective(x, x), zero_grad, backward, before_step, the default's grad-norm clip at 1.0, Adam,
   after_step; bf16 autocast on a GPU, float32 on the CPU);
 - baseline: the seed's dense math written out here, always float32: ``relu((x - b_dec) @ W_enc)``, one
@@ -68,12 +68,12 @@ def batch(d: int, b: int, device: str) -> torch.Tensor:
 
 
 def ours(size: str, kind: str, device: str, seed: int = 0) -> Step:
-    """One ``Run.train_step`` of a fresh Matryoshka SAE, without the metrics it returns."""
+    """One ``TrainingRun.train_step`` of a fresh Matryoshka SAE, without the metrics it returns."""
     d, width, groups, k = SIZES[size]
     torch.manual_seed(seed)
     dic = Dictionary(d, d, width, k, "matryoshka", groups).to(device)
     obj = Objective(dic, kind)
-    opt = torch.optim.Adam(dic.parameters(), lr=3e-4, betas=(0.9, 0.99), fused=True)  # as Run does
+    opt = torch.optim.Adam(dic.parameters(), lr=3e-4, betas=(0.9, 0.99), fused=True)  # as TrainingRun does
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
     def step(x: torch.Tensor) -> None:

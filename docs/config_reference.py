@@ -1,13 +1,12 @@
 """Write docs/configuration.md from the config classes, so the reference cannot drift from the code.
 
-Each key's meaning is its field's help text (``matryoshka/config.py``), its default the field's default,
+Each key's meaning is its field's description (``matryoshka/config.py``), its default the field's default,
 and its flag the one the `pipeline` command really declares (read from the typer app, not re-derived).
 ``python docs/config_reference.py`` rewrites the page; ``--check`` exits 1 when the page is stale
 (tests/test_readme.py runs the same comparison).
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,16 +51,11 @@ def _load(path: str) -> type:
 
 
 def fields(cls: type) -> Iterator[tuple[str, Any, str]]:
-    """(name, default, help) of every field, from a dataclass's field metadata or a pydantic model's
-    field descriptions; a default that is built per instance (a list) has none to show."""
-    if hasattr(cls, "model_fields"):  # pydantic v2
-        for name, f in cls.model_fields.items():
-            default = None if f.default_factory is not None or f.is_required() else f.default
-            yield name, default, f.description or ""
-        return
-    for f in dataclasses.fields(cls):
-        default = None if f.default is dataclasses.MISSING else f.default
-        yield f.name, default, f.metadata.get("help", "")
+    """(name, default, help) of every field of a config model, from its pydantic field descriptions; a
+    default that is built per instance (a list) has none to show."""
+    for name, f in cls.model_fields.items():
+        default = None if f.default_factory is not None or f.is_required() else f.default
+        yield name, default, f.description or ""
 
 
 def cli_flags(command: str) -> dict[str, str]:

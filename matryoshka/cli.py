@@ -1,14 +1,13 @@
 """The `pipeline` command: run (all stages), harvest, train, evaluate, browse, models, and cache
 ls|info|verify|repair|copy|rm.
 
-Each stage's flags are generated from its config dataclass (:class:`~matryoshka.config.HarvestConfig`,
+Each stage's flags are generated from its config model (:class:`~matryoshka.config.HarvestConfig`,
 :class:`~matryoshka.config.TrainConfig`), so every flag is a key of the stage's pipeline.yaml section
 and the two can never drift apart. A flag given on the
 command line overrides the same key from ``--config``.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import sys
 import typing
@@ -18,6 +17,8 @@ from typing import Any, Callable, Optional
 import typer
 
 from .config import ConfigError, EvaluateConfig, HarvestConfig, TrainConfig, check_path, from_dict, load_pipeline
+from .errors import MatryoshkaError
+from .settings import Keys
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
@@ -32,22 +33,12 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _run_guarded(fn: Callable[[], Any]) -> Any:
-    """One clear line and exit status 2 for bad input; tracebacks only for our own bugs."""
-    from .cache.lock import CacheLockedError
-    from .cache.store import CacheError
-    from .cache.writer import ActivationError
-    from .evaluate.errors import NonFiniteMetrics
-    from .train.stop import Interrupted
-
+    """One line and the error's exit status for every :class:`~matryoshka.errors.MatryoshkaError` (bad
+    input: 2) and for a store that keeps failing; tracebacks only for our own bugs."""
     try:
         return fn()
-    except (ConfigError, CacheError, CacheLockedError) as e:
-        raise _fail(str(e)) from None
-    except (ActivationError, NonFiniteMetrics) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-    except Interrupted as e:  # a signal stopped training after writing its checkpoint
-        typer.echo(str(e), err=True)
+    except MatryoshkaError as e:
+        typer.echo(f"{e.prefix}{e}", err=True)
         raise typer.Exit(e.exit_code) from None
     except Exception as e:
         from .cache.remote import is_store_error, store_error_line
@@ -58,10 +49,13 @@ def _run_guarded(fn: Callable[[], Any]) -> Any:
 
 
 def _option_type(tp: Any) -> type:
-    """The CLI type of a config field: ``int | None`` parses as int, any other union as text."""
+    """The CLI type of a config field: ``int | None`` parses as int, any other union as text (a count such
+    as ``200M``, a YAML mapping); the config model checks the value."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if len(args) == 1:
+    if typing.get_origin(tp) is not typing.Annotated and len(args) == 1:
         tp = args[0]
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
     if tp is bool:
         return bool
     if tp is int:
@@ -71,27 +65,27 @@ def _option_type(tp: Any) -> type:
     return str
 
 
-def _flags_from(cls: type, skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    hints = typing.get_type_hints(cls)
+def _flags_from(cls: type[Keys], skip: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One typer option per key of a config model (``context_size`` is ``--context-size``), its help the
+    field's description; every default is None, so that only the flags given override ``--config``."""
     params = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
+    for name, f in cls.model_fields.items():
+        if name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = _option_type(hints[f.name])
+        flag = "--" + name.replace("_", "-")
+        tp = _option_type(f.annotation)
         decls = [flag] if tp is not bool else [f"{flag}/--no-{flag[2:]}"]
         params.append(inspect.Parameter(
-            f.name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[tp],
-            default=typer.Option(None, *decls, help=f.metadata.get("help", ""), show_default=False)))
+            name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[tp],
+            default=typer.Option(None, *decls, help=f.description or "", show_default=False)))
     return params
 
 
-def _config_from(cls: type, section: str, config: Path | None, flags: dict[str, Any]) -> Any:
+def _config_from(cls: type[Keys], section: str, config: Path | None, flags: dict[str, Any]) -> Any:
     base: dict[str, Any] = {}
     if config is not None:
         given = getattr(load_pipeline(config), section)
-        base = dataclasses.asdict(given) if given is not None else {}
-        base = {k: v for k, v in base.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        base = given.model_dump() if given is not None else {}
     base.update({k: v for k, v in flags.items() if v is not None})
     return from_dict(cls, base, section)
 
@@ -135,7 +129,7 @@ def _train(config: Optional[Path] = None, quiet: bool = False, **flags: Any) -> 
         if not cfg.cache and config is not None:  # the cache the file's harvest writes, as `pipeline run` trains on
             from .pipeline import harvest_cache
 
-            cfg = dataclasses.replace(cfg, cache=harvest_cache(load_pipeline(config)))
+            cfg = cfg.model_copy(update={"cache": harvest_cache(load_pipeline(config))})
         for path in train(cfg, progress=not quiet):
             typer.echo(str(path))
 
@@ -148,12 +142,12 @@ app.command("train", help="Train every run listed in the config from one shuffle
 
 def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[str] = None,
               sae: Optional[list[str]] = None, **flags: Any) -> None:
-    from .evaluate.run import LEGEND, evaluate, table
+    from .evaluate.stage import LEGEND, evaluate, table
 
     def go() -> None:
         cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run, "sae": sae or None})
-        if config is not None and flags.get("runs_dir") is None and cfg.runs_dir == EvaluateConfig.runs_dir:
-            cfg = dataclasses.replace(cfg, runs_dir=load_pipeline(config).train.runs_dir)  # as `pipeline run` does
+        if config is not None and flags.get("runs_dir") is None and cfg.runs_dir == EvaluateConfig.default_of("runs_dir"):
+            cfg = cfg.model_copy(update={"runs_dir": load_pipeline(config).train.runs_dir})  # as `pipeline run` does
         results = evaluate(cfg, progress=not quiet)
         typer.echo(table(results))
         typer.echo(LEGEND)
@@ -168,7 +162,7 @@ app.command("evaluate", help="Metrics of trained runs on their cache's held-out 
         "run", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
         default=typer.Argument(None, help="A run folder; default: every run of --cache, or the most recent run.")),
         inspect.Parameter("sae", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[list[str]], default=typer.Option(
-            None, "--sae", help=next(f.metadata["help"] for f in dataclasses.fields(EvaluateConfig) if f.name == "sae")))]
+            None, "--sae", help=EvaluateConfig.model_fields["sae"].description))]
         + _flags_from(EvaluateConfig, skip=("run", "sae"))))
 
 
@@ -181,7 +175,7 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
     def go() -> None:
         out = run_pipeline(load_pipeline(config), progress=not quiet, echo=typer.echo)
         if out.table:
-            from .evaluate.run import LEGEND
+            from .evaluate.stage import LEGEND
 
             typer.echo(out.table)
             typer.echo(LEGEND)
@@ -368,7 +362,12 @@ def main() -> int:
     except typer.Abort:
         typer.echo("Aborted!", err=True)
         return 1
-    return code if isinstance(code, int) else 0
+    code = code if isinstance(code, int) else 0
+    if code:  # the command said why in one line: nothing after it (see quiet_exit)
+        from .quiet_exit import quiet_abandoned_coroutines
+
+        quiet_abandoned_coroutines()
+    return code
 
 
 if __name__ == "__main__":

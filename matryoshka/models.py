@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import SITES, ConfigError, looks_like_path
+from .errors import ConfigError
 from .hub import offline_hint, offline_reason
+from .names import SITES, looks_like_path
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -195,6 +196,20 @@ def check_weights(path: Path) -> None:
         if size < end:
             raise ConfigError(f"model: {str(f)!r} is truncated ({size:,} of the {end:,} bytes its header lists); "
                               "download or save the model again")
+
+
+def hub_id(local_dir: str | Path) -> str | None:
+    """The Hub id a local model directory came from, as its config.json says (``_name_or_path``, written by
+    ``save_pretrained``), or None when that is a local path (or missing, or ``local_dir`` is a Hub name): a
+    path says nothing to a teammate on another machine. Harvest records it (evaluate/cache_model.py)."""
+    try:
+        name = json.loads((Path(local_dir) / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name or name.startswith((".", "/", "~")) or Path(name).exists() \
+            or name.count("/") > 1 or "\\" in name:
+        return None
+    return name
 
 
 def _hash_dir(path: Path) -> str:

@@ -16,7 +16,6 @@ So a second ``pipeline run`` of the same config writes nothing. The cache path i
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -47,15 +46,15 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, echo: Callable[[str
     check_pipeline(cfg)
     _check_sections(cfg)
     cache = Cache(_harvest(cfg, progress, echo))
-    train_cfg = dataclasses.replace(cfg.train, cache=cache.path)
+    train_cfg = cfg.train.model_copy(update={"cache": cache.path})
     run_dirs = [Path(train_cfg.runs_dir) / cache.fingerprint / r.name for r in train_cfg.runs]
     trained = _train(train_cfg, cache, progress, echo)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone evaluates and writes the report
         return Outcome(cache=cache.path, trained=trained, evaluated=[], results=[], table="", report=None)
-    evaluate_cfg = dataclasses.replace(cfg.evaluate, runs_dir=train_cfg.runs_dir)
+    evaluate_cfg = cfg.evaluate.model_copy(update={"runs_dir": train_cfg.runs_dir})
     evaluated = _evaluate(evaluate_cfg, run_dirs, cache, progress, echo)
     results = [json.loads((d / "eval.json").read_text()) for d in run_dirs]
-    from .evaluate.run import table
+    from .evaluate.stage import table
 
     return Outcome(cache=cache.path, trained=trained, evaluated=evaluated, results=results,
                    table=table(results), report=_report(evaluate_cfg, cache, bool(evaluated)))
@@ -79,7 +78,7 @@ def _check_sections(cfg: PipelineConfig) -> None:
         if getattr(e, key) is not None:
             raise ConfigError(f"evaluate.{key}: pipeline run evaluates the runs of train.runs on its own cache; "
                               f"remove this key (it is for `pipeline evaluate`)")
-    if e.runs_dir not in (t.runs_dir, EvaluateConfig.runs_dir):  # left at its default, it follows train's
+    if e.runs_dir not in (t.runs_dir, EvaluateConfig.default_of("runs_dir")):  # left at its default, it follows train's
         raise ConfigError(f"evaluate.runs_dir: {e.runs_dir!r} differs from train.runs_dir {t.runs_dir!r}; "
                           "pipeline run evaluates the runs it trains, so give one value")
 
@@ -91,7 +90,7 @@ def _harvest(cfg: PipelineConfig, progress: bool, echo: Callable[[str], None]) -
         Cache(cfg.train.cache).require_complete()
         echo(f"harvest: none asked; training from {cfg.train.cache}")
         return cfg.train.cache
-    h = dataclasses.replace(cfg.harvest, resume=True, cache=_given_cache(cfg))
+    h = cfg.harvest.model_copy(update={"resume": True, "cache": _given_cache(cfg)})
     path = harvest(h, progress=progress)
     echo(f"harvest: {path} is complete")
     return path
@@ -111,7 +110,7 @@ def harvest_cache(cfg: PipelineConfig) -> str | None:
     if given or cfg.harvest is None:
         return given
     from .cache.store import cache_location
-    from .harvest.run import plan
+    from .harvest.stage import plan
 
     return str(cache_location(cfg.harvest.cache_root, plan(cfg.harvest).manifest))
 
@@ -144,7 +143,7 @@ def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str],
         return []
     for step, runs in sorted(groups.items()):
         echo(f"train: {', '.join(r.name for r in runs)}" + (f" (resuming at step {step})" if step else ""))
-        train(dataclasses.replace(cfg, runs=runs), progress=progress)
+        train(cfg.model_copy(update={"runs": runs}), progress=progress)
     return [r.name for step in sorted(groups) for r in groups[step]]
 
 
@@ -166,14 +165,14 @@ def _current(run_dir: Path, fingerprint: str) -> bool:
 
 def _evaluate(cfg: EvaluateConfig, run_dirs: list[Path], cache: Cache, progress: bool,
               echo: Callable[[str], None]) -> list[str]:
-    from .evaluate.run import evaluate
+    from .evaluate.stage import evaluate
 
     stale = [d for d in run_dirs if not _current(d, cache.fingerprint)]
     if not stale:
         echo(f"evaluate: all {len(run_dirs)} runs are evaluated")
         return []
     echo(f"evaluate: {', '.join(d.name for d in stale)}")
-    evaluate(dataclasses.replace(cfg, cache=cache.path, report=False), progress=progress, runs=stale)
+    evaluate(cfg.model_copy(update={"cache": cache.path, "report": False}), progress=progress, runs=stale)
     return [d.name for d in stale]
 
 

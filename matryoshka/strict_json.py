@@ -3,7 +3,7 @@
 Python's ``json.dumps`` writes ``NaN`` and ``Infinity`` bare, which is not JSON: ``jq``, JavaScript and
 strict parsers reject the whole file. Every JSON file the pipeline writes (eval.json, metrics.jsonl)
 goes through :func:`dumps`, so a diverged metric costs one value, never the file. Whoever computes such
-a metric says so separately (see ``evaluate/run.py``): ``null`` alone would be a silent fallback.
+a metric says so separately (see ``evaluate/stage.py``): ``null`` alone would be a silent fallback.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from matryoshka.cache.format import bos_rows
 from matryoshka.cli import app
 from matryoshka.config import EvaluateConfig, HarvestConfig, TrainConfig
 from matryoshka.evaluate.features import Codes
-from matryoshka.evaluate.run import evaluate
+from matryoshka.evaluate.stage import evaluate
 from matryoshka.harvest import harvest
 from matryoshka.train.dictionary import Dictionary
 from matryoshka.train.load import load

@@ -1,7 +1,6 @@
 """Config parsing: counts, sites, held-out split, pipeline.yaml and the CLI flags that mirror it."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -82,9 +81,9 @@ def test_yaml_round_trip_and_key_paths(tmp_path: Path):
 
 def test_every_config_key_is_a_flag_and_flags_override_yaml(tmp_path: Path):
     flags = {p.name for p in _flags_from(HarvestConfig)}
-    assert flags == {f.name for f in dataclasses.fields(HarvestConfig)}
+    assert flags == set(HarvestConfig.model_fields)
     train_flags = {p.name for p in _flags_from(TrainConfig, skip=("runs",))}
-    assert train_flags == {f.name for f in dataclasses.fields(TrainConfig)} - {"runs"}
+    assert train_flags == set(TrainConfig.model_fields) - {"runs"}
     p = tmp_path / "pipeline.yaml"
     p.write_text(yaml.safe_dump({"harvest": {"layers": 8, "tokens": "1M", "dtype": "float16"}}))
     cfg = _config_from(HarvestConfig, "harvest", p, {"tokens": "2M", "dtype": None})
@@ -131,3 +130,65 @@ def test_a_key_given_twice_is_an_error(tmp_path: Path):
     (tmp_path / "p.yaml").write_text("harvest:\n  layers: 8\n  tokens: 1M\n  tokens: 2M\n")
     with pytest.raises(ConfigError, match=r"config: 'tokens' is given twice in one mapping \(line 4\)"):
         load_pipeline(tmp_path / "p.yaml")
+
+
+def test_every_user_facing_error_is_one_base_class_with_its_exit_status():
+    """The CLI catches MatryoshkaError alone; each error keeps the built-in base it had (callers catch those)."""
+    from matryoshka.cache.lock import CacheLockedError
+    from matryoshka.cache.store import CacheDamagedError, CacheError
+    from matryoshka.cache.writer import ActivationError
+    from matryoshka.errors import MatryoshkaError
+    from matryoshka.evaluate.errors import NonFiniteMetrics
+    from matryoshka.train.stop import Interrupted
+
+    for cls, base, status in ((ConfigError, ValueError, 2), (CacheError, ValueError, 2),
+                              (CacheLockedError, RuntimeError, 2), (ActivationError, RuntimeError, 1),
+                              (NonFiniteMetrics, RuntimeError, 1)):
+        assert issubclass(cls, MatryoshkaError) and issubclass(cls, base) and cls.exit_code == status, cls
+    assert CacheDamagedError("c", "gone").exit_code == 2
+    stopped = Interrupted(15, "stopped")
+    assert isinstance(stopped, MatryoshkaError) and stopped.exit_code == 143 and stopped.prefix == ""
+
+
+def test_an_integer_given_for_a_number_stays_an_integer():
+    """``noise: 0`` goes into a synthetic cache's identity and ``lr: 1`` into a run's config.json as given:
+    turned into 0.0 and 1.0 they would change the fingerprint of a cache harvested before."""
+    from matryoshka.config import SyntheticConfig
+
+    assert repr(SyntheticConfig(noise=0, parent_rate=1).model_dump()["noise"]) == "0"
+    dumped = RunConfig(name="r", source="8.resid_mid", lr=1, grad_clip=0.5).model_dump()
+    assert (repr(dumped["lr"]), repr(dumped["grad_clip"])) == ("1", "0.5")
+    with pytest.raises(ConfigError, match=r"^lr: True is a bool; expected a number$"):
+        RunConfig(name="r", source="8.resid_mid", lr=True)
+
+
+def test_a_union_names_every_type_it_accepts_and_list_items_their_index(tmp_path: Path):
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(yaml.safe_dump({"harvest": {"layers": 1.5}}))
+    with pytest.raises(ConfigError, match=r"^harvest\.layers: 1\.5 is a float; expected a string or a list or an "
+                                          r"integer or null$"):
+        load_pipeline(p)
+    p.write_text(yaml.safe_dump({"train": {"runs": [{"name": "a", "source": "s", "group_sizes": [1, "x"]}]}}))
+    with pytest.raises(ConfigError, match=r"^train\.runs\[0\]\.group_sizes\[1\]: 'x' is a str; expected an integer$"):
+        load_pipeline(p)
+
+
+def test_the_language_model_code_does_not_import_the_config():
+    """config reads a model's width through models; models imports only the names both share (no cycle)."""
+    import subprocess
+    import sys
+
+    code = "import sys, matryoshka.models; print('matryoshka.config' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_a_runs_folder_given_as_a_url_is_refused_not_made_a_local_folder(tmp_path: Path):
+    """`--runs-dir s3://team/runs` once wrote a local folder named 's3:'; run folders are local, file:// included."""
+    from matryoshka.config import EvaluateConfig
+
+    for cls in (TrainConfig, EvaluateConfig):
+        with pytest.raises(ConfigError, match=r"runs_dir: 's3://team/runs' is a URL; run folders are local paths"):
+            cls(runs_dir="s3://team/runs")
+    assert TrainConfig(runs_dir=f"file://{tmp_path}").runs_dir == str(tmp_path)
+    assert not (tmp_path / "s3:").exists()

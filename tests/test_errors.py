@@ -226,9 +226,14 @@ def test_usage_errors_are_one_line_too():
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and fragment in r.stderr, r.stderr
 
 
-def test_train_without_a_cache_says_so():
-    run_bad(["train", "--config", str(Path(__file__).parent.parent / "pipeline.yaml")],
-            "cache: none given; pass --cache CACHE")
+def test_train_without_a_cache_says_so(tmp_path):
+    """A config with no harvest section and no train.cache names no cache (one with a harvest section trains
+    on the cache that harvest writes, tests/test_run_writer.py)."""
+    config = tmp_path / "train-only.yaml"
+    config.write_text("train:\n  runs:\n    - {name: sae, source: 0.resid_mid, width: 64, k: 4}\n")
+    run_bad(["train", "--config", str(config)], "cache: none given; pass --cache CACHE")
+    train = run_bad(["train", "--config", str(Path(__file__).parent.parent / "pipeline.yaml")], "is not a cache")
+    assert "cache/synthetic/" in train  # the harvest section's default path, not harvested yet
 
 
 # --- issue 17: tracebacks where one line is promised, offline names, fingerprint differences -------------------

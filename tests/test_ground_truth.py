@@ -99,7 +99,7 @@ def test_no_ground_truth_no_scores(tmp_path):
 
 def test_evaluate_adds_scores_and_table_columns(cache, tmp_path):
     from matryoshka.config import EvaluateConfig
-    from matryoshka.evaluate.run import evaluate, table
+    from matryoshka.evaluate.stage import evaluate, table
     from matryoshka.train.trainer import train
 
     runs = [RunConfig(name="m", source="0.resid_mid", width=F, group_sizes=[P, F - P], k=2, tokens=2048),

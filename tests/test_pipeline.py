@@ -254,8 +254,6 @@ def test_a_finished_run_whose_config_changed_is_refused(whole, tmp_path):
 
 
 def test_every_flag_of_harvest_train_and_evaluate_is_a_key_of_its_section():
-    import dataclasses
-
     import typer
 
     from matryoshka.config import EvaluateConfig, HarvestConfig, TrainConfig
@@ -265,7 +263,7 @@ def test_every_flag_of_harvest_train_and_evaluate_is_a_key_of_its_section():
     for name, cls, not_flags in (("harvest", HarvestConfig, set()), ("train", TrainConfig, {"runs"}),
                                  ("evaluate", EvaluateConfig, set())):
         params = {p.name for p in command.commands[name].params} - common
-        keys = {f.name for f in dataclasses.fields(cls)}
+        keys = set(cls.model_fields)
         assert params == keys - not_flags, name
         for p in command.commands[name].params:
             if p.name in keys and p.param_type_name == "option":

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from matryoshka.cache import CacheError
+from matryoshka.cache import Cache, CacheError
+from matryoshka.cache.plan import ReadPlan, block_bounds, bos_to_exclude
 from matryoshka.cache.reader import ReaderConfig, RecycledArrays, ShuffledReader, default_threads
 from matryoshka.fixtures import write_cache
 
@@ -180,7 +181,7 @@ def test_training_streams_split_the_default_among_them(cache, monkeypatch):
     """The trainer's streams share the host: on 16 cores one stream decodes on 12 threads, two streams in
     one process on 6 each (8 cores each, less a quarter)."""
     from matryoshka.cache.store import Cache
-    from matryoshka.distributed import RankStreams, Team
+    from matryoshka.train.distributed import RankStreams, Team
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     for data_ranks, want in ((1, [12]), (2, [6, 6])):
@@ -205,8 +206,8 @@ def test_batches_mix_many_sequences_and_positions(cache):
 def test_an_epochs_blocks_are_even_so_its_last_rows_still_mix_chunks(cache):
     """22 train chunks in blocks of at most 3: 8 blocks of 2 or 3 chunks, not 7 of 3 and a last one of 1
     whose rows, the epoch's last, would all come from one chunk. A cursor from before is refused."""
-    assert ShuffledReader._block_bounds(22, 3).tolist() == [0, 2, 5, 8, 11, 13, 16, 19, 22]
-    assert ShuffledReader._block_bounds(6, 3).tolist() == [0, 3, 6]
+    assert block_bounds(22, 3).tolist() == [0, 2, 5, 8, 11, 13, 16, 19, 22]
+    assert block_bounds(6, 3).tolist() == [0, 3, 6]
     with _reader(cache, buffer_tokens=6 * SPC * CTX) as r:
         last = np.concatenate(_epoch(r))[-SPC * (CTX - 1):]  # as many rows as one chunk serves
         assert len(set(last // (SPC * CTX))) >= 2
@@ -338,6 +339,28 @@ def test_memory_stays_bounded_on_a_cache_much_larger_than_the_buffer(tmp_path):
                                  f"(budget {budget / 2**20:.0f})")
     with ShuffledReader(["x"], str(path), cfg, mirror=True) as mirrored:  # a mirror on the CPU: the buffer twice
         assert mirrored.host_bytes == 2 * cfg.buffer_tokens * width * 4
+
+
+def test_the_plan_checks_the_team_and_lays_out_each_ranks_epochs(cache):
+    """A rank outside the team, or more ranks than chunks, is one line. For 3 ranks the plan gives the 22
+    train chunks (60 rows each without BOS) out as 8, 7 and 7, disjoint and together the split, in blocks
+    of at most 2 chunks (a 256-row buffer: two halves of two 64-row chunks) that alternate halves."""
+    with pytest.raises(CacheError, match=r"rank: 3 is not in 0\.\.2"):
+        _reader(cache, rank=3, world_size=3)
+    with pytest.raises(CacheError, match="world_size: 23 ranks but the train split has only 22 chunks"):
+        _reader(cache, world_size=23)
+    c = Cache(str(cache))
+    plans = [ReadPlan.make(c, ReaderConfig(batch_size=32, buffer_tokens=256), r, 3, bos_to_exclude(c.manifest, True))
+             for r in range(3)]
+    orders = [p.chunk_order(5) for p in plans]
+    assert [len(o) for o in orders] == [8, 7, 7] and sorted(c for o in orders for c in o) == plans[0].chunks
+    assert plans[0].chunk_order(5, every_rank=True)[1::3] == orders[1]
+    assert [p.split_tokens for p in plans] == [22 * 60] * 3 and plans[0].half == 128
+    assert [p.bounds.tolist() for p in plans] == [[0, 2, 4, 6, 8], [0, 1, 3, 5, 7], [0, 1, 3, 5, 7]]
+    assert [p.batches_in_epoch(5) for p in plans] == [15, 14, 14]  # 480 and 420 rows in batches of 32
+    assert [plans[0].half_of(e, b) for e in (0, 1) for b in range(4)] == [0, 1, 0, 1] * 2
+    assert plans[1].block_chunks(orders[1], 1) == orders[1][1:3]
+    assert plans[1].places(orders[1])[orders[1][2]] == (1, 1)
 
 
 def test_bad_input(cache, tmp_path):

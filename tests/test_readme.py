@@ -6,13 +6,13 @@ Files are found from this file's path, so the tests pass from any working direct
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from matryoshka.config import EvaluateConfig, HarvestConfig, SyntheticConfig, TrainConfig, opt
 
@@ -37,14 +37,14 @@ def test_readme_is_short():
 def test_every_key_and_flag_is_documented():
     """Each section's key with its flag (``--context-size`` for ``context_size``), in the reference."""
     for cls, yaml_only in ((HarvestConfig, ()), (TrainConfig, ("runs",)), (EvaluateConfig, ("run",))):
-        for f in dataclasses.fields(cls):
-            row = f"| `{f.name}` | " + ("" if f.name in yaml_only else f"`--{f.name.replace('_', '-')}")
-            assert row in REFERENCE, (cls.__name__, f.name)
+        for name in cls.model_fields:
+            row = f"| `{name}` | " + ("" if name in yaml_only else f"`--{name.replace('_', '-')}")
+            assert row in REFERENCE, (cls.__name__, name)
 
 
 def test_every_synthetic_setting_is_documented_with_its_default():
-    for f in dataclasses.fields(SyntheticConfig):
-        assert f"| `{f.name}` | `{f.default}` |" in REFERENCE, f.name
+    for name, f in SyntheticConfig.model_fields.items():
+        assert f"| `{name}` | `{f.default}` |" in REFERENCE, name
 
 
 def test_configuration_reference_is_generated_from_the_current_configs():
@@ -54,8 +54,7 @@ def test_configuration_reference_is_generated_from_the_current_configs():
 def test_reference_rows_come_from_help_texts_defaults_and_the_real_flags():
     """A known answer for the generator: a field's help text (RST code marks turned into Markdown's, ``<``
     escaped outside code), its default as YAML writes it, and the flags typer really declares."""
-    @dataclasses.dataclass
-    class Toy:
+    class Toy(BaseModel):
         alpha_beta: int = opt(3, "An ``alpha`` for runs/<name>/, not `<this>`.")
         switch: bool = opt(False, "A | switch.")
 

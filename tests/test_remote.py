@@ -22,7 +22,7 @@ from matryoshka.cache import Cache, CacheError
 from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ObjectLock
 from matryoshka.cli import app
 from matryoshka.config import EvaluateConfig, TrainConfig
-from matryoshka.evaluate.run import evaluate
+from matryoshka.evaluate.stage import evaluate
 from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 from test_errors import harvest_args, run_bad
@@ -202,26 +202,26 @@ def test_cache_rm_on_a_bucket(caches, bucket, gpt2_dir):
 @pytest.mark.slow
 def test_a_killed_copy_is_no_cache_and_resumes_and_a_damaged_source_is_refused(caches, tmp_path, monkeypatch):
     from matryoshka.cache import copy as copy_module
-    from matryoshka.cache import remote
+    from matryoshka.cache.location import Folder
 
     local, _ = caches
     fp = Cache(local).fingerprint
-    write, written = remote.write_object, []
+    write, written = Folder.write, []
 
-    def dies_after_five(path, key, data):
+    def dies_after_five(where, key, data):
         if len(written) == 5:
             raise OSError("killed")
         written.append(key)
-        write(path, key, data)
+        write(where, key, data)
 
-    monkeypatch.setattr(remote, "write_object", dies_after_five)
+    monkeypatch.setattr(Folder, "write", dies_after_five)
     with pytest.raises(OSError, match="killed"):
         copy_module.copy_cache(local, tmp_path / "dest", workers=1, progress=False)
     dest = tmp_path / "dest" / "tiny-gpt2" / fp
     with pytest.raises(CacheError, match="is not a cache"):  # the root zarr.json goes last
         Cache(dest)
     first = list(written)
-    monkeypatch.setattr(remote, "write_object", lambda path, key, data: (written.append(key), write(path, key, data)))
+    monkeypatch.setattr(Folder, "write", lambda where, key, data: (written.append(key), write(where, key, data)))
     assert copy_module.copy_cache(local, tmp_path / "dest", workers=1, progress=False) == dest
     _same_cache(local, dest)
     again = written[len(first):]
@@ -279,8 +279,8 @@ def test_cache_copy_resume_replaces_another_harvests_objects_of_one_size(kind, t
     """A destination left by a killed copy of another harvest with this fingerprint (40 tokens, not 48;
     other rows; same chunk sizes and a same-size array zarr.json) is overwritten, not kept by size; an
     interrupted copy of this very cache resumes reading only each kept chunk's last 4 bytes."""
-    from matryoshka.cache import remote
     from matryoshka.cache.copy import copy_cache
+    from matryoshka.cache.location import Folder, Location
 
     if kind != "local":
         request.getfixturevalue(f"{kind}_server")
@@ -288,18 +288,18 @@ def test_cache_copy_resume_replaces_another_harvests_objects_of_one_size(kind, t
     old, new = _synthetic(tmp_path / "old", 40, 1), _synthetic(tmp_path / "new", 48, 2)
     dest = copy_cache(old, root, workers=2, progress=False)
     assert str(dest) == f"{root}/synthetic/{FP}"
-    remote.remove_object(dest, "zarr.json")  # killed before its root went: not a cache
-    assert remote.listing(dest)["acts/x/zarr.json"] == remote.listing(new)["acts/x/zarr.json"]
-    assert remote.listing(dest)["acts/x/c/0/0"] == remote.listing(new)["acts/x/c/0/0"]
+    Location.of(dest).remove_object("zarr.json")  # killed before its root went: not a cache
+    there, source = Location.of(dest).listing(), Location.of(new).listing()
+    assert there["acts/x/zarr.json"] == source["acts/x/zarr.json"] and there["acts/x/c/0/0"] == source["acts/x/c/0/0"]
     assert copy_cache(new, root, workers=2, progress=False) == dest
     _same_cache(new, dest)
     got = Cache(dest)
     assert got.complete and got.tokens_committed == 48
     np.testing.assert_array_equal(got.read("x", 0, 48), Cache(new).read("x", 0, 48))
 
-    remote.remove_object(dest, "zarr.json")  # the same cache again: its chunks are kept, compared by their tails
-    read, reads = remote.read_object, []
-    monkeypatch.setattr(remote, "read_object", lambda path, key: (reads.append(key), read(path, key))[1])
+    Location.of(dest).remove_object("zarr.json")  # the same cache again: its chunks are kept, compared by their tails
+    read, reads = Folder.read, []  # (the source is a local folder)
+    monkeypatch.setattr(Folder, "read", lambda where, key: (reads.append(key), read(where, key))[1])
     assert copy_cache(new, root, workers=2, progress=False) == dest
     assert sorted(reads) == sorted(k for k in _objects(new) if k.endswith("zarr.json"))  # no chunk read whole
     _same_cache(new, dest)
@@ -423,8 +423,8 @@ def _committed(url: str) -> int:
 
 @pytest.mark.slow
 def test_killed_remote_harvest_needs_break_lock_then_resumes_identical(s3_bucket, gpt2_dir, corpus, tmp_path):
-    """A real SIGKILL: its lock stays (fresh, then stale); --break-lock --resume finishes the cache to the
-    same bytes as an uninterrupted local harvest."""
+    """A real SIGKILL: its lock stays (stale at once: its pid is gone from this host; aged too); --break-lock
+    --resume finishes the cache to the same bytes as an uninterrupted local harvest."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     whole, url = tmp_path / "whole", f"{s3_bucket}/killed"
     small = ("--tokens", str(32 * 144))  # 36 chunks, commits every 3 (batches of 6 sequences, chunks of 4)
@@ -436,7 +436,8 @@ def test_killed_remote_harvest_needs_break_lock_then_resumes_identical(s3_bucket
     rows = partial.tokens_committed
     np.testing.assert_array_equal(partial.read("1.mlp_out", 0, rows), Cache(whole).read("1.mlp_out", 0, rows))
 
-    run_bad(args(url, "--resume"), f"being written by pid {pid} ", "last heartbeat")
+    # its pid is gone from this host: stale at once (issue 20), not "wait for it to finish" for 60 s
+    run_bad(args(url, "--resume"), f"stale writer lock of pid {pid} ", "no longer runs on this host", "--break-lock")
     _age_lock(url, 600)
     run_bad(args(url, "--resume"), f"stale writer lock of pid {pid} ", "--break-lock")
     assert Cache(url).chunks_committed == partial.chunks_committed  # refused writers change nothing
@@ -492,8 +493,8 @@ def test_cache_rm_of_a_cache_at_a_bucket_root_leaves_the_bucket_and_what_else_is
 def test_damaged_metadata_on_a_bucket_is_listed_and_one_line(s3_bucket, tmp_path):
     """A truncated root zarr.json, or none over a cache's arrays, on object storage: `cache ls` lists the cache
     as damaged instead of leaving it out, and opening it is one line naming what is wrong."""
-    from matryoshka.cache import remote
     from matryoshka.cache.copy import copy_cache
+    from matryoshka.cache.location import Location
 
     dest = str(copy_cache(_synthetic(tmp_path / "src", 48, 0), f"{s3_bucket}/team", workers=2, progress=False))
     fs, root = _fs(dest), dest.split("://", 1)[1]
@@ -502,7 +503,7 @@ def test_damaged_metadata_on_a_bucket_is_listed_and_one_line(s3_bucket, tmp_path
     run_bad(["cache", "info", dest], f"cache: '{dest}' is damaged: its zarr.json is unreadable (JSONDecodeError")
     ls = runner.invoke(app, ["cache", "ls", s3_bucket])
     assert ls.exit_code == 0 and dest in ls.output and "DAMAGED (its zarr.json is unreadable" in ls.output, ls.output
-    remote.remove_object(dest, "zarr.json")
+    Location.of(dest).remove_object("zarr.json")
     run_bad(["cache", "verify", dest, "-q"], f"cache: '{dest}' is damaged: its root zarr.json is missing")
     ls = runner.invoke(app, ["cache", "ls", s3_bucket])
     assert ls.exit_code == 0 and dest in ls.output and "DAMAGED (its root zarr.json is missing" in ls.output, ls.output

@@ -16,7 +16,7 @@ from matryoshka.cli import app
 from matryoshka.config import ConfigError, EvaluateConfig, TrainConfig
 from matryoshka.evaluate.contexts import TopContexts, cache_tokenizer, context_text
 from matryoshka.evaluate.report import training_curves
-from matryoshka.evaluate.run import evaluate
+from matryoshka.evaluate.stage import evaluate
 from matryoshka.fixtures import write_cache
 from matryoshka.harvest import harvest
 from matryoshka.train.sparse import Code

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -146,7 +145,7 @@ def test_sigint_and_sigterm_checkpoint_and_the_resume_is_bit_identical(cache_roo
     cfg = load_pipeline(config)
     whole_dir = tmp_path / "whole"
     cache = str(Path(cfg.harvest.cache_root) / "synthetic" / run_dir.parent.name)
-    (whole,) = train(dataclasses.replace(cfg.train, cache=cache, runs_dir=str(whole_dir)), progress=False)
+    (whole,) = train(cfg.train.model_copy(update={"cache": cache, "runs_dir": str(whole_dir)}), progress=False)
 
     first = _interrupt(config, run_dir, signal.SIGINT, after=3)
     assert 3 <= first < 47

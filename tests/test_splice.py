@@ -329,7 +329,7 @@ def test_evaluate_adds_the_downstream_metrics_of_every_run(trained):
 def test_evaluating_the_runs_of_a_cache_together_equals_each_alone(trained, tmp_path):
     """`evaluate --cache` runs one LM pass for both runs; `evaluate RUN` one pass each: same eval.json numbers."""
     from matryoshka.config import EvaluateConfig
-    from matryoshka.evaluate.run import evaluate
+    from matryoshka.evaluate.stage import evaluate
 
     cache, runs = trained
     kw = dict(runs_dir=str(runs), features=False, contexts=0, report=False, lm_tokens=96, lm_batch_size=2,

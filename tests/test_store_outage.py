@@ -177,6 +177,45 @@ def test_a_missing_chunk_fails_at_once(s3_bucket, caplog):
     assert time.monotonic() - t0 < 10 and "retrying" not in caplog.text
 
 
+def test_retries_back_off_within_their_budget_and_warn_once_across_threads(monkeypatch, caplog):
+    """Four threads meet the same outage (every attempt refused). Each tries at 0, 0.5 and 1.5 s and then
+    gives up, since its next wait (2 s) would pass the 2.5 s budget, in one line; the four log one warning
+    between them."""
+    import re
+
+    from matryoshka.cache import retry
+
+    monkeypatch.setattr(retry, "_last_warning", [-retry.WARN_EVERY_S])
+    monkeypatch.setenv("MATRYOSHKA_STORE_RETRY_S", "2.5")
+    caplog.set_level(logging.WARNING, logger="matryoshka.cache")
+    attempts: dict[int, list[float]] = {i: [] for i in range(4)}
+    errors: list[str] = []
+
+    def refused(i: int) -> None:
+        attempts[i].append(time.monotonic())
+        raise ConnectionRefusedError("refused")
+
+    def read(i: int) -> None:
+        try:
+            retry.retrying(lambda: refused(i), f"reading chunk {i}")
+        except StoreUnavailable as e:
+            errors.append(str(e))
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for times in attempts.values():
+        gaps = np.diff(times)
+        assert len(times) == 3 and 0.5 <= gaps[0] < 1.0 and 1.0 <= gaps[1] < 1.5, times
+    want = (r"reading chunk \d: the store kept failing for \d s \(ConnectionRefusedError: "
+            r"refused\); .* \(MATRYOSHKA_STORE_RETRY_S sets how long to retry\)")
+    assert len(errors) == 4 and all(re.fullmatch(want, e) for e in errors), errors
+    assert caplog.text.count("retrying in") == 1
+    assert re.search(r"reading chunk \d failed \(ConnectionRefusedError: refused\); "
+                     r"retrying in 0.5 s \(0 of 2 s spent\)", caplog.text)
+
+
 def test_which_errors_are_transient(monkeypatch):
     from botocore.exceptions import EndpointConnectionError, NoCredentialsError
 

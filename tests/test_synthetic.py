@@ -1,8 +1,6 @@
 """The synthetic source: its statistics match its parameters, and it is an ordinary cache with a ground truth."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
@@ -20,7 +18,7 @@ SETTINGS = SyntheticConfig(d_model=24, n_parents=6, children=3, parent_rate=0.2,
 
 
 def _config(tmp_path, **overrides) -> HarvestConfig:
-    kw = dict(source="synthetic", synthetic=dataclasses.asdict(SETTINGS), layers=0, sites="resid_mid,mlp_out",
+    kw = dict(source="synthetic", synthetic=SETTINGS.model_dump(), layers=0, sites="resid_mid,mlp_out",
               tokens=48 * 32, context_size=32, batch_size=4, dtype="float32", chunk_mb=8 * 32 * 24 * 4 / 2**20,
               holdout=8 * 32, cache=str(tmp_path / "c"), writer_threads=2, seed=3)
     kw.update(overrides)
@@ -62,7 +60,7 @@ def test_rows_do_not_depend_on_batching():
 def test_harvest_writes_a_verified_cache_with_its_ground_truth(tmp_path):
     cfg = _config(tmp_path)
     result = CliRunner().invoke(app, ["harvest", "--source", "synthetic",
-                                      "--synthetic", str(dataclasses.asdict(SETTINGS)),
+                                      "--synthetic", str(SETTINGS.model_dump()),
                                       "--layers", "0", "--tokens", str(48 * 32), "--context-size", "32",
                                       "--batch-size", "4", "--dtype", "float32", "--chunk-mb", str(cfg.chunk_mb),
                                       "--holdout", "256", "--cache", cfg.cache, "--seed", "3", "-q"])
@@ -94,10 +92,10 @@ def test_fingerprint_covers_every_parameter_and_the_seed(tmp_path):
     base = manifest(_config(tmp_path))["fingerprint"]
     assert manifest(_config(tmp_path))["fingerprint"] == base
     assert manifest(_config(tmp_path, seed=4))["fingerprint"] != base
-    for f in dataclasses.fields(SyntheticConfig):
-        v = getattr(SETTINGS, f.name)
-        changed = dataclasses.asdict(SETTINGS) | {f.name: v + 1 if isinstance(v, int) else v / 2}
-        assert manifest(_config(tmp_path, synthetic=changed))["fingerprint"] != base, f.name
+    for name in SyntheticConfig.model_fields:
+        v = getattr(SETTINGS, name)
+        changed = SETTINGS.model_dump() | {name: v + 1 if isinstance(v, int) else v / 2}
+        assert manifest(_config(tmp_path, synthetic=changed))["fingerprint"] != base, name
 
 
 def test_reader_streams_aligned_rows(tmp_path):

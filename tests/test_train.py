@@ -70,7 +70,7 @@ def test_training_lowers_fvu_for_sae_and_transcoder(cache, tmp_path):
 def test_metrics_report_the_share_of_time_spent_waiting_on_the_reader(cache, tmp_path, monkeypatch):
     """A reader slowed by a known sleep: each metrics line's share times its interval (from the lines'
     wall-clock times) accounts for every sleep of that interval, whatever the machine's load."""
-    from matryoshka import distributed
+    from matryoshka.train import distributed
 
     run = {**RUNS[0], "tokens": "5K"}  # 20 steps of 256 tokens, a metrics line every 5
     nap = 0.25
@@ -209,14 +209,14 @@ def test_wandb_offline_logs_every_run(cache, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_load_folds_the_input_scales(cache, tmp_path):
     import matryoshka
-    from matryoshka.train.trainer import Run
+    from matryoshka.train.trainer import TrainingRun
 
     runs = [{**RUNS[0], "tokens": "5K"}, {**RUNS[1], "tokens": "5K"}]
     dirs = {p.name: p for p in train(_cfg(cache, tmp_path, runs=runs), progress=False)}
     c = Cache(cache)
     x_raw = torch.from_numpy(c.read("1.resid_mid", 0, 256))
     for cfg in runs:
-        run = Run(RunConfig(**cfg), c, tmp_path / Cache(cache).fingerprint, 256, torch.device("cpu"))
+        run = TrainingRun(RunConfig(**cfg), c, tmp_path / Cache(cache).fingerprint, 256, torch.device("cpu"))
         run.load()  # the trained dictionary, in training (scaled) units
         loaded = matryoshka.load(dirs[cfg["name"]])
         acts = loaded.encode(x_raw)
@@ -234,7 +234,7 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
 
     from matryoshka.cli import app
     from matryoshka.config import EvaluateConfig
-    from matryoshka.evaluate.run import LEGEND, evaluate
+    from matryoshka.evaluate.stage import LEGEND, evaluate
 
     runs = [{**RUNS[0], "tokens": "20K"}, {**RUNS[1], "tokens": "20K"}]
     train(_cfg(cache, tmp_path, runs=runs), progress=False)

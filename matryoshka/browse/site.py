@@ -159,7 +159,7 @@ def _cell(v: Any, fmt: str) -> tuple[str, str]:
 
 def runs_table(results: list[dict[str, Any]]) -> tuple[list[str], list[list[tuple[str, str]]]]:
     extra = [c for c in OPTIONAL_COLUMNS if any(r.get(c[1]) for r in results)]
-    head = ["run", "arch", "site", "width", "k", "L0", "FVU", "FVU (seed)", "dead", "dense", "absorption",
+    head = ["run", "arch", "site", "width", "k", "L0", "FVU", "FVU (scalar mean)", "dead", "dense", "absorption",
             "splitting (cond.)", "prefix FVU"] + [c[0] for c in extra]
     rows = []
     for r in results:

@@ -1,7 +1,6 @@
 """`pipeline cache ls | info | verify`: what a cache holds, and whether every chunk is intact."""
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -12,38 +11,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..cpus import usable_cpus
-from . import remote
 from .format import STORAGE, chunk_key, decode_chunk, row_bytes, row_width, token_codec
+from .location import Location
 from .manifest import holdout_summary
-from .store import Cache, CacheDamagedError, CacheError, cache_or_wreck, has_cache_arrays
+from .store import Cache, CacheDamagedError, CacheError, cache_or_wreck
 
 
 def stored_bytes(path: Path | str) -> int:
-    if remote.is_url(path):
-        return remote.total_bytes(str(path))
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return Location.of(path).total_bytes()
 
 
 def find_caches(root: str | Path, max_depth: int = 4) -> Iterator[Path | str]:
     """Caches under ``root`` (a directory or a URL prefix): those whose zarr.json carries a matryoshka manifest,
     and damaged ones (a cache's arrays under an unreadable or missing zarr.json; :func:`cache_or_wreck`)."""
-    if remote.is_url(root):
-        yield from remote.find_caches(str(root), max_depth)
-        return
-    root = Path(remote.local_path(root))
-    if not root.is_dir():
-        raise CacheError(f"cache ls: {str(root)!r} " + ("is not a directory" if root.exists() else
-                                                        "does not exist (no cache has been harvested there)"))
-    base = len(root.parts)
-    for dirpath, dirnames, _ in os.walk(root):
-        p = Path(dirpath)
-        meta = p / "zarr.json"
-        if cache_or_wreck(meta.read_bytes() if meta.is_file() else None, has_cache_arrays(p)):
-            dirnames.clear()
-            yield p
-        elif len(p.parts) - base >= max_depth:
-            dirnames.clear()
-        dirnames.sort()
+    yield from Location.of(root).find_caches(cache_or_wreck, max_depth)
 
 
 def describe_path(path: Path | str) -> dict:
@@ -63,7 +44,7 @@ def describe(cache: Cache) -> dict:
         "status": "complete" if cache.complete else (f"{len(shard_lines(cache))} shards, unfinished" if
                                                       "shards" in cache.group else
                                                       f"partial {cache.tokens_committed / m['n_tokens']:.0%}"),
-        "bytes": stored_bytes(cache.path),
+        "bytes": cache.location.total_bytes(),
     }
 
 
@@ -84,7 +65,7 @@ def shard_lines(cache: Cache) -> list[str]:
 def info_lines(cache: Cache) -> list[str]:
     m = cache.manifest
     raw = sum(row_bytes(a["width"], cache.storage_dtype) for a in m["arrays"].values()) * cache.tokens_committed
-    size = stored_bytes(cache.path)
+    size = cache.location.total_bytes()
     lines = [
         f"cache        {cache.path}",
         f"fingerprint  {cache.fingerprint}   format v{m['format_version']}, written by matryoshka {m['tool_version']}",
@@ -137,14 +118,13 @@ def verify(cache: Cache, progress: bool = True) -> list[Damage]:
             damage.append(Damage(f"acts/{name}", f"shape {arr.shape}, manifest says {shape}"))
     if not cache.complete:
         damage.append(Damage("zarr.json", f"unfinished: {cache.chunks_committed} of {cache.n_chunks} chunks committed"))
-    present = set(remote.listing(cache.path)) if cache.remote else None  # one listing, not a request per chunk
-    root, scratch = Path(cache.path), threading.local()
+    present = set(cache.location.listing())  # one listing, not a request per chunk
+    scratch = threading.local()
 
     def check(i: int) -> list[Damage]:
         """Chunk ``i`` of every array: missing, or unreadable (checksum, codec), or intact."""
         names = [*cache.array_names, "tokens"]
-        exists = {n: (chunk_key(n, i) in present) if present is not None else (root / chunk_key(n, i)).is_file()
-                  for n in names}
+        exists = {n: chunk_key(n, i) in present for n in names}
         found = [Damage(chunk_key(n, i), "missing", i) for n in names if not exists[n]]
         try:
             raw = cache.chunk_bytes_many([(n, i) for n in names if exists[n]])

@@ -11,7 +11,8 @@ random id, and a heartbeat timestamp that a background thread rewrites every ``h
 * Acquiring creates it only if absent (S3 ``If-None-Match: *``, through fsspec's ``mode="create"``), so
   of two writers starting at once exactly one wins; the other is refused with the owner and the age
   of its heartbeat.
-* A lock whose heartbeat is older than ``stale_s`` belongs to a writer that died (or stalled): it is
+* A lock whose heartbeat is older than ``stale_s`` belongs to a writer that died (or stalled), and so
+  does one whose holder ran on this host under a pid that no longer exists (stale at once): it is
   refused too, unless ``--break-lock`` is given, which replaces it only if it is still that very object
   (S3 ``If-Match`` on its ETag), so two writers breaking one stale lock cannot both win. A live lock is
   never broken.
@@ -44,6 +45,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..errors import MatryoshkaError
+from .location import Location
 from .retry import retrying
 
 LOCK_NAME = ".writer.lock"
@@ -51,8 +54,23 @@ HEARTBEAT_S = 10.0
 STALE_S = 60.0
 
 
-class CacheLockedError(RuntimeError):
+class CacheLockedError(MatryoshkaError, RuntimeError):
     pass
+
+
+def holder_gone(holder: dict[str, Any]) -> bool:
+    """Whether a lock's holder certainly died: it ran on this host and its pid no longer exists. Such a lock
+    is stale at once, whatever its heartbeat's age (a holder elsewhere is judged by its heartbeat alone)."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the pid exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
 
 
 class WriterLock:
@@ -65,7 +83,7 @@ class WriterLock:
         self._fd: int | None = None
 
     def acquire(self) -> "WriterLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,13 +122,12 @@ class WriterLock:
 class ObjectLock:
     """A lock object with an owner and a heartbeat, for caches on object storage (module docstring)."""
 
-    def __init__(self, url: str, break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
+    def __init__(self, url: "str | Location", break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
                  stale_s: float = STALE_S, what: str = "cache", doing: str = "written") -> None:
-        from .remote import filesystem
-
-        self.url = str(url).rstrip("/")
-        self.fs, root = filesystem(self.url)
-        self.key = f"{root.rstrip('/')}/{LOCK_NAME}"
+        where = Location.of(url)
+        self.url = str(where).rstrip("/")
+        self.fs = where.fs
+        self.key = f"{where.root}/{LOCK_NAME}"
         self.break_lock, self.heartbeat_s, self.stale_s = break_lock, heartbeat_s, stale_s
         self.what = what
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "id": uuid.uuid4().hex,
@@ -190,10 +207,15 @@ class ObjectLock:
                                        f"try again (one writer per {self.what})")
         h, etag = found
         who, age = self._describe(h)
-        if age <= self.stale_s:
+        gone = holder_gone(h)
+        if age <= self.stale_s and not gone:
             raise CacheLockedError(f"{self.what} {self.url} is being {h.get('doing', 'written')} by {who}, last "
                                    f"heartbeat {age:.0f}s ago; wait for it to finish (one writer per {self.what})")
         if not self.break_lock:
+            if gone:
+                raise CacheLockedError(f"{self.what} {self.url} has a stale writer lock of {who}: that process no "
+                                       "longer runs on this host, so the writer died; pass --break-lock to take "
+                                       "the lock over (and --resume to continue)")
             raise CacheLockedError(f"{self.what} {self.url} has a stale writer lock of {who}: last heartbeat {age:.0f}s "
                                    f"ago (stale after {self.stale_s:.0f}s), so that writer died or hung; if it is "
                                    "gone, pass --break-lock to take the lock over (and --resume to continue)")
@@ -254,11 +276,11 @@ class ObjectLock:
         self.release()
 
 
-def writer_lock(path: str | Path, break_lock: bool = False, what: str = "cache",
+def writer_lock(path: "str | Path | Location", break_lock: bool = False, what: str = "cache",
                 doing: str = "written") -> WriterLock | ObjectLock:
-    """The lock for a cache or run path: ``flock`` for a directory, a lock object for an fsspec URL."""
-    from .remote import is_url, local_path
-
-    if is_url(path):
-        return ObjectLock(str(path), break_lock=break_lock, what=what, doing=doing)
-    return WriterLock(Path(local_path(path)), what=what, doing=doing)
+    """The lock for a cache or run path: ``flock`` for a local folder (``file://`` URLs included), a lock
+    object on object storage, where ``flock`` does not exist."""
+    where = Location.of(path)
+    if where.remote:
+        return ObjectLock(where, break_lock=break_lock, what=what, doing=doing)
+    return WriterLock(Path(str(where)), what=what, doing=doing)

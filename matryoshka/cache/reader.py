@@ -10,7 +10,8 @@ its rows (BOS rows dropped) are permuted and served as batches while the next bl
 the other half. A batch that straddles two blocks takes the old block's last rows first. So every row
 of the split is served exactly once per epoch, each epoch in a new order, and a batch is a uniform
 sample of one block: up to ``buffer_tokens / 2`` rows from up to ``buffer_tokens / (2 * chunk_tokens)``
-chunks (at least half as many, whatever the split's size).
+chunks (at least half as many, whatever the split's size). The order and the blocks, and the checks
+that the settings can serve them, are :mod:`matryoshka.cache.plan`'s; this module serves them.
 
 Memory is the buffer (``buffer_tokens`` rows in two halves) and, on the CPU, four batches (see
 :attr:`ShuffledReader.host_bytes`), whatever the size of the cache: a chunk is decompressed in place,
@@ -37,7 +38,6 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -46,37 +46,14 @@ import torch
 from ..cpus import usable_cpus
 from .format import (STORAGE, bos_rows, decode, decode_chunk, from_storage, numpy_view, row_bytes, row_width,
                      to_torch, token_codec)
+from .plan import ReaderConfig, ReadPlan, bos_to_exclude, check_rank
 from .retry import StoreUnavailable
 from .store import Cache, CacheError
+from .unreadable import unreadable_chunk
 from .workers import URGENT, PriorityPool, Task
 
 PREPARED = 2
 """Batches the CPU path has its workers gather ahead of the consumer."""
-
-
-@dataclass
-class ReaderConfig:
-    """How a reader draws batches. Sizes are in tokens (rows)."""
-
-    batch_size: int = 4096
-    buffer_tokens: int = 2**18
-    """Rows in memory: two blocks of half this size, one served while the next is decompressed."""
-    threads: int = 0
-    """Decompression threads; 0 means :func:`default_threads` (three per four cores)."""
-    seed: int = 0
-    exclude_bos: bool = True
-    split: str = "train"
-    drop_last: bool = False
-    """Drop the last, smaller batch of each epoch (False: every row exactly once per epoch)."""
-
-    def validate(self) -> None:
-        for name in ("batch_size", "buffer_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise CacheError(f"{name}: {v!r} must be a positive integer")
-        if self.buffer_tokens < 2 * self.batch_size:
-            raise CacheError(f"buffer_tokens: {self.buffer_tokens} is smaller than two batches of {self.batch_size}; "
-                             "each half of the buffer must hold at least one batch (many batches mix far better)")
 
 
 def default_threads(cores: int | None = None) -> int:
@@ -91,8 +68,8 @@ def default_threads(cores: int | None = None) -> int:
 def host_buffer(shape: tuple[int, int], dtype: torch.dtype, pinned: bool) -> torch.Tensor:
     """A zeroed host buffer, its pages touched once here rather than on the first epoch's writes.
     Unpinned, it is backed by transparent huge pages where the OS offers them (Linux): batches gather
-    rows at random from the whole buffer, and with 4 KiB pages nearly every row is a TLB miss (what 2 MiB
-    pages save: docs/benchmarks.md, "Reader"). Pinned buffers come from CUDA's allocator."""
+    rows at random from the whole buffer, and with 4 KiB pages nearly every row is a TLB miss. Pinned
+    buffers come from CUDA's allocator. Hand-written because it pays: docs/benchmarks.md, "Reader"."""
     if pinned or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.zeros(shape, dtype=dtype, pin_memory=pinned)
     nbytes = shape[0] * shape[1] * torch.empty(0, dtype=dtype).element_size()
@@ -106,9 +83,10 @@ def host_buffer(shape: tuple[int, int], dtype: torch.dtype, pinned: bool) -> tor
 class RecycledArrays:
     """Output arrays handed out again once nothing refers to them. A fresh array per batch and array
     costs page faults: glibc gives freed memory above its trim threshold back to the OS, and a
-    transcoder's two 6 MiB outputs cross it (docs/benchmarks.md, "Reader"). An array is reused
-    only when its reference count shows that no tensor, view or numpy array made from it is alive, so a
-    consumer may keep batches as long as it likes: those it keeps are never written again."""
+    transcoder's two 6 MiB outputs cross it. An array is reused only when its reference count shows
+    that no tensor, view or numpy array made from it is alive, so a consumer may keep batches as long as
+    it likes: those it keeps are never written again. Hand-written because it pays: docs/benchmarks.md,
+    "Reader"."""
 
     def __init__(self, keep: int = 2) -> None:
         self.keep = keep  # arrays kept per shape and dtype: a batch being consumed and the next one
@@ -167,8 +145,7 @@ class ShuffledReader:
         frees) but runs the same schedule, which is how the tests check it without a GPU."""
         self.cfg = config or ReaderConfig()
         self.cfg.validate()
-        if not 0 <= rank < world_size:
-            raise CacheError(f"rank: {rank} is not in 0..{world_size - 1}")
+        check_rank(rank, world_size)
         self.sources = open_arrays(arrays, cache)
         self.names = [n for _, n in self.sources]
         self.cache = self.sources[0][0]
@@ -180,51 +157,22 @@ class ShuffledReader:
         # float8 rows are scaled values, useless without their scale: served dequantized, bf16 by default
         self.dtype = dtype or (torch.bfloat16 if self.storage_dtype == "float8" else STORAGE[self.storage_dtype][1])
         self.widths = [c.manifest["arrays"][n]["width"] for c, n in self.sources]
-        stored = [row_width(w, self.storage_dtype) for w in self.widths]
         self.ctx = m["context_size"]
         self.ct = self.cache.chunk_tokens
-        self.chunks = self.cache.split_chunks(self.cfg.split)
         # the BOS rows to leave out (format.bos_rows); under the context policy they are found by position
         # alone, without reading the tokens
-        self.bos = m["bos"] if self.cfg.exclude_bos and m["bos"]["token_id"] is not None else None
+        self.bos = bos_to_exclude(m, self.cfg.exclude_bos)
         self.bos_by_position = self.bos is not None and self.bos["policy"] == "context"
-        self._counts = {c: self._chunk_tokens(c) for c in self.chunks}  # rows each chunk serves
-        self.split_tokens = sum(self._counts.values())
-        if self.cfg.batch_size > self.split_tokens:
-            raise CacheError(f"batch_size: {self.cfg.batch_size} is larger than the {self.cfg.split} split "
-                             f"({self.split_tokens} tokens{' without BOS' if self.bos is not None else ''})")
-        if len(self.chunks) < world_size:
-            raise CacheError(f"world_size: {world_size} ranks but the {self.cfg.split} split has only "
-                             f"{len(self.chunks)} chunks")
-        if self.cfg.buffer_tokens < 2 * self.ct:  # else each half would silently hold a whole chunk anyway
-            raise CacheError(f"buffer_tokens: {self.cfg.buffer_tokens} is less than two chunks of {self.ct} rows; "
-                             f"each half of the buffer holds whole chunks: use buffer_tokens >= {2 * self.ct}")
-        self.chunks_per_block = self.cfg.buffer_tokens // 2 // self.ct
+        self.plan = ReadPlan.make(self.cache, self.cfg, rank, world_size, self.bos)
+        """The split's chunks and the epochs' order and blocks (:class:`~matryoshka.cache.plan.ReadPlan`)."""
+        self.chunks, self.split_tokens = self.plan.chunks, self.plan.split_tokens
+        self.chunks_per_block = self.plan.chunks_per_block
         """The most chunks a block holds (its half of the buffer holds that many)."""
-        self.half = self.chunks_per_block * self.ct
-        self._bounds = self._block_bounds(len(self._chunk_order(0)), self.chunks_per_block)
-        self._check_blocks_hold_a_batch()
-        cuda = self.device.type == "cuda"
-        self.mirror = self.device.type != "cpu" if mirror is None else mirror
-        if not self.mirror and self.device.type != "cpu":
-            raise CacheError(f"mirror: False needs device cpu, not {self.device}: batches for a device are "
-                             "gathered in its mirror of the buffer")
-        st = torch.uint8 if self.storage_dtype == "float8" else STORAGE[self.storage_dtype][1]
-        self._buf = [host_buffer((2 * self.half, w), st, pinned=cuda) for w in stored]
-        self._np = [numpy_view(b) for b in self._buf]
-        # With a mirror, each block is copied to the device once and batches are gathered there: the host
-        # does no per-batch copy at all, so its cores are left to decompression.
-        self._dev = [torch.empty((2 * self.half, w), dtype=st, device=self.device) for w in stored] \
-            if self.mirror else []
-        self._uploaded: list[torch.cuda.Event | None] = [None, None]  # a half's host->device copy is done
-        # each half's serving order travels from its own pinned buffer (allocating pinned memory per block
-        # cost the serving thread milliseconds)
-        self._order_pinned = [torch.empty(self.half, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
-            if self.mirror and cuda else []
-        # the CPU path's batches: the consumer's, the one it may still hold and those being gathered
-        self._outputs = RecycledArrays(keep=(PREPARED + 2) * len(self.sources))
+        self.half = self.plan.half
+        self.mirror = self._mirrored(mirror)
         # training's case, float32 from a narrower storage dtype: the workers widen the rows as they gather
         self.widened = self.dtype == torch.float32 and self.storage_dtype != "float32"
+        self._allocate()
         self._pool = PriorityPool(self.cfg.threads or default_threads(), "cache-read")
         self._ready: deque[tuple[np.ndarray, list[Task], list[np.ndarray]]] = deque()
         """CPU path: batches being gathered, in serving order (row ids, gathers, output arrays)."""
@@ -247,44 +195,35 @@ class ShuffledReader:
         if state is not None:
             self.load_state_dict(state)
 
+    def _mirrored(self, mirror: bool | None) -> bool:
+        """Whether batches are gathered in a mirror of the buffer on the device: the default off the CPU,
+        and the only way there."""
+        mirrored = self.device.type != "cpu" if mirror is None else mirror
+        if not mirrored and self.device.type != "cpu":
+            raise CacheError(f"mirror: False needs device cpu, not {self.device}: batches for a device are "
+                             "gathered in its mirror of the buffer")
+        return mirrored
+
+    def _allocate(self) -> None:
+        """The buffer (two halves, in the storage dtype), its device mirror and what carries batches out."""
+        cuda = self.device.type == "cuda"
+        st = torch.uint8 if self.storage_dtype == "float8" else STORAGE[self.storage_dtype][1]
+        stored = [row_width(w, self.storage_dtype) for w in self.widths]
+        self._buf = [host_buffer((2 * self.half, w), st, pinned=cuda) for w in stored]
+        self._np = [numpy_view(b) for b in self._buf]
+        # With a mirror, each block is copied to the device once and batches are gathered there: the host
+        # does no per-batch copy at all, so its cores are left to decompression.
+        self._dev = [torch.empty((2 * self.half, w), dtype=st, device=self.device) for w in stored] \
+            if self.mirror else []
+        self._uploaded: list[torch.cuda.Event | None] = [None, None]  # a half's host->device copy is done
+        # each half's serving order travels from its own pinned buffer (allocating pinned memory per block
+        # cost the serving thread milliseconds)
+        self._order_pinned = [torch.empty(self.half, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
+            if self.mirror and cuda else []
+        # the CPU path's batches: the consumer's, the one it may still hold and those being gathered
+        self._outputs = RecycledArrays(keep=(PREPARED + 2) * len(self.sources))
+
     # -- sizes ---------------------------------------------------------------------------------------
-    def _chunk_tokens(self, chunk: int) -> int:
-        """Rows this chunk contributes (BOS rows excluded)."""
-        r = self.cache.chunk_rows(chunk)
-        if self.bos is None:
-            return len(r)
-        if self.bos_by_position:  # a chunk is whole contexts
-            return len(r) - len(r) // self.ctx
-        ids = np.arange(r.start, r.stop)
-        return int((~bos_rows(self.bos, ids % self.ctx, self.cache.tokens[r.start:r.stop])).sum())
-
-    @staticmethod
-    def _block_bounds(n_chunks: int, most: int) -> np.ndarray:
-        """Where each block of an epoch's ``n_chunks`` chunks starts (and the last ends): the fewest blocks
-        of at most ``most`` chunks, their sizes differing by one at most."""
-        n_blocks = -(-n_chunks // most)
-        return np.arange(n_blocks + 1) * n_chunks // n_blocks
-
-    def _check_blocks_hold_a_batch(self) -> None:
-        """Every block must serve a whole batch (an epoch's only one excepted), or a batch would need rows
-        of three blocks while the buffer holds two. Checked against the smallest chunks, whatever the order."""
-        n = int(self._bounds[-1])
-        small = np.cumsum(sorted(self._counts.values()))
-
-        def fewest(most: int) -> int:  # chunks in the smallest block, 0 if an epoch is one block
-            bounds = self._block_bounds(n, most)
-            return 0 if len(bounds) == 2 else int(np.diff(bounds).min())
-        if not fewest(self.chunks_per_block) or small[fewest(self.chunks_per_block) - 1] >= self.cfg.batch_size:
-            return
-        most = next(m for m in range(self.chunks_per_block + 1, n + 1)
-                    if not fewest(m) or small[fewest(m) - 1] >= self.cfg.batch_size)
-        need = 2 * self.ct * most
-        least = fewest(self.chunks_per_block)
-        raise CacheError(f"buffer_tokens: {self.cfg.buffer_tokens} makes blocks of as few as {least} chunk(s) of "
-                         f"{self.ct} rows, which can serve as few as {small[least - 1]} rows"
-                         f"{' without BOS' if self.bos is not None else ''}, fewer than batch_size "
-                         f"{self.cfg.batch_size}; each half of the buffer must hold a batch: use buffer_tokens >= {need}")
-
     @property
     def host_bytes(self) -> int:
         """Host memory of the reader's buffers: the buffer's two halves and, on the CPU, the batch arrays
@@ -306,29 +245,12 @@ class ShuffledReader:
         from epoch to epoch (its chunks do), and with ``drop_last`` every rank serves the same number, the
         most the rank with the fewest rows can fill, so the ranks' streams stay in the same epoch step by
         step and a global batch (one batch of each rank) never holds a row twice."""
-        b, order = self.cfg.batch_size, self._chunk_order(epoch, every_rank=True)
-        rows = [sum(self._counts[c] for c in order[r::self.world_size]) for r in range(self.world_size)]
-        return min(rows) // b if self.cfg.drop_last else -(-rows[self.rank] // b)
+        return self.plan.batches_in_epoch(epoch)
 
-    # -- the epoch's plan ----------------------------------------------------------------------------
-    def _chunk_order(self, epoch: int, every_rank: bool = False) -> list[int]:
-        """This rank's chunks of ``epoch`` in order (``every_rank``: the epoch's whole order, which rank ``r``
-        takes every ``world_size``-th chunk of, from the ``r``-th)."""
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(np.asarray(self.chunks))
-        return [int(c) for c in (order if every_rank else order[self.rank::self.world_size])]
-
-    @property
-    def _n_blocks(self) -> int:
-        """Blocks per epoch (every epoch: ranks keep their number of chunks)."""
-        return len(self._bounds) - 1
-
-    def _half(self, epoch: int, block: int) -> int:
-        """Blocks alternate between the buffer's halves, across epoch boundaries too."""
-        return (epoch * self._n_blocks + block) % 2
-
+    # -- the epoch's state ---------------------------------------------------------------------------
     def _reset_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self._order = self._chunk_order(epoch)
+        self._order = self.plan.chunk_order(epoch)
         self._next_block = 0  # blocks whose rows have joined the pool
         self._rng = np.random.default_rng([self.cfg.seed, epoch, self.rank, 1])
         self._pool_rows = np.empty(0, np.int64)  # row ids waiting to be served, in serving order
@@ -385,46 +307,59 @@ class ShuffledReader:
                 decode_chunk(raw, self.codec, out[base:base + self.ct])
             except StoreUnavailable as e:
                 raise CacheError(f"cache: chunk {chunk} of {name} in {c.path!r} could not be read: {e}") from None
-            except (OSError, ValueError) as e:
-                raise CacheError(f"cache: chunk {chunk} of {name} in {c.path!r} is unreadable ({e}); "
-                                 "run `pipeline cache verify`") from None
+            except (OSError, ValueError) as e:  # damage, a deleted cache or a permission problem
+                raise unreadable_chunk(c.path, chunk, name, e) from None
         return ids, ids - r.start + base
 
     def _next_to_load(self) -> tuple[int, int]:
         """(epoch, block) of the first block not yet being decompressed: after the last one in flight,
         or else the next to join the pool (an epoch's last block is followed by the next epoch's first)."""
         e, b = (self._loads[-1][0], self._loads[-1][1] + 1) if self._loads else (self.epoch, self._next_block)
-        return (e + 1, 0) if b >= self._n_blocks else (e, b)
+        return (e + 1, 0) if b >= self.plan.n_blocks else (e, b)
 
     def _half_in_use(self, half: int) -> bool:
         """Whether rows waiting to be served live in this half (of the device mirror, if there is one)."""
         return any(h == half and n for h, n, _ in self._pool_parts)
 
     def _start_loading(self) -> None:
-        """Begin decompressing the next blocks into the host halves that are free: without a mirror, a
-        half none of whose rows wait to be served (those being gathered are, before the decode begins);
-        with one, a half whose last block reached the device."""
+        """Begin decompressing the next blocks, two at most in flight, each into its host half once that
+        half is free (:meth:`_free_half`)."""
         while len(self._loads) < 2:
             epoch, block = self._next_to_load()
-            half = self._half(epoch, block)
-            after: list[Future] = []
-            if self.mirror:
-                if self._uploaded[half] is not None:
-                    self._wait_upload(half)  # the half's last block has reached the device
-            elif self._half_in_use(half):
+            half = self.plan.half_of(epoch, block)
+            after = self._free_half(half)
+            if after is None:
                 return
-            else:
-                after, self._reading[half] = [f for f in self._reading[half] if not f.done()], []
-            order = self._order if epoch == self.epoch else self._chunk_order(epoch)
-            chunks = order[self._bounds[block]:self._bounds[block + 1]]
-            remote = self._io is not None and not all(c.is_local([(n, ch) for ch in chunks]) for c, n in self.sources)
-            fetched = self._io.submit(self._fetch, chunks) if remote else None  # else the decode threads read
-            self._loads.append((epoch, block, [self._pool.submit(self._decode, c, half * self.half + j * self.ct,
-                                                                 fetched, after) for j, c in enumerate(chunks)]))
+            self._loads.append((epoch, block, self._submit_decodes(epoch, block, half, after)))
+
+    def _free_half(self, half: int) -> list[Future] | None:
+        """Make a host half ready for the next block, or None if it is not free yet. With a mirror, it is
+        free once its last block has reached the device (waited for here). Without one, once none of its
+        rows wait to be served; those being gathered may still be read, and the gathers reading them are
+        returned for the decodes to wait for."""
+        if self.mirror:
+            if self._uploaded[half] is not None:
+                self._wait_upload(half)
+            return []
+        if self._half_in_use(half):
+            return None
+        after, self._reading[half] = [f for f in self._reading[half] if not f.done()], []
+        return after
+
+    def _submit_decodes(self, epoch: int, block: int, half: int, after: list[Future]) -> list[Task]:
+        """Queue the decompression of a block's chunks into ``half``, one task per chunk, after ``after``.
+        From object storage the I/O thread fetches the block's chunks in one request; else (or where every
+        chunk is on local disk) each decode thread reads its own chunk."""
+        order = self._order if epoch == self.epoch else self.plan.chunk_order(epoch)
+        chunks = self.plan.block_chunks(order, block)
+        remote = self._io is not None and not all(c.is_local([(n, ch) for ch in chunks]) for c, n in self.sources)
+        fetched = self._io.submit(self._fetch, chunks) if remote else None
+        base = half * self.half
+        return [self._pool.submit(self._decode, c, base + j * self.ct, fetched, after) for j, c in enumerate(chunks)]
 
     def _add_block(self) -> bool:
         """Append the next block, permuted, to the pool; False when the epoch has no more blocks."""
-        if self._next_block >= self._n_blocks:
+        if self._next_block >= self.plan.n_blocks:
             return False
         self._start_loading()
         epoch, block, futures = self._loads.popleft()
@@ -435,9 +370,9 @@ class ShuffledReader:
         # Permuting the slots shuffles them with the very swaps `permutation(len)` draws, and a row's id is
         # its slot plus its chunk's offset: one shuffle and no gathers (it was half the serving thread's
         # time at a block boundary).
-        half = self._half(epoch, block)
+        half = self.plan.half_of(epoch, block)
         slots = self._rng.permutation(np.concatenate([p[1] for p in parts]))
-        chunks = self._order[self._bounds[block]:self._bounds[block + 1]]
+        chunks = self.plan.block_chunks(self._order, block)
         base = half * self.half
         offsets = np.array([self.cache.chunk_rows(c).start - base - j * self.ct for j, c in enumerate(chunks)])
         self._pool_parts.append([half, len(slots), self._upload(half, slots)])
@@ -515,7 +450,7 @@ class ShuffledReader:
         b = self.cfg.batch_size
         if self.cfg.drop_last and self._taken >= self._epoch_batches:  # the rows left wait for no batch
             return 0
-        while len(self._pool_rows) < b and self._next_block < self._n_blocks:
+        while len(self._pool_rows) < b and self._next_block < self.plan.n_blocks:
             self._start_loading()
             if not wait_for_decode and not all(t.future.done() for t in self._loads[0][2]):
                 return None
@@ -625,9 +560,8 @@ class ShuffledReader:
         self._rng.bit_generator.state = state["rng"]
         rows = np.asarray(state["pool_rows"], dtype=np.int64)
         # Decompress the chunks of the waiting rows back into the places an unbroken run had them in.
-        block_of = np.searchsorted(self._bounds, np.arange(len(self._order)), side="right") - 1
-        where = {c: (int(b), p - int(self._bounds[b])) for p, (c, b) in enumerate(zip(self._order, block_of))}
-        tasks = [self._pool.submit(self._decode, int(c), self._half(self.epoch, where[int(c)][0]) * self.half
+        where = self.plan.places(self._order)
+        tasks = [self._pool.submit(self._decode, int(c), self.plan.half_of(self.epoch, where[int(c)][0]) * self.half
                                    + where[int(c)][1] * self.ct) for c in np.unique(rows // self.ct)]
         slot_of: dict[int, int] = {}
         for t in tasks:

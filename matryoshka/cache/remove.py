@@ -14,10 +14,9 @@ bucket. A symbolic link is refused rather than followed halfway.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from . import remote
+from .location import Location
 from .lock import LOCK_NAME, ObjectLock, WriterLock, writer_lock
 from .store import Cache, CacheError
 
@@ -26,39 +25,32 @@ def remove_cache(cache: Cache | str | Path, break_lock: bool = False) -> None:
     """Delete a cache (opened already, or a directory or URL); ``break_lock`` takes over a stale lock of
     a writer that died on object storage, as ``harvest --break-lock`` does."""
     cache = cache if isinstance(cache, Cache) else Cache(cache)  # anything that is not a cache is refused
-    path = cache.path                                             # here: rm never deletes what it cannot name
-    if not cache.remote and Path(path).is_symlink():
-        raise CacheError(f"cache rm: {path!r} is a symbolic link to {str(Path(path).resolve())!r}; remove the "
+    where = cache.location                                        # here: rm never deletes what it cannot name
+    target = where.symlink_target()
+    if target is not None:
+        raise CacheError(f"cache rm: {cache.path!r} is a symbolic link to {target!r}; remove the "
                          "cache there, or just the link")
     shards = cache.group["shards"].attrs["count"] if "shards" in cache.group else 0
-    locks: list[WriterLock | ObjectLock] = [writer_lock(path, break_lock)]
-    locks += [writer_lock(remote.join(path, "shards", str(i)), break_lock) for i in range(shards)]
+    locks: list[WriterLock | ObjectLock] = [writer_lock(where, break_lock)]
+    locks += [writer_lock(where.join("shards", str(i)), break_lock) for i in range(shards)]
     held: list[WriterLock | ObjectLock] = []
     try:
         for lock in locks:
             held.append(lock.acquire())
-        remote.remove_object(path, "zarr.json")
-        _remove_entries(path)
+        where.remove_object("zarr.json")
+        _remove_entries(where)
     finally:
         for lock in reversed(held):
             lock.release()
-    if not cache.remote:  # (an object lock deletes itself on release)
-        (Path(path) / LOCK_NAME).unlink(missing_ok=True)
-        if not any(Path(path).iterdir()):
-            Path(path).rmdir()
+    where.remove_if_empty(LOCK_NAME)
 
 
-def _remove_entries(path: str) -> None:
-    """Delete the cache's zarr nodes and a killed writer's temporary files under ``path`` (errors raise:
+def _remove_entries(where: Location) -> None:
+    """Delete the cache's zarr nodes and a killed writer's temporary files under ``where`` (errors raise:
     a cache half removed must not be reported removed)."""
-    if remote.is_url(path):
-        keys = list(remote.listing(path))
-        nodes = {k.split("/", 1)[0] for k in keys if k.count("/") == 1 and k.endswith("/zarr.json")}
-    else:
-        keys = [p.name for p in Path(path).iterdir()]
-        nodes = {k for k in keys if (Path(path) / k / "zarr.json").is_file()}
-    for name in sorted(nodes):
-        remote.remove(remote.join(path, name)) if remote.is_url(path) else shutil.rmtree(Path(path) / name)
-    for key in keys:
-        if "/" not in key and (key.startswith(".part-") or key.endswith(".partial")):
-            remote.remove_object(path, key)
+    names = where.entries()
+    for name in sorted(n for n in names if where.exists(f"{n}/zarr.json")):
+        where.join(name).remove(strict=True)
+    for name in names:
+        if name.startswith(".part-") or name.endswith(".partial"):
+            where.remove_object(name)

@@ -7,6 +7,9 @@ exponential backoff (0.5 s, doubling, at most 15 s apart) for up to ``MATRYOSHKA
 seconds (default 120), with a warning (one every 5 s at most). A missing object or a refused permission is not
 transient and fails at once. Chunk writes are safe to repeat: a chunk is one whole object, and
 writing it again writes the same bytes.
+
+The loop, its backoff and its deadline are tenacity's; this module says which errors are transient,
+throttles the warnings across threads and words the final error.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import errno
 import logging
 import os
 import time
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 T = TypeVar("T")
 log = logging.getLogger("matryoshka.cache")
@@ -62,26 +67,36 @@ def transient(e: BaseException) -> bool:
     return isinstance(code, int) and (code == 429 or code >= 500)
 
 
+def _warn(what: str, budget: float) -> Callable[[RetryCallState], None]:
+    """tenacity's ``before_sleep``: a warning, unless one was logged (by any thread) in the last
+    ``WARN_EVERY_S``: 16 writer threads in one outage log a line, not 16. Kept by hand: tenacity's
+    ``before_sleep_log`` logs every retry of every thread."""
+    def warn(state: RetryCallState) -> None:
+        now = time.monotonic()
+        if now - _last_warning[0] < WARN_EVERY_S:
+            return
+        _last_warning[0] = now
+        e = state.outcome.exception()
+        log.warning("%s failed (%s: %s); retrying in %.1f s (%.0f of %.0f s spent)",
+                    what, type(e).__name__, e, state.upcoming_sleep, state.seconds_since_start, budget)
+    return warn
+
+
+def _give_up(what: str) -> Callable[[RetryCallState], NoReturn]:
+    """tenacity's ``retry_error_callback``: the budget is spent, and the last error becomes one line."""
+    def give_up(state: RetryCallState) -> NoReturn:
+        e = state.outcome.exception()
+        raise StoreUnavailable(f"{what}: the store kept failing for {state.seconds_since_start:.0f} s "
+                               f"({type(e).__name__}: {e}); it may be down or throttling: try again later "
+                               "(MATRYOSHKA_STORE_RETRY_S sets how long to retry)") from e
+    return give_up
+
+
 def retrying(call: Callable[[], T], what: str) -> T:
     """``call()``, tried again while it fails transiently, for up to :func:`retry_seconds`; then
     :class:`StoreUnavailable` says so (an error that is not transient is raised at once, as it is).
     ``what`` names the operation in the warnings and the error."""
-    budget, start, delay = retry_seconds(), time.monotonic(), 0.5
-    while True:
-        try:
-            return call()
-        except Exception as e:  # noqa: BLE001 - classified just below; anything else is raised as it is
-            waited = time.monotonic() - start
-            if not transient(e):
-                raise
-            if waited + delay > budget:
-                raise StoreUnavailable(f"{what}: the store kept failing for {waited:.0f} s ({type(e).__name__}: {e}); "
-                                       "it may be down or throttling: try again later (MATRYOSHKA_STORE_RETRY_S "
-                                       "sets how long to retry)") from e
-            now = time.monotonic()
-            if now - _last_warning[0] >= WARN_EVERY_S:  # 16 writer threads in one outage: a line, not 16
-                _last_warning[0] = now
-                log.warning("%s failed (%s: %s); retrying in %.1f s (%.0f of %.0f s spent)",
-                            what, type(e).__name__, e, delay, waited, budget)
-            time.sleep(delay)
-            delay = min(2 * delay, 15.0)
+    budget = retry_seconds()
+    return Retrying(retry=retry_if_exception(transient), wait=wait_exponential(multiplier=0.5, max=15.0),
+                    stop=stop_before_delay(budget), before_sleep=_warn(what, budget),
+                    retry_error_callback=_give_up(what))(call)

@@ -10,22 +10,10 @@ import numpy as np
 import zarr
 
 from ..config import looks_like_path
+from .errors import CacheDamagedError, CacheError
 from .format import FORMAT_VERSION, chunk_key, decode
-from .remote import ChunkSource, exists, is_url, join, local_path
-
-
-class CacheError(ValueError):
-    """A cache that is missing, incomplete, damaged or not the one expected."""
-
-
-class CacheDamagedError(CacheError):
-    """A cache whose metadata (root or array ``zarr.json``) cannot be read: nothing in it can be trusted.
-    ``reason`` is the short cause, as `pipeline cache ls` shows it."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"cache: {path!r} is damaged: {reason}; restore the cache from a copy, or delete the "
-                         "folder and harvest again")
-        self.reason = reason
+from .location import Location
+from .remote import ChunkSource
 
 
 def _why(e: BaseException) -> str:
@@ -71,21 +59,21 @@ class ArrayStats:
 class Cache:
     """A harvested cache, opened read-only. Only committed chunks are visible."""
 
-    def __init__(self, path: str | Path, local_cache_dir: str | Path | None = None) -> None:
+    def __init__(self, path: "str | Path | Location", local_cache_dir: str | Path | None = None) -> None:
         """Open a local directory or an fsspec URL (``file://``, ``s3://``, ``gs://``). For a URL,
         ``local_cache_dir`` keeps a local copy of every chunk read (see :mod:`.remote`)."""
-        self.path = str(local_path(path))
-        self.remote = is_url(self.path)
-        if not self.remote and not (Path(self.path) / "zarr.json").is_file():
-            if has_cache_arrays(Path(self.path)):
+        self.location = Location.of(path)
+        self.path = str(self.location)
+        self.remote = self.location.remote
+        """Reads are bound by latency (object storage): chunks are fetched many per request."""
+        if not self.location.exists("zarr.json"):
+            if self.location.exists("acts/zarr.json") and self.location.exists("tokens/zarr.json"):
                 raise CacheDamagedError(self.path, HEADLESS)
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr.json); run `pipeline harvest` "
                              "or list caches with `pipeline cache ls`")
         try:
             self.group = zarr.open_group(self.path, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            if self.remote and exists(self.path, "tokens/zarr.json"):
-                raise CacheDamagedError(self.path, HEADLESS) from None
             raise CacheError(f"cache: {self.path!r} is not a cache (no zarr group there)") from None
         except (ValueError, TypeError, KeyError) as e:  # a truncated or hand-broken zarr.json
             raise CacheDamagedError(self.path, f"its zarr.json is unreadable ({_why(e)})") from None
@@ -101,7 +89,12 @@ class Cache:
         self.complete: bool = bool(attrs.get("complete", False))
         self._stats = attrs.get("stats")
         layout = f"{self.fingerprint}-{self.manifest['n_tokens']}x{self.chunk_tokens}"  # see remote.py
-        self._chunks = ChunkSource(self.path, layout, local_cache_dir) if self.remote else None
+        self._chunks = ChunkSource(self.location, layout, local_cache_dir) if self.remote else None
+
+    @property
+    def chunk_source(self) -> ChunkSource | None:
+        """Where a remote cache's chunk bytes come from (its local copy, the store); None for a local cache."""
+        return self._chunks
 
     def _check_metadata(self) -> None:
         """The manifest has what readers rely on, and every array's own zarr.json opens: a damaged one is one
@@ -117,7 +110,7 @@ class Cache:
                 node = self.group[key]
             except KeyError:  # zarr says so both when the file is absent and when it is not array metadata
                 meta = f"{key}/zarr.json"
-                there = exists(self.path, meta) if self.remote else (Path(self.path) / meta).is_file()
+                there = self.location.exists(meta)
                 raise CacheDamagedError(self.path, f"{meta} is {'not valid zarr metadata' if there else 'missing'}") \
                     from None
             except (ValueError, TypeError) as e:
@@ -245,17 +238,12 @@ def cache_or_wreck(meta: bytes | None, has_arrays: bool) -> bool:
         return False
 
 
-def has_cache_arrays(path: Path) -> bool:
-    """Whether a local folder holds a cache's ``acts`` group and ``tokens`` array metadata."""
-    return (path / "acts" / "zarr.json").is_file() and (path / "tokens" / "zarr.json").is_file()
-
-
 def cache_location(root: str | Path, manifest: dict[str, Any]) -> Path | str:
     """Where a cache lives under a cache root: ``<root>/<model>/<fingerprint>``, for harvest and copy alike,
     so a team sharing one root finds every cache by its fingerprint. The model folder is a local model
     directory's name, else the resolved Hugging Face id with ``/`` as ``--`` (``gpt2`` and
     ``openai-community/gpt2`` are one model, one fingerprint and so one folder; ``synthetic`` for the
     synthetic source)."""
-    root, name = local_path(root), manifest["model"].get("resolved") or manifest["model"]["name"]
-    local = looks_like_path(name)
-    return join(root, Path(name).name if local else name.replace("/", "--"), manifest["fingerprint"])
+    name = manifest["model"].get("resolved") or manifest["model"]["name"]
+    folder = Path(name).name if looks_like_path(name) else name.replace("/", "--")
+    return Location.of(root).join(folder, manifest["fingerprint"]).pathlike

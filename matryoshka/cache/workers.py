@@ -68,7 +68,9 @@ def _stop(tasks: queue.PriorityQueue, threads: int, order: Iterator[int]) -> Non
 
 class PriorityPool:
     """``workers`` threads taking tasks by priority (``URGENT`` first), then in the order submitted.
-    Its threads end with :meth:`shutdown`, or once the pool is garbage (a reader nobody closed)."""
+    Its threads end with :meth:`shutdown`, or once the pool is garbage (a reader nobody closed).
+    Hand-written because it pays (concurrent.futures' pool is first-in first-out and cannot hand a queued
+    task to the thread waiting for it): docs/benchmarks.md, "Reader"."""
 
     def __init__(self, workers: int, name: str) -> None:
         self.workers = workers

@@ -32,14 +32,17 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore
 
+from ..errors import MatryoshkaError
 from .format import (STORAGE, bos_rows, chunk_key, compressors, decode, encode_chunk, host_view, row_width,
                      token_codec)
 from .retry import retrying
 from .store import ArrayStats, CacheError
 
 
-class ActivationError(RuntimeError):
+class ActivationError(MatryoshkaError, RuntimeError):
     """Non-finite activations: names the array and the token range."""
+
+    exit_code = 1
 
 
 @dataclass

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from ..cache import Cache, CacheError
 from ..cache.format import bos_rows
 from ..config import SITES, ConfigError
-from ..models import hook_site, input_device, load_model, model_info
+from ..models import hook_site, input_device, load_model
+from .cache_model import HINT, cache_model
 
 RowFn = Callable[[torch.Tensor], torch.Tensor]
 """float32 rows [n, d_in] -> [n, d_out] (a dictionary in cache units, or a test's identity/zero)."""
@@ -87,24 +88,18 @@ class LM:
 
     @classmethod
     def load(cls, cache: Cache, *, tokens: int, batch_size: int = 8, device: str | None = None,
-             progress: bool = False) -> LM:
-        """Load the cache's model as it was harvested; a model that cannot be loaded is a one-line error."""
+             progress: bool = False, model: str | None = None) -> LM:
+        """Load the cache's model as it was harvested (or ``model``, a local copy of it checked against the
+        cache's record: :mod:`.cache_model`); a model that cannot be loaded is a one-line error."""
         m = cache.manifest["model"]
-        hint = "evaluate without the downstream metrics with --no-lm"
+        info = cache_model(cache, model)
         try:
-            info = model_info(m["resolved"], m["revision"])
-        except ConfigError as e:
-            raise ConfigError(f"evaluate: cannot load the cache's model {m['resolved']!r} ({e}); {hint}") from None
-        if info.identity != cache.manifest["identity"]["model"]:
-            raise CacheError(f"evaluate: the model at {m['resolved']!r} ({info.identity}) is not the one cache "
-                             f"{cache.path!r} was harvested with ({cache.manifest['identity']['model']}); {hint}")
-        try:
-            model = load_model(info, dtype=m["dtype"], device=device, progress=progress,
-                               attn_implementation=m.get("attn_implementation", "eager"))  # older caches: eager
+            lm = load_model(info, dtype=m["dtype"], device=device, progress=progress,
+                            attn_implementation=m.get("attn_implementation", "eager"))  # older caches: eager
         except (OSError, ValueError, RuntimeError, ImportError) as e:
-            raise ConfigError(f"evaluate: cannot load the cache's model {m['resolved']!r} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {hint}") from None
-        return cls(model, info.arch, cache, tokens, batch_size, progress)
+            raise ConfigError(f"evaluate: cannot load the cache's model {info.resolved!r} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); {HINT}") from None
+        return cls(lm, info.arch, cache, tokens, batch_size, progress)
 
     @property
     def scored(self) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Stage 1: run the language model once and write its activations to a cache."""
-from .run import harvest, plan
+from .plan import plan
+from .stage import harvest
 
 __all__ = ["harvest", "plan"]

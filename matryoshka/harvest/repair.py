@@ -20,16 +20,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import zarr
-
 from ..cache import Cache, CacheError
 from ..cache.format import row_bytes
 from ..cache.inspect import Damage, verify
-from ..cache.lock import writer_lock
+from ..cache.lifecycle import open_writer
 from ..cache.writer import CacheWriter
 from ..config import HarvestConfig, from_dict, site_name
 from ..cpus import usable_cpus
-from .run import Plan, plan, write_rows
+from .plan import Plan, plan
+from .rows import write_rows
 
 
 @dataclasses.dataclass
@@ -107,25 +106,19 @@ def repair(path: str | Path, progress: bool = True) -> Repair:
                          f"and dataset now give {p.manifest['fingerprint']}: they no longer produce its rows; "
                          "harvest the cache again")
     p = Plan(cache.manifest, p.info, p.tokenizer, p.documents)  # the stored layout, chunk for chunk
-    lock = writer_lock(cache.path)
-    lock.acquire()  # a cache being written (or repaired) is refused here, naming its writer
-    try:
+    # a cache being written (or repaired) is refused here, naming its writer
+    with open_writer(cache.location, cache.manifest, resume=True) as session:
         cache = Cache(path)  # what the lock now protects: verified again, as another writer may have been at it
-        damage = verify(cache, progress=False)
-        chunks = _repairable(cache, damage)
-        group = zarr.open_group(cache.path, mode="r+")
+        chunks = _repairable(cache, verify(cache, progress=False))
         m = cache.manifest
         align = CacheWriter.align(m["storage"]["seqs_per_chunk"], m["batch_size"])
         for block in _blocks(chunks, align, cache.n_chunks):
-            writer = CacheWriter(group, m, {"chunks": block.start}, threads=usable_cpus(), batch_seqs=m["batch_size"],
-                                 chunks=block, only=set(chunks) & set(block))
-            writer.guard = lock.check
+            writer = session.writer({"chunks": block.start}, threads=usable_cpus(), batch_seqs=m["batch_size"],
+                                    chunks=block, only=set(chunks) & set(block))
             try:
                 write_rows(cfg, p, writer, progress, desc=f" repair chunks {block.start}..{block.stop - 1}")
             finally:
                 writer.abort()
-    finally:
-        lock.release()
     left = verify(Cache(path), progress=False)
     if left:
         raise CacheError(f"repair: {len(left)} problem(s) remain in {cache.path!r} after re-harvesting chunks "

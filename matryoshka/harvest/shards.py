@@ -34,12 +34,14 @@ from pathlib import Path
 import torch
 import zarr
 
-from ..cache.lock import CacheLockedError, writer_lock
-from ..cache.remote import is_url, join
+from ..cache.lifecycle import WriteSession, check_space, locked, open_part_writer, open_writer
+from ..cache.location import Location
 from ..cache.store import CacheError
-from ..cache.writer import CacheWriter, complete_attrs, create_arrays, merge_progress
+from ..cache.writer import CacheWriter, complete_attrs, merge_progress
 from ..config import ConfigError, HarvestConfig, parse_shard
 from ..cpus import usable_cpus
+from .plan import Plan
+from .rows import exhausted_error, write_rows
 from .tokens import DatasetExhausted
 
 LOCK_WAIT_S = 60.0
@@ -78,27 +80,6 @@ def chunk_range(manifest: dict, batch_seqs: int, shard: Shard) -> range:
     return range(min(a * unit, n_chunks), min(b * unit, n_chunks))
 
 
-class _held:
-    """The cache's writer lock, waited for (other shards hold it only for a moment)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.lock = writer_lock(path)
-
-    def __enter__(self) -> None:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                self.lock.acquire()
-                return
-            except CacheLockedError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-
-    def __exit__(self, *exc) -> None:
-        self.lock.release()
-
-
 def _layout(group: zarr.Group, manifest: dict, batch_seqs: int, count: int) -> None:
     """Create every shard's record (all shards at once, by whichever shard creates the store)."""
     shards = group.create_group("shards", attributes={"count": count})
@@ -108,7 +89,7 @@ def _layout(group: zarr.Group, manifest: dict, batch_seqs: int, count: int) -> N
                                                 "done": False})
 
 
-def _open_record(path: str | Path, group: zarr.Group, shard: Shard) -> zarr.Group:
+def _open_record(path: Location, group: zarr.Group, shard: Shard) -> zarr.Group:
     try:
         count = group["shards"].attrs["count"]
     except KeyError:
@@ -120,20 +101,10 @@ def _open_record(path: str | Path, group: zarr.Group, shard: Shard) -> zarr.Grou
     return group[f"shards/{shard.index}"]
 
 
-def _remove_partials(path: Path, chunks: range) -> None:
-    """Half-written files (zarr's temporaries) a killed run of this shard left in its own chunks."""
-    for stray in path.rglob("*.partial"):
-        parts = stray.relative_to(path).parts
-        if "c" in parts[:-1]:
-            head = parts[parts.index("c") + 1].split(".")[0]
-            if head.isdigit() and int(head) in chunks:
-                stray.unlink(missing_ok=True)
-
-
-def finish_if_last(path: str | Path) -> bool:
+def finish_if_last(where: Location) -> bool:
     """Complete the cache if every shard is done (under the cache lock); True if it is complete."""
-    with _held(path):
-        group = zarr.open_group(str(path), mode="r+")
+    with locked(where, wait_s=LOCK_WAIT_S):
+        group = zarr.open_group(str(where), mode="r+")
         if group.attrs.get("complete"):
             return True
         records = [group[f"shards/{i}"].attrs.asdict() for i in range(group["shards"].attrs["count"])]
@@ -145,65 +116,58 @@ def finish_if_last(path: str | Path) -> bool:
         return True
 
 
-def harvest_shard(cfg: HarvestConfig, p, path: str | Path, shard: Shard, progress: bool) -> str | Path:
-    """Write shard ``shard`` of the cache at ``path`` (creating the store if no shard has yet)."""
-    from .run import _check_space, _existing, exhausted_error, write_rows
-
-    manifest = p.manifest
-    if not is_url(path):
-        Path(path).mkdir(parents=True, exist_ok=True)
-    with _held(path):
-        state = _existing(path, manifest, resume=True, sharded=True)  # same fingerprint and settings, or refused
-        if state is not None and state.get("complete"):
-            if progress:
-                print(f"cache {path} is already complete ({manifest['n_tokens']:,} tokens); nothing to do")
-            return path
-        if state is None:
-            group = zarr.create_group(str(path), attributes={"manifest": manifest, "progress": {"chunks": 0}})
-            create_arrays(group, manifest)
-            _layout(group, manifest, cfg.batch_size, shard.count)
-        group = zarr.open_group(str(path), mode="r+")
-        record = _open_record(path, group, shard)
+def _shard_device(cfg: HarvestConfig) -> HarvestConfig:
+    """A GPU per local rank (or shared) when several run on one machine and no device was named."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if cfg.device is None and torch.cuda.is_available() and local > 1:  # a GPU per local rank (or shared)
+    if cfg.device is None and torch.cuda.is_available() and local > 1:
         gpu = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        cfg = dataclasses.replace(cfg, device=f"cuda:{gpu}")
-    lock = writer_lock(join(path, "shards", str(shard.index)), cfg.break_lock)
-    writer = None
+        return cfg.model_copy(update={"device": f"cuda:{gpu}"})
+    return cfg
+
+
+def _write_shard(cfg: HarvestConfig, p: Plan, session: WriteSession, record: zarr.Group, shard: Shard,
+                 progress: bool) -> None:
+    """Under the shard's own lock: refuse an unfinished shard without --resume, then write its chunks."""
+    where, manifest = session.location, session.manifest
+    rec = record.attrs.asdict()
+    chunks = range(*rec["chunks"])
+    if rec["done"]:
+        return
+    if rec["progress"]["chunks"] > chunks.start and not cfg.resume:
+        raise CacheError(f"cache: shard {shard} of {str(where)!r} is unfinished "
+                         f"({rec['progress']['chunks'] - chunks.start} of {len(chunks)} chunks committed); "
+                         "pass --resume to continue it")
+    where.remove_partials(chunks)
+    check_space(where, manifest, max(0, manifest["n_tokens"] - len(chunks) * manifest["storage"]["chunk_tokens"]))
+    threads = cfg.writer_threads or max(1, usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    writer = session.writer(rec["progress"], threads=threads, batch_seqs=cfg.batch_size, chunks=chunks, record=record)
+    if writer.committed < chunks.stop:
+        write_rows(cfg, p, writer, progress, desc=f" shard {shard}")
+    else:
+        writer.finish()
+
+
+def harvest_shard(cfg: HarvestConfig, p: Plan, where: Location, shard: Shard, progress: bool) -> str | Path:
+    """Write shard ``shard`` of the cache at ``where`` (creating the store if no shard has yet)."""
+    manifest = p.manifest
+    with open_writer(where, manifest, resume=True, sharded=True, wait_s=LOCK_WAIT_S,
+                     on_create=lambda group: _layout(group, manifest, cfg.batch_size, shard.count)) as store:
+        if store.complete:
+            if progress:
+                print(f"cache {where} is already complete ({manifest['n_tokens']:,} tokens); nothing to do")
+            return where.pathlike
+        record = _open_record(where, store.group, shard)
+    cfg = _shard_device(cfg)
     try:
-        try:
-            lock.acquire()
-        except CacheLockedError as e:
-            raise CacheLockedError(f"shard {shard}: {e}") from None
-        rec = record.attrs.asdict()
-        chunks = range(*rec["chunks"])
-        if not rec["done"]:
-            if rec["progress"]["chunks"] > chunks.start and not cfg.resume:
-                raise CacheError(f"cache: shard {shard} of {str(path)!r} is unfinished "
-                                 f"({rec['progress']['chunks'] - chunks.start} of {len(chunks)} chunks committed); "
-                                 "pass --resume to continue it")
-            if not is_url(path):
-                _remove_partials(Path(path), chunks)
-                left = (len(chunks) * manifest["storage"]["chunk_tokens"])
-                _check_space(Path(path), manifest, max(0, manifest["n_tokens"] - left))
-            threads = cfg.writer_threads or max(1, usable_cpus() // local)
-            writer = CacheWriter(group, manifest, rec["progress"], threads=threads, batch_seqs=cfg.batch_size,
-                                 chunks=chunks, record=record)
-            writer.guard = lock.check
-            if writer.committed < chunks.stop:
-                write_rows(cfg, p, writer, progress, desc=f" shard {shard}")
-            else:
-                writer.finish()
+        with open_part_writer(where, f"shards/{shard.index}", manifest, break_lock=cfg.break_lock,
+                              label=f"shard {shard}") as session:
+            _write_shard(cfg, p, session, record, shard, progress)
     except DatasetExhausted as e:
         raise exhausted_error(cfg, e, manifest["n_tokens"], " and harvest to another --cache") from None
-    finally:
-        if writer is not None:
-            writer.abort()
-        lock.release()
-    complete = finish_if_last(path)
+    complete = finish_if_last(where)
     while shard.together and not complete:  # another rank is still writing; torchrun stops us if it fails
         time.sleep(0.5)
-        complete = bool(zarr.open_group(str(path), mode="r").attrs.get("complete"))
+        complete = bool(zarr.open_group(str(where), mode="r").attrs.get("complete"))
     if progress and not complete:
-        print(f"shard {shard} of {path} is done; the last shard to finish completes the cache")
-    return path
+        print(f"shard {shard} of {where} is done; the last shard to finish completes the cache")
+    return where.pathlike

@@ -108,7 +108,7 @@ def manifest(cfg: HarvestConfig) -> dict[str, Any]:
     arrays[FEATURES] = {"layer": None, "site": FEATURES, "hook_name": "synthetic.features", "width": s.n_features}
     spc, heldout = cfg.holdout_layout(seqs_per_chunk(
         cfg.context_size, max(row_bytes(a["width"], cfg.dtype) for a in arrays.values()), cfg.chunk_mb, cfg.n_sequences))
-    settings = dataclasses.asdict(s)
+    settings = s.model_dump()
     identity = {"format_version": FORMAT_VERSION, "source": "synthetic", "generator": GENERATOR_VERSION,
                 "synthetic": settings, "seed": cfg.seed, "context_size": cfg.context_size,
                 "sites": list(arrays), "dtype": cfg.dtype}
@@ -123,7 +123,7 @@ def manifest(cfg: HarvestConfig) -> dict[str, Any]:
                  "token_column": None, "seed": cfg.seed, "shuffle_buffer": 0},
         context_size=cfg.context_size, bos={"policy": "none", "token_id": None}, dtype=cfg.dtype, codec=cfg.codec,
         seqs_per_chunk=spc, arrays=arrays, n_sequences=cfg.n_sequences, batch_size=cfg.batch_size,
-        heldout_seqs=heldout, holdout_asked=cfg.holdout,
+        heldout_seqs=heldout, holdout_asked=str(cfg.holdout),
         extra={"synthetic": {"settings": settings, "seed": cfg.seed, "generator": GENERATOR_VERSION,
                              "features": FEATURES, "parent": parent.tolist(), "directions": directions}})
 

@@ -25,7 +25,7 @@ from .encode import selected
 from .sparse import Code, above, batch_topk, group_partials, row_topk
 
 if TYPE_CHECKING:
-    from ..distributed import Team
+    from .distributed import Team
 
 
 class Dictionary(nn.Module):

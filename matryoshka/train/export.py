@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..files import shareable
 from .load import load
 from .saelens import saelens_metadata
 
@@ -52,5 +53,6 @@ def export_saelens(run: str | Path, out: str | Path, manifest: dict[str, Any] | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().float() for k, v in weights.items()}, out / "sae_weights.safetensors")
+    shareable(out / "sae_weights.safetensors")  # safetensors writes 0600: teammates load exports too
     (out / "cfg.json").write_text(json.dumps(config, indent=2))
     return out

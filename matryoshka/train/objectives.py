@@ -42,7 +42,7 @@ from .dictionary import Dictionary
 from .sparse import Code, group_partials, row_topk
 
 if TYPE_CHECKING:
-    from ..distributed import Team
+    from .distributed import Team
 
 
 def wide(t: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class Objective:
     def __init__(self, dic: Dictionary, kind: str = "default", aux_penalty: float = 1 / 32,
                  dead_steps: int = 20, dead_tokens: int = 10_000_000, ema: float = 0.01,
                  team: "Team | None" = None) -> None:
-        """``team``: data-parallel ranks; the batch is then their global batch (matryoshka/distributed.py)."""
+        """``team``: data-parallel ranks; the batch is then their global batch (train/distributed.py)."""
         if kind not in OBJECTIVES:
             raise ValueError(f"objective: {kind!r} is not one of {', '.join(OBJECTIVES)}")
         self.dic, self.kind, self.team = dic, kind, team

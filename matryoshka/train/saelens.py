@@ -114,19 +114,47 @@ def _bad(folder: Path, what: str) -> ConfigError:
 def read_saelens_config(folder: str | Path) -> SAELensConfig:
     """Parse and check ``folder/cfg.json`` (SAELens 6.x, or an older one with its keys at the top level)."""
     folder = Path(folder).expanduser()
+    cfg = _read_cfg_json(folder)
+    meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens < 6 kept these at the top level
+    arch = _architecture(folder, cfg)
+    width, d_in = int(cfg["d_sae"]), int(cfg["d_in"])
+    widths = (meta.get("training_architecture_details") or {}).get("matryoshka_widths") or [width]
+    groups = np.diff([0, *widths]).tolist()
+    if widths[-1] != width or min(groups) <= 0:
+        raise _bad(folder, f"matryoshka_widths {widths} must increase to d_sae {width}")
+    if arch == "topk" and not isinstance(cfg.get("k"), int):
+        raise _bad(folder, f"a topk SAE needs an integer k, not {cfg.get('k')!r}")
+    hook_out = meta.get("hook_name_out")
+    if ARCHITECTURES[arch][0] and hook_out is None:
+        raise _bad(folder, f"a {arch} needs metadata.hook_name_out, the hook its output reconstructs")
+    c = SAELensConfig(folder, arch, d_in, int(cfg.get("d_out", d_in)), width, cfg["k"] if arch == "topk" else None,
+                      groups, bool(cfg.get("apply_b_dec_to_input", not ARCHITECTURES[arch][0])),
+                      bool(cfg.get("rescale_acts_by_decoder_norm", False)), meta.get("model_name"),
+                      meta.get("hook_name") or meta.get("hook_point"), hook_out)
+    _check_weights(c)
+    return c
+
+
+def _read_cfg_json(folder: Path) -> dict[str, Any]:
+    """``folder``'s cfg.json, once it is known to be a SAELens folder whose config names its sizes."""
     if not (folder / "cfg.json").is_file() or not (folder / "sae_weights.safetensors").is_file():
         raise _bad(folder, "is not a SAELens folder (it needs cfg.json and sae_weights.safetensors)")
     try:
         cfg = json.loads((folder / "cfg.json").read_text())
     except ValueError as e:
         raise _bad(folder, f"cfg.json is not JSON ({e})") from None
-    meta = {**cfg, **(cfg.get("metadata") or {})}  # SAELens < 6 kept these at the top level
     missing = [key for key in ("d_in", "d_sae") if not isinstance(cfg.get(key), int)]
     if missing:
         raise _bad(folder, f"cfg.json has no integer {' or '.join(missing)}")
+    return cfg
+
+
+def _architecture(folder: Path, cfg: dict[str, Any]) -> str:
+    """The SAELens architecture of ``cfg`` (which a pre-6 TopK config gains, with its ``k``), once its
+    activations are known to need no normalising or reshaping."""
     legacy_k = (cfg.get("activation_fn_kwargs") or {}).get("k")  # SAELens < 6 said TopK this way
     if "architecture" not in cfg and cfg.get("activation_fn", cfg.get("activation_fn_str")) == "topk" and legacy_k:
-        cfg = {**cfg, "architecture": "topk", "k": legacy_k}
+        cfg.update(architecture="topk", k=legacy_k)
     arch = cfg.get("architecture", "standard")
     if arch not in ARCHITECTURES:
         raise _bad(folder, f"architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
@@ -136,28 +164,17 @@ def read_saelens_config(folder: str | Path) -> SAELensConfig:
                            "activations' own units)")
     if (cfg.get("reshape_activations") or "none") != "none":
         raise _bad(folder, f"reshape_activations {cfg['reshape_activations']!r} is not supported; supported: 'none'")
-    width, d_in = int(cfg["d_sae"]), int(cfg["d_in"])
-    widths = (meta.get("training_architecture_details") or {}).get("matryoshka_widths") or [width]
-    groups = np.diff([0, *widths]).tolist()
-    if widths[-1] != width or min(groups) <= 0:
-        raise _bad(folder, f"matryoshka_widths {widths} must increase to d_sae {width}")
-    if arch == "topk" and not isinstance(cfg.get("k"), int):
-        raise _bad(folder, f"a topk SAE needs an integer k, not {cfg.get('k')!r}")
-    k = cfg["k"] if arch == "topk" else None
-    hook_out = meta.get("hook_name_out")
-    if ARCHITECTURES[arch][0] and hook_out is None:
-        raise _bad(folder, f"a {arch} needs metadata.hook_name_out, the hook its output reconstructs")
-    c = SAELensConfig(folder, arch, d_in, int(cfg.get("d_out", d_in)), width, k, groups,
-                      bool(cfg.get("apply_b_dec_to_input", not ARCHITECTURES[arch][0])),
-                      bool(cfg.get("rescale_acts_by_decoder_norm", False)), meta.get("model_name"),
-                      meta.get("hook_name") or meta.get("hook_point"), hook_out)
-    with safe_open(folder / "sae_weights.safetensors", "pt") as f:  # the header only: no weights read yet
+    return arch
+
+
+def _check_weights(c: SAELensConfig) -> None:
+    """The weights file holds the tensors ``c`` implies, in their shapes (its header only: no weights read)."""
+    with safe_open(c.folder / "sae_weights.safetensors", "pt") as f:
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     for name, shape in _weight_shapes(c).items():
         if shapes.get(name) != shape:
-            raise _bad(folder, f"sae_weights.safetensors: {name} is {shapes.get(name) or 'missing'}, "
-                               f"cfg.json implies {shape}")
-    return c
+            raise _bad(c.folder, f"sae_weights.safetensors: {name} is {shapes.get(name) or 'missing'}, "
+                                 f"cfg.json implies {shape}")
 
 
 def _weight_shapes(c: SAELensConfig) -> dict[str, tuple[int, ...]]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from ..distributed import Team
+    from .distributed import Team
 
 
 @dataclass
@@ -71,7 +71,7 @@ def batch_topk(acts: torch.Tensor, k: int, team: "Team | None" = None) -> Code:
     ``t`` in row-major order until k*B are kept. With a ``team`` of data-parallel ranks (each holding
     ``acts`` of an equal share of the global batch, in rank order), B is the global batch: the ranks
     all-gather their local k*B largest values to find ``t`` and share its ties in rank order, so the
-    selection is the one a single process makes on the concatenated batch (matryoshka/distributed.py).
+    selection is the one a single process makes on the concatenated batch (train/distributed.py).
     """
     b, m = acts.shape
     flat = acts.reshape(-1)

@@ -18,11 +18,16 @@ import signal
 import threading
 from types import FrameType
 
+from ..errors import MatryoshkaError
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-    """Training stopped at a signal after writing its checkpoints; ``exit_code`` is 128 + the signal."""
+class Interrupted(MatryoshkaError):
+    """Training stopped at a signal after writing its checkpoints; ``exit_code`` is 128 + the signal. Not a
+    failure: its line has no ``error:`` prefix."""
+
+    prefix = ""
 
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)

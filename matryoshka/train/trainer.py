@@ -16,41 +16,46 @@ It is not evaluation's ``dead`` (no firing on any held-out token), which is name
 
 Inputs are scaled by constants from the cache's statistics so every array has E||x||^2 = d (the
 scales are saved with the run); FVU is reported against the cache's total variance.
+
+Reading order: :func:`train` holds one ``ExitStack`` for everything that must be closed (the signal
+handlers, run locks, the reader, metrics files, W&B runs, progress bars); :func:`_train` sets up
+(:func:`_open_cache`, a :class:`TrainingRun` per run, :func:`_resume`, :func:`_open_reader`, the
+:class:`~matryoshka.train.monitor.Monitor` that reports) and hands over to :func:`_loop`, the idea itself.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
-import time
+import sys
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from .. import strict_json
 from ..cache import Cache, CacheError
+from ..cache import local_copy
 from ..cache.lock import writer_lock
 from ..cache.reader import ReaderConfig
-from ..distributed import RankStreams, Team
+from ..files import shareable
 from ..config import ConfigError, RunConfig, TrainConfig, check_device
 from .dictionary import Dictionary
+from .distributed import RankStreams, Team
 from .export import export_missing, export_saelens
 from .load import checkpoint_dir
+from .monitor import Monitor, trim_metrics
 from .objectives import Objective
 from .stop import Interrupted, StopSignals, signal_name
 
 
-class Run:
+class TrainingRun:
     """One dictionary in training: model, objective, optimiser, schedule, counters, files."""
 
     def __init__(self, cfg: RunConfig, cache: Cache, root: Path, batch_size: int, device: torch.device,
                  team: Team | None = None) -> None:
-        self.team = team  # data-parallel ranks (matryoshka/distributed.py); None: this process sees whole batches
+        self.team = team  # data-parallel ranks (train/distributed.py); None: this process sees whole batches
         self.source, self.target = cfg.source, cfg.target or cfg.source
         for name in (self.source, self.target):
             if name not in cache.array_names:
@@ -122,6 +127,7 @@ class Run:
         tmp.mkdir(parents=True)
         tensors = {k: v.detach().contiguous() for k, v in self.dic.state_dict().items()}
         save_file(tensors, tmp / "model.safetensors")
+        shareable(tmp / "model.safetensors")  # safetensors writes 0600: teammates read checkpoints too
         torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                     "objective": self.objective.state_dict(), "step": self.step,
                     "cursor": cursor, "rng": torch.get_rng_state()}, tmp / "state.pt")
@@ -149,7 +155,7 @@ class Run:
         return state
 
     def describe(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.cfg), "d_in": self.dic.d_in, "d_out": self.dic.d_out,
+        return {**self.cfg.model_dump(), "d_in": self.dic.d_in, "d_out": self.dic.d_out,
                 "transcoder": self.dic.transcoder, "scale_in": self.scale_in, "scale_out": self.scale_out,
                 "cache": self.cache_path, "fingerprint": self.fingerprint, "trained_rows": self.trained_rows,
                 "total_steps": self.total_steps, "step": self.step}
@@ -163,7 +169,7 @@ def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
     if not path.is_file():
         return None
     saved = json.loads(path.read_text())
-    changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in dataclasses.asdict(cfg).items() if saved.get(k) != v]
+    changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in cfg.model_dump().items() if saved.get(k) != v]
     if saved.get("total_steps") != total_steps:
         changed.append(f"total_steps (tokens / batch_size: {saved.get('total_steps')} -> {total_steps})")
     if changed:
@@ -172,39 +178,10 @@ def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
     return int(saved["step"])
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the metrics lines of steps up to ``step`` (and drop a line cut off by a kill)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
-
-
-def _json_value(v: Any) -> float | list:
-    """A logged metric as JSON: tensors detached, vectors as lists."""
-    if torch.is_tensor(v):
-        v = v.detach()
-        return v.tolist() if v.ndim else float(v)
-    return float(v)
-
-
-def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
-    """Train every run of ``cfg`` from one read of its cache; resume runs that have checkpoints.
-    Under torchrun, the ranks train data-parallel (matryoshka/distributed.py) and rank 0 writes the files."""
-    team = Team.join(torch.device(cfg.device) if cfg.device else None)
-    try:
-        with ExitStack() as locks, StopSignals() as stop:
-            return _train(cfg, progress, team, locks, stop)
-    finally:
-        team.leave()
+def _say(line: str | None, team: Team) -> None:
+    """One line on stderr from the leader (nothing for None)."""
+    if line and team.leader:
+        print(line, file=sys.stderr)
 
 
 def run_lock(run_dir: Path, doing: str) -> Any:
@@ -214,15 +191,66 @@ def run_lock(run_dir: Path, doing: str) -> Any:
     return writer_lock(run_dir, what="run", doing=doing)
 
 
-def _stopping(stop: StopSignals, team: Team, device: torch.device) -> int | None:
-    """The signal that stops training after this step, agreed by every rank (the highest one received)."""
-    if team.size == 1:
-        return stop.received
-    got = team.all_reduce(torch.tensor([stop.received or 0], device=device), "max")
-    return int(got) or None
+def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
+    """Train every run of ``cfg`` from one read of its cache; resume runs that have checkpoints.
+    Under torchrun, the ranks train data-parallel (train/distributed.py) and rank 0 writes the files."""
+    team = Team.join(torch.device(cfg.device) if cfg.device else None)
+    try:
+        with ExitStack() as closing:  # signals first: they stay recorded until the rest is closed
+            stop = closing.enter_context(StopSignals())
+            return _train(cfg, progress, team, stop, closing)
+    finally:
+        team.leave()
 
 
-def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop: StopSignals) -> list[Path]:
+def _train(cfg: TrainConfig, progress: bool, team: Team, stop: StopSignals, closing: ExitStack) -> list[Path]:
+    """Set up, resume, train. ``closing`` closes what is opened here (run locks, reader, metrics files,
+    W&B runs, progress bars) in the reverse order, however training ends."""
+    cache = _open_cache(cfg)
+    device = torch.device(cfg.device or (f"cuda:{team.local_rank}" if torch.cuda.is_available() else "cpu"))
+    root = Path(cfg.runs_dir) / cache.fingerprint
+    runs = [TrainingRun(r, cache, root, cfg.batch_size, device, team if team.size > 1 else None) for r in cfg.runs]
+    state = _resume(runs, cache, team, closing)
+    active = [r for r in runs if not r.done]
+    if active:
+        reader = _open_reader(cfg, cache, active, state, team, device)
+        closing.callback(reader.close)
+        _say(local_copy.start_line(cache, _arrays(active)), team)  # the config is valid: the read begins
+        for r in active if team.leader else []:
+            r.dir.mkdir(parents=True, exist_ok=True)
+            (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
+        monitor = Monitor(cfg, active, cache, team, device, progress, closing)
+        _loop(cfg, active, reader, monitor, stop, team, device)
+        _say(local_copy.end_line(cache), team)
+    return [r.dir for r in runs]
+
+
+def _loop(cfg: TrainConfig, active: list[TrainingRun], reader: RankStreams, monitor: Monitor, stop: StopSignals,
+          team: Team, device: torch.device) -> None:
+    """Each batch is read once and trains every unfinished run one step. Checkpoints are written every
+    ``checkpoint_every`` steps, at a run's last step and at a stop signal; a finished run is exported."""
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and device.type == "cuda"
+                else nullcontext())
+    while active:
+        batch = monitor.read(reader, active)
+        for r in active:
+            monitor.stepped(r, r.train_step(batch, autocast))
+        finished = [r for r in active if r.done]
+        signum = _stopping(stop, team, device)
+        if finished or signum or any(r.step % cfg.checkpoint_every == 0 for r in active):
+            _checkpoint(active, reader, monitor, team)
+        for r in finished if team.leader else []:
+            export_saelens(r.dir, r.dir / "saelens", monitor.cache.manifest)
+            monitor.exported(r)
+        active = [r for r in active if not r.done]
+        if signum and active:
+            raise Interrupted(signum, f"train: stopped by {signal_name(signum)} at step {active[0].step}; "
+                                      f"checkpoint written for {', '.join(r.cfg.name for r in active)} in "
+                                      f"{active[0].dir.parent}; run the same command to resume")
+
+
+def _open_cache(cfg: TrainConfig) -> Cache:
+    """The complete cache ``cfg`` trains from, after the checks that need no data."""
     if not cfg.runs:
         raise ConfigError("train.runs: no runs to train; list at least one under train.runs")
     check_device(cfg.device)
@@ -230,20 +258,21 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop:
         raise ConfigError("cache: none given; pass --cache CACHE (or set train.cache in the config)")
     cache = Cache(cfg.cache, local_cache_dir=cfg.local_cache_dir)
     cache.require_complete()
-    device = torch.device(cfg.device or (f"cuda:{team.local_rank}" if torch.cuda.is_available() else "cpu"))
-    root = Path(cfg.runs_dir) / cache.fingerprint
-    runs = [Run(r, cache, root, cfg.batch_size, device, team if team.size > 1 else None) for r in cfg.runs]
+    return cache
+
+
+def _resume(runs: list[TrainingRun], cache: Cache, team: Team, closing: ExitStack) -> dict[str, Any] | None:
+    """Lock every run folder (rank 0), load the checkpoints, and tidy what a kill left: a finished run's
+    missing export, metrics lines past the checkpoint (they are logged again). Returns the state the
+    unfinished runs continue from (None: they start afresh)."""
     for r in runs if team.leader else []:  # before the checkpoint is read: no other writer can change it now
-        locks.enter_context(run_lock(r.dir, "trained"))
+        closing.enter_context(run_lock(r.dir, "trained"))
     states = [r.load() for r in runs]
-    active = [r for r in runs if not r.done]
     for r in runs if team.leader else []:
         if r.done:  # a kill between its last checkpoint and its export leaves the export missing
             export_missing(r.dir, cache.manifest)
-        else:  # metrics logged after the checkpoint it resumes from are logged again
-            _trim_metrics(r.dir / "metrics.jsonl", r.step)
-    if not active:
-        return [r.dir for r in runs]
+        else:
+            trim_metrics(r.dir / "metrics.jsonl", r.step)
     resumed = {s["step"]: s for r, s in zip(runs, states) if s is not None and not r.done}
     if len(resumed) > 1 or (resumed and any(s is None for r, s in zip(runs, states) if not r.done)):
         raise CacheError("train: the unfinished runs stopped at different steps of the stream; "
@@ -251,97 +280,36 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, locks: ExitStack, stop:
     state = next(iter(resumed.values()), None)
     if state is not None:
         torch.set_rng_state(state["rng"].cpu())  # loaded onto the run's device with the rest of the state
-    arrays = sorted({a for r in active for a in (r.source, r.target)})
+    return state
+
+
+def _arrays(active: list[TrainingRun]) -> list[str]:
+    return sorted({a for r in active for a in (r.source, r.target)})
+
+
+def _open_reader(cfg: TrainConfig, cache: Cache, active: list[TrainingRun], state: dict[str, Any] | None,
+                 team: Team, device: torch.device) -> RankStreams:
+    """The shuffled stream of the arrays ``active`` train on, at the checkpoint's cursors if resuming."""
+    arrays = _arrays(active)
     cursors = state["cursor"] if state is not None else None  # one per data rank
     if isinstance(cursors, dict):  # a checkpoint written before data-parallel training: one stream
         cursors = [cursors]
-    reader = RankStreams(arrays, cache, ReaderConfig(batch_size=cfg.batch_size, buffer_tokens=cfg.buffer_tokens,
-                                                     seed=cfg.seed, drop_last=True),
-                         team, cfg.data_ranks, device, torch.float32, cursors)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.autocast and device.type == "cuda"
-                else nullcontext())
-    writes = team.leader  # rank 0 writes every file
-    for r in active if writes else []:
-        r.dir.mkdir(parents=True, exist_ok=True)
-        (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
-    # line-buffered: `tail -f metrics.jsonl` follows training (lines past the checkpoint are trimmed on resume)
-    logs = {r.cfg.name: open(r.dir / "metrics.jsonl", "a", buffering=1) for r in active} if writes else {}
-    wandb_runs = _wandb_runs(cfg, active, cache) if writes else {}
-    bars = {r.cfg.name: tqdm(total=r.total_steps, initial=r.step, desc=r.cfg.name, position=i, leave=True,
-                             disable=not (progress and writes), dynamic_ncols=True) for i, r in enumerate(active)}
-    # per run: seconds spent waiting on the reader since its last metrics line, and when that line was
-    waits = {r.cfg.name: [0.0, time.perf_counter()] for r in active}
-    try:
-        while active:
-            t0 = time.perf_counter()
-            batch = next(reader)
-            waited = time.perf_counter() - t0
-            for r in active:
-                waits[r.cfg.name][0] += waited
-                m = r.train_step(batch, autocast)
-                if r.step % cfg.log_every == 0 or r.done:
-                    m = team.mean(m, device)  # every rank's share of the global batch
-                    if not writes:
-                        continue
-                    row = {k: _json_value(v) for k, v in m.items()}
-                    now, (spent, since) = time.perf_counter(), waits[r.cfg.name]
-                    waits[r.cfg.name] = [0.0, now]
-                    row.update(step=r.step, tokens=r.step * cfg.batch_size, lr=r.sched.get_last_lr()[0],
-                               time=time.time(), reader_wait=round(spent / max(now - since, 1e-9), 4))
-                    logs[r.cfg.name].write(strict_json.dumps(row) + "\n")
-                    if r.cfg.name in wandb_runs:
-                        wandb_runs[r.cfg.name].log(row, step=r.step)
-                    bars[r.cfg.name].set_postfix_str(
-                        f"Loss: {row['loss']:.4g}, L0: {row['l0']:.1f}, L2: {row['l2']:.4g}, "
-                        f"FVU: {row['fvu']:.3f}, AuxDead: {int(row['aux_dead'])}, Wait: {row['reader_wait']:.0%}",
-                        refresh=False)
-                bars[r.cfg.name].update(1)
-            finished = [r for r in active if r.done]
-            signum = _stopping(stop, team, device)
-            if finished or signum or any(r.step % cfg.checkpoint_every == 0 for r in active):
-                cursor = reader.state_dict()  # every data rank's cursor
-                for r in active if writes else []:
-                    r.save(cursor)
-                    logs[r.cfg.name].flush()
-            for r in finished if writes else []:
-                export_saelens(r.dir, r.dir / "saelens", cache.manifest)
-                if r.cfg.name in wandb_runs:
-                    _log_artifact(wandb_runs[r.cfg.name], r, cache)
-            active = [r for r in active if not r.done]
-            if signum and active:
-                raise Interrupted(signum, f"train: stopped by {signal_name(signum)} at step {active[0].step}; "
-                                          f"checkpoint written for {', '.join(r.cfg.name for r in active)} in "
-                                          f"{root}; run the same command to resume")
-    finally:
-        for f in logs.values():
-            f.close()
-        for w in wandb_runs.values():
-            w.finish()
-        for b in bars.values():
-            b.close()
-        reader.close()
-    return [r.dir for r in runs]
+    return RankStreams(arrays, cache, ReaderConfig(batch_size=cfg.batch_size, buffer_tokens=cfg.buffer_tokens,
+                                                   seed=cfg.seed, drop_last=True),
+                       team, cfg.data_ranks, device, torch.float32, cursors)
 
 
-def _wandb_runs(cfg: TrainConfig, runs: list[Run], cache: Cache) -> dict[str, Any]:
-    """One W&B run per dictionary when ``cfg.wandb`` names a project. ``WANDB_MODE=offline`` logs to
-    ``<run>/wandb/`` without an account (``wandb sync`` uploads it later)."""
-    if not cfg.wandb:
-        return {}
-    import wandb
-
-    return {r.cfg.name: wandb.init(project=cfg.wandb, name=r.cfg.name, dir=str(r.dir), reinit="create_new",
-                                   config={**r.describe(), "cache": cache.path, "fingerprint": cache.fingerprint},
-                                   id=f"{cache.fingerprint}-{r.cfg.name}", resume="allow")
-            for r in runs}
+def _checkpoint(active: list[TrainingRun], reader: RankStreams, monitor: Monitor, team: Team) -> None:
+    """Every unfinished run's checkpoint at this step, with every data rank's cursor (a collective call)."""
+    cursor = reader.state_dict()
+    for r in active if team.leader else []:
+        r.save(cursor)
+        monitor.checkpointed(r)
 
 
-def _log_artifact(wandb_run: Any, run: Run, cache: Cache) -> None:
-    """The finished run (checkpoint and SAELens export) as a W&B model artifact named after the run,
-    loadable with ``matryoshka.load("wandb:ENTITY/PROJECT/NAME:latest")``."""
-    import wandb
-
-    art = wandb.Artifact(run.cfg.name, type="model", metadata={**run.describe(), "fingerprint": cache.fingerprint})
-    art.add_dir(str(checkpoint_dir(run.dir)), name="checkpoint")
-    art.add_dir(str(run.dir / "saelens"), name="saelens")
-    wandb_run.log_artifact(art)
+def _stopping(stop: StopSignals, team: Team, device: torch.device) -> int | None:
+    """The signal that stops training after this step, agreed by every rank (the highest one received)."""
+    if team.size == 1:
+        return stop.received
+    got = team.all_reduce(torch.tensor([stop.received or 0], device=device), "max")
+    return int(got) or None

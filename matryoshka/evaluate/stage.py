@@ -201,7 +201,7 @@ def _lm_of(cache: Cache, settings: EvaluateConfig, lms: dict[str, LM | None], pr
         lms.clear()  # one LM in memory at a time
         lms[cache.fingerprint] = None if reason else LM.load(
             cache, tokens=settings.lm_tokens, batch_size=settings.lm_batch_size, device=settings.device,
-            progress=progress)
+            progress=progress, model=settings.model)
     return lms[cache.fingerprint]
 
 

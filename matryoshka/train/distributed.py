@@ -23,6 +23,10 @@ every global batch. What makes N processes equal one process at the same global 
 
 The sums of the all-reduce run in another order than one process's, so weights agree to float rounding
 (the tests bound the difference), not bit for bit; a resumed N-rank job equals an uninterrupted one exactly.
+
+It lives in ``train/`` because training is its only user (the trainer, the objectives, batch top-k).
+The reader it wraps stays in ``cache/`` and knows nothing of processes (a data rank is two integers
+passed to :class:`ShuffledReader`), so stages import downward only: train -> cache.
 """
 from __future__ import annotations
 
@@ -34,10 +38,10 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from .cache.reader import ReaderConfig, ShuffledReader, default_threads
-from .cache.store import Cache
-from .config import ConfigError
-from .cpus import usable_cpus
+from ..cache.reader import ReaderConfig, ShuffledReader, default_threads
+from ..cache.store import Cache
+from ..config import ConfigError
+from ..cpus import usable_cpus
 
 
 @dataclass
