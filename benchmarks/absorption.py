@@ -12,14 +12,11 @@ to the BatchTopK SAE's (the baseline, measured in the same run), and the seconds
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table
-
 from matryoshka.config import load_pipeline
 from matryoshka.evaluate.stage import evaluate
 from matryoshka.harvest import harvest
@@ -65,7 +62,8 @@ def main() -> None:
                              f"{g['absorption']:.3f}"])
             ratio = by_name[args.candidate] / by_name[args.baseline]
             ratios.append([str(seed), f"{by_name[args.baseline]:.3f}", f"{by_name[args.candidate]:.3f}", f"{ratio:.2f}",
-                           "yes" if ratio < 1 else "NO", *(f"{times[s]:.1f}" for s in ("harvest", "train", "evaluate"))])
+                           "yes" if ratio < 1 else "NO",
+                           *(f"{times[s]:.1f}" for s in ("harvest", "train", "evaluate"))])
     print_table(["run", "seed", "L0", "FVU", "recovery", "absorption"], rows)
     print()
     print_table(["seed", f"absorption {args.baseline}", f"absorption {args.candidate}", "ratio", "lower",

@@ -28,9 +28,9 @@ import os
 import tempfile
 import time
 import timeit
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
@@ -86,7 +86,8 @@ class _Stop(Exception):
 
 def bare_forward(path: Path, dtype: torch.dtype, device: str, attn: str) -> Callable[[torch.Tensor], None]:
     """A plain HF forward with attention implementation ``attn`` that a hook on block 8 cuts short."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, dtype=dtype)
+    model = model.to(device).eval()
 
     def stop(*_):
         raise _Stop
@@ -146,7 +147,8 @@ def throughput(path: Path, args: argparse.Namespace, work: Path, context: int,
     # Codec data: the model's own float32 8.resid_mid (not the bf16 cache cast back up, whose zero
     # low mantissa bits would flatter the fp16/fp32 ratios).
     exact = Capture(model, "gpt2", SITES[:1])
-    f32 = torch.cat([exact(b)[SITES[0]].float().reshape(-1, 768).cpu() for b in batches[: max(1, 8192 // batches[0].numel())]])
+    f32 = torch.cat([exact(b)[SITES[0]].float().reshape(-1, 768).cpu()
+                     for b in batches[: max(1, 8192 // batches[0].numel())]])
     exact.close()
     t0 = time.perf_counter()
     harvest(cfg, progress=False)
@@ -190,7 +192,8 @@ def codec_row(codec: numcodecs.abc.Codec | None, data: dict[str, np.ndarray], wo
     t_dec = min(timeit.repeat(lambda: [dec(c) for c in packed], number=1, repeat=3))
     with ThreadPoolExecutor(workers) as pool:
         t_par = min(timeit.repeat(lambda: list(pool.map(dec, packed)), number=1, repeat=3))
-    return ratios["bf16"], nbytes / t_enc / 1e9, nbytes / t_dec / 1e9, nbytes / t_par / 1e9, ratios["fp16"], ratios["fp32"]
+    return (ratios["bf16"], nbytes / t_enc / 1e9, nbytes / t_dec / 1e9, nbytes / t_par / 1e9, ratios["fp16"],
+            ratios["fp32"])
 
 
 def codec_table(f32: np.ndarray) -> list[tuple[str, tuple[float, ...]]]:
@@ -212,12 +215,12 @@ def writer_table(f32: np.ndarray) -> list[list[str]]:
     for dtype in STORAGE:
         a = to_storage(torch.from_numpy(rows), dtype).numpy()
 
-        def stats() -> None:
+        def stats(a: np.ndarray = a, dtype: str = dtype) -> None:  # bound now: timeit calls it in this iteration
             x = decode(a, dtype)
             assert not len(nonfinite_rows(a, x, dtype))
             chunk_sums(x[keep])
         t_stats = min(timeit.repeat(stats, number=1, repeat=5))
-        t_enc = min(timeit.repeat(lambda: encode_chunk(a, "lz4"), number=1, repeat=5))
+        t_enc = min(timeit.repeat(lambda a=a: encode_chunk(a, "lz4"), number=1, repeat=5))
         out.append([dtype, f"{a.nbytes / 2**20:.2f}", f"{1e3 * t_stats:.2f}", f"{1e3 * t_enc:.2f}",
                     f"{t_stats / t_enc:.2f}", f"{len(rows) / (2 * (t_stats + t_enc)):,.0f}"])
     return out
@@ -239,7 +242,8 @@ def main() -> None:
         path = gpt2_small_9(Path(tmp), n_docs=(args.tokens + 20 * max(args.contexts)) // 20, context=max(args.contexts))
         for i, context in enumerate(args.contexts):
             rows, data, note = throughput(path, args, Path(tmp), context)
-            f32 = data if i == 0 else f32
+            if i == 0:  # the per-chunk table uses the first context's activations
+                f32 = data
             print(f"\n1{'abcdefgh'[i]}. Harvest throughput at context {context}, GPT-2-small shape (d 768, 12 heads, "
                   "random weights), sites 8.resid_mid,8.mlp_out")
             print(f"   {note}")

@@ -38,9 +38,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import psutil
@@ -258,9 +259,10 @@ def main() -> None:
         else:
             for names in (SAE, PAIR):
                 g = gather_seconds(buffer_tokens, len(names)) * n_rows / 4096 / workers
-                rows.append((f"bound: ceiling's decode + a random-row gather per row from a written {buffer_tokens:,}-row "
-                             f"buffer (alone {g * workers / n_rows * 4096e3:.2f} ms per 4096 rows), {workers} cores, "
-                             f"{len(names)} array{'s' * (len(names) > 1)}", ceil[len(names)] + g, n_rows,
+                rows.append((f"bound: ceiling's decode + a random-row gather per row from a written "
+                             f"{buffer_tokens:,}-row buffer (alone {g * workers / n_rows * 4096e3:.2f} ms per "
+                             f"4096 rows), {workers} cores, {len(names)} array{'s' * (len(names) > 1)}",
+                             ceil[len(names)] + g, n_rows,
                              len(names) * D * 2, ceil[len(names)]))
         runs = [("ShuffledReader SAE, 1 array, out bf16", SAE, None),
                 ("ShuffledReader transcoder, 2 arrays, out bf16", PAIR, None),

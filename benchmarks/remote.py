@@ -188,7 +188,8 @@ def harvest_section(args: argparse.Namespace, tmp: Path) -> None:
                          f"{total:.1f}", f"{startup:.1f}", f"{args.harvest_tokens / work:,.0f}",
                          f"{one[where] / work:.2f}x"])
     print(f"\nHarvest, GPT-2-small shape (9 blocks, d 768), 8.resid_mid + 8.mlp_out, bf16: {args.harvest_tokens:,} "
-          f"tokens, context 128, batch 8, {args.harvest_tokens // (128 * seqs_per_chunk)} chunks; torch threads per worker as shown\n")
+          f"tokens, context 128, batch 8, {args.harvest_tokens // (128 * seqs_per_chunk)} chunks; "
+          "torch threads per worker as shown\n")
     print_table(["harvest", "wall s", "start-up s", "tok/s", "vs 1 worker"], rows)
 
 
@@ -197,7 +198,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--buffer", type=int, default=0, help="reader buffer in tokens (default: a sixth of the cache)")
     ap.add_argument("--section", choices=("all", "reader", "copy", "harvest"), default="all")
-    ap.add_argument("--harvest-tokens", type=int, default=0, help="tokens per harvest (default 16,384; a multiple of 1,024)")
+    ap.add_argument("--harvest-tokens", type=int, default=0,
+                    help="tokens per harvest (default 16,384; a multiple of 1,024)")
     args = ap.parse_args()
     args.harvest_tokens = args.harvest_tokens or 16 * 8 * 128 // (4 if args.quick else 1)
     args.chunks = 12 if args.quick else 48

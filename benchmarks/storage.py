@@ -18,7 +18,6 @@ For each cache:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,16 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table
-from reader import CONTEXT, D, activations
-
 from matryoshka import load
 from matryoshka.cache.store import Cache
 from matryoshka.config import TrainConfig
 from matryoshka.evaluate.metrics import reconstruction
 from matryoshka.fixtures import write_cache
 from matryoshka.train.trainer import train
+from reader import CONTEXT, D, activations
 
 DTYPES = ["float32", "bfloat16", "float16", "float8"]
 

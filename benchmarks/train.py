@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import machine, print_table
-from reader import SAE, build
 
+from common import machine, print_table
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
 from matryoshka.train.dictionary import Dictionary
 from matryoshka.train.objectives import Objective
+from reader import SAE, build
 
 SIZES = {"GPT-2": (768, 12_288, [768, 1536, 3072, 6912], 64),  # d, width, group sizes, k
          "Gemma-2-2B": (2304, 36_864, [2304, 4608, 9216, 20736], 32)}
@@ -161,7 +161,8 @@ def read_backs(step: Step, x: torch.Tensor) -> collections.Counter:
 
 def profile(device: str) -> None:
     """The kernels and host-device syncs of ours (default), per size: where a step's time goes."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     gpu = device.startswith("cuda")
     for size in SIZES:

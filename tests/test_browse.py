@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.browse.build import dictionary_data
 from matryoshka.browse.family import family
 from matryoshka.browse.sample import sample_heldout
@@ -68,6 +68,7 @@ def dense_heldout(built) -> tuple[np.ndarray, np.ndarray, int]:
     return acts, ids, a
 
 
+@pytest.mark.slow
 def test_site_layout_next_to_the_report(built):
     site, meta = built["site"], built["meta"]
     assert site == built["run"].parent / "browse" and (built["run"].parent / "report.md").is_file()
@@ -79,9 +80,11 @@ def test_site_layout_next_to_the_report(built):
     remote = re.compile(r'(?:src|href)\s*=\s*"(?:[a-z]+:)?//|@import|url\((?!#)')  # nothing loaded from the network
     for page in [site / "index.html", site / "static" / "browse.css"] + list((site / "mat").glob("*.html")):
         assert not remote.search(page.read_text()), page
-    assert not re.search(r"https?:", (site / "static" / "browse.js").read_text().replace("http://www.w3.org/2000/svg", ""))
+    script = (site / "static" / "browse.js").read_text()
+    assert not re.search(r"https?:", script.replace("http://www.w3.org/2000/svg", ""))
 
 
+@pytest.mark.slow
 def test_contexts_and_density_equal_a_dense_encode(built):
     acts, ids, start = dense_heldout(built)
     latents = built["shard"]["latents"]
@@ -102,6 +105,7 @@ def test_contexts_and_density_equal_a_dense_encode(built):
         assert [c["v"] for c in rec["top"]] == sorted((c["v"] for c in rec["top"]), reverse=True)
 
 
+@pytest.mark.slow
 def test_parents_follow_dense_coactivation(built):
     acts, _, _ = dense_heldout(built)
     on = acts > 0
@@ -143,6 +147,7 @@ def test_search_bucket_is_the_scripts_hash():
     assert bucket("é🙂", 2 ** 32) == (0xE9 * 31 + 0x1F642) % 2 ** 32
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_writes_nothing(built, tmp_path):
     run = built["run"]
     bare = tmp_path / "runs" / "fp" / "copy"
@@ -158,7 +163,8 @@ def test_bad_input_is_one_line_and_writes_nothing(built, tmp_path):
     res = CliRunner().invoke(app, ["browse", str(run), "--batch-size", "-1"])
     assert res.exit_code == 2 and res.output.strip() == "error: browse: --batch-size -1 must be at least 1"
     res = CliRunner().invoke(app, ["browse", str(run), "--serve", "--port", "70000"])
-    assert res.exit_code == 2 and res.output.strip() == "error: --port: 70000 is not a port (0 to 65535; 0: any free one)"
+    assert res.exit_code == 2
+    assert res.output.strip() == "error: --port: 70000 is not a port (0 to 65535; 0: any free one)"
 
 
 def test_synthetic_cache_shows_the_ground_truth(tmp_path):
@@ -186,11 +192,13 @@ def test_synthetic_cache_shows_the_ground_truth(tmp_path):
         assert t["parent"] == parent[j]
         if parent[j] >= 0:
             events = int((present[:, j] & present[:, parent[j]]).sum())
-            assert t["absorbed"] == ([{"child": j, "parent": parent[j], "rate": 0.0, "events": events}] if events else [])
+            absorbed = [{"child": j, "parent": parent[j], "rate": 0.0, "events": events}] if events else []
+            assert t["absorbed"] == absorbed
     dic.config = {"source": "0.resid_mid", "target": None, "arch": "matryoshka", "k": 2}
     data = dictionary_data(dic, "exact", cache, 10 ** 6)  # the whole run's data: truth beside each latent
     assert data.meta["synthetic"] and [r["truth"] for r in data.latents] == out
-    assert "logits" not in data.latents[0] and data.meta["logits"] == "no output tokens: the cache has no language model"
+    assert "logits" not in data.latents[0]
+    assert data.meta["logits"] == "no output tokens: the cache has no language model"
     assert data.meta["tokenizer"].endswith("has no tokenizer")
     assert [r["parent"] for r in data.latents[P:]] == parent[P:]  # each child fires only with its parent
 
@@ -215,6 +223,7 @@ def chromium():
     return webdriver.Chrome(options=opts, service=Service(driver))
 
 
+@pytest.mark.slow
 def test_in_a_real_browser(built):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -266,6 +275,7 @@ def test_in_a_real_browser(built):
         d.quit()
 
 
+@pytest.mark.slow
 def test_serve_serves_the_site_until_interrupted(built):
     """`--serve`: a real `pipeline` process serves the built pages on localhost and stops on SIGINT."""
     import os

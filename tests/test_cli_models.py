@@ -50,7 +50,8 @@ def test_an_unknown_or_unsupported_model_is_one_line(tmp_path):
     assert out.exit_code == 2 and "is a 'llama' model; supported: GPT-2 family" in out.output
 
 
-@pytest.mark.parametrize("name, model, d_model, k", [("gpt2-small", "gpt2", 768, 64), ("gemma-2-2b", "gemma-2-2b", 2304, 32)])
+@pytest.mark.parametrize("name, model, d_model, k", [("gpt2-small", "gpt2", 768, 64),
+                                                     ("gemma-2-2b", "gemma-2-2b", 2304, 32)])
 def test_examples_validate_without_the_model(name, model, d_model, k):
     cfg = load_pipeline(EXAMPLES / f"{name}.yaml")  # HF_HUB_OFFLINE: nothing may need the network
     assert cfg.harvest.model == model and cfg.harvest.site_list == [(8, "resid_mid"), (8, "mlp_out")]

@@ -6,8 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from matryoshka.cli import _flags_from, _config_from
-from matryoshka.config import ConfigError, HarvestConfig, RunConfig, TrainConfig, load_pipeline, parse_count, parse_sites
+from matryoshka.cli import _config_from, _flags_from
+from matryoshka.config import (
+    ConfigError,
+    HarvestConfig,
+    RunConfig,
+    TrainConfig,
+    load_pipeline,
+    parse_count,
+    parse_sites,
+)
 
 
 @pytest.mark.parametrize("text, n", [("4096", 4096), (4096, 4096), ("64K", 64_000), ("200M", 200_000_000),
@@ -23,7 +31,8 @@ def test_parse_count_rejects(bad):
 
 
 @pytest.mark.parametrize("tokens, dead, want", [("10M", 0, 1_000_000), ("20M", "0", 2_000_000), ("1B", 0, 10_000_000),
-                                                ("50", 0, 5), ("9", 0, 1), ("10M", "2M", 2_000_000), ("10M", "50M", 50_000_000)])
+                                                ("50", 0, 5), ("9", 0, 1), ("10M", "2M", 2_000_000),
+                                                ("10M", "50M", 50_000_000)])
 def test_dead_tokens_default_to_a_tenth_of_the_run(tokens, dead, want):
     """0 resolves to tokens / 10, capped at 10M, so a latent can die (and be revived) within any run."""
     run = RunConfig(name="r", source="8.resid_mid", tokens=tokens, dead_tokens=dead)
@@ -31,7 +40,8 @@ def test_dead_tokens_default_to_a_tenth_of_the_run(tokens, dead, want):
 
 
 def test_parse_sites_layers_and_explicit():
-    assert parse_sites("resid_mid,mlp_out", "6,8") == [(6, "resid_mid"), (6, "mlp_out"), (8, "resid_mid"), (8, "mlp_out")]
+    assert parse_sites("resid_mid,mlp_out", "6,8") == [(6, "resid_mid"), (6, "mlp_out"), (8, "resid_mid"),
+                                                       (8, "mlp_out")]
     assert parse_sites("9.mlp_out,8.resid_mid", None) == [(8, "resid_mid"), (9, "mlp_out")]
     assert parse_sites(["resid_pre", "8.resid_post"], 3) == [(3, "resid_pre"), (8, "resid_post")]
     with pytest.raises(ConfigError, match="has no layer"):
@@ -54,7 +64,8 @@ def test_tokens_round_up_to_whole_contexts_and_holdout():
 
 def test_yaml_round_trip_and_key_paths(tmp_path: Path):
     p = tmp_path / "pipeline.yaml"
-    p.write_text(yaml.safe_dump({"harvest": {"model": "gpt2", "layers": 8, "sites": "resid_mid,mlp_out", "tokens": "1M"}}))
+    harvest = {"model": "gpt2", "layers": 8, "sites": "resid_mid,mlp_out", "tokens": "1M"}
+    p.write_text(yaml.safe_dump({"harvest": harvest}))
     cfg = load_pipeline(p).harvest
     assert cfg.tokens == 1_000_000 and cfg.site_list == [(8, "resid_mid"), (8, "mlp_out")]
     p.write_text(yaml.safe_dump({"harvest": {"modle": "gpt2"}}))

@@ -31,7 +31,8 @@ def test_cgroup_v2_quota_is_the_tightest_of_the_cgroup_and_its_ancestors(tmp_pat
 def test_cgroup_v1_quota_and_unlimited(tmp_path):
     root, proc = tmp_path / "cg", tmp_path / "proc_cgroup"
     proc.write_text("5:memory:/x\n4:cpu,cpuacct:/slurm/job7\n0::/\n")
-    _tree(root, {"cpu,cpuacct/slurm/job7/cpu.cfs_quota_us": "300000\n", "cpu,cpuacct/slurm/job7/cpu.cfs_period_us": "100000\n",
+    _tree(root, {"cpu,cpuacct/slurm/job7/cpu.cfs_quota_us": "300000\n",
+                 "cpu,cpuacct/slurm/job7/cpu.cfs_period_us": "100000\n",
                  "cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"})
     assert cgroup_cpu_limit(root, proc) == 3
     (root / "cpu,cpuacct/slurm/job7/cpu.cfs_quota_us").write_text("-1\n")
@@ -44,6 +45,7 @@ def test_no_cgroup_files_means_no_limit(tmp_path):
     assert cgroup_cpu_limit(tmp_path / "cg", tmp_path / "proc_cgroup") is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("taskset") or not hasattr(os, "sched_getaffinity"),
                     reason="needs taskset (util-linux) and Linux affinity")
 def test_a_process_pinned_to_one_core_starts_one_decode_thread():
@@ -56,6 +58,7 @@ def test_a_process_pinned_to_one_core_starts_one_decode_thread():
     assert machine == os.cpu_count()
 
 
+@pytest.mark.slow
 def test_torch_threads_fit_a_cgroup_quota(tmp_path):
     """torch follows the affinity mask but not a quota; the CLI sizes its pool (OMP_NUM_THREADS, if set, wins)."""
     root, proc = tmp_path / "cg", tmp_path / "proc_cgroup"

@@ -25,6 +25,8 @@ from matryoshka.fixtures import write_cache
 from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 
+pytestmark = pytest.mark.slow  # torchrun and shard processes, each loading torch
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
        "PYTHONPATH": str(Path(__file__).parents[1])}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -42,7 +44,8 @@ def _cli(*args: str, launcher: list[str] | None = None, check: bool = True) -> s
 def _harvest_args(model: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:
     # 48 sequences, 4 per chunk (12 chunks), 6 per LM batch: shards are cut on 12-sequence (3-chunk) units.
     return ["harvest", "--model", str(model), "--dataset", str(corpus), "--sites", "0.resid_mid,1.mlp_out",
-            "--tokens", str(32 * 48), "--context-size", "32", "--batch-size", "6", "--chunk-mb", str(4 * 32 * 64 * 2 / 2**20),
+            "--tokens", str(32 * 48), "--context-size", "32", "--batch-size", "6",
+            "--chunk-mb", str(4 * 32 * 64 * 2 / 2**20),
             "--holdout", "128", "--cache", str(cache), "--quiet", *extra]
 
 

@@ -25,7 +25,7 @@ def harvest_args(model: Path, corpus: Path, cache: Path, *extra: str) -> list[st
 
 def run_bad(args: list[str], *fragments: str) -> str:
     result = runner.invoke(app, args)
-    lines = [l for l in result.output.splitlines() if l.strip()]
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert result.exit_code == 2, result.output
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for f in fragments:
@@ -45,7 +45,7 @@ def run_bad(args: list[str], *fragments: str) -> str:
     (["--codec", "gzip"], ["'gzip'", "lz4, zstd, none"]),
     (["--bos", "always"], ["'always'", "context, document, none"]),
     (["--attn-implementation", "flash"], ["attn_implementation: 'flash'", "auto, eager, sdpa, flex_attention"]),
-    (["--tokens", "100K"], ["ran out after", "lower --tokens", "removed"]),
+    pytest.param(["--tokens", "100K"], ["ran out after", "lower --tokens", "removed"], marks=pytest.mark.slow),
     (["--tokens", "1T"], ["GB needed", "GB free", "lower --tokens"]),
 ])
 def test_bad_input_writes_nothing(gpt2_dir, corpus, tmp_path, flags, fragments):
@@ -257,7 +257,8 @@ def test_a_null_written_as_text_is_not_a_folder(gpt2_dir, corpus, tmp_path, word
     """YAML `cache: None` is the text "None" (an unquoted null or ~ is YAML's null: the default path); it used to
     become a folder named None in the working directory."""
     cfg = tmp_path / "p.yaml"
-    cfg.write_text(f"harvest:\n  model: {gpt2_dir}\n  dataset: {corpus}\n  cache: {word if word == 'None' else json.dumps(word)}\n")
+    cache_text = word if word == "None" else json.dumps(word)
+    cfg.write_text(f"harvest:\n  model: {gpt2_dir}\n  dataset: {corpus}\n  cache: {cache_text}\n")
     run_bad(["harvest", "--config", str(cfg), "--quiet"], f"harvest.cache: {word!r} is not a path", "leave cache out")
     run_bad(harvest_args(gpt2_dir, corpus, Path(word)), f"harvest.cache: {word!r} is not a path")
     run_bad(["train", "--cache", "x", "--runs-dir", word], f"train.runs_dir: {word!r} is not a path")
@@ -281,7 +282,8 @@ def test_truncated_weights_and_missing_model_directory(gpt2_dir, corpus, tmp_pat
     size = weights.stat().st_size
     with open(weights, "r+b") as f:
         f.truncate(size // 2)
-    run_bad(harvest_args(broken, corpus, tmp_path / "c"), f"'{weights}' is truncated ({size // 2:,} of the {size:,} bytes",
+    run_bad(harvest_args(broken, corpus, tmp_path / "c"),
+            f"'{weights}' is truncated ({size // 2:,} of the {size:,} bytes",
             "download or save the model again")
     with open(weights, "r+b") as f:
         f.truncate(5)  # not even a header
@@ -322,8 +324,9 @@ def test_damaged_metadata_is_one_line_in_every_command(gpt2_dir, corpus, tmp_pat
                                      "  runs:\n    - {name: a, source: 1.mlp_out}\n")
     damaged = f"cache: '{cache}' is damaged: {fragment}"
     for args in (harvest_args(gpt2_dir, corpus, cache), harvest_args(gpt2_dir, corpus, cache, "--resume"),
-                 ["cache", "info", str(cache)], ["cache", "verify", str(cache), "-q"], ["cache", "rm", str(cache), "--yes"],
-                 ["cache", "copy", str(cache), str(tmp_path / "copies"), "-q"], ["train", "--config", str(tmp_path / "t.yaml"), "-q"],
+                 ["cache", "info", str(cache)], ["cache", "verify", str(cache), "-q"],
+                 ["cache", "rm", str(cache), "--yes"], ["cache", "copy", str(cache), str(tmp_path / "copies"), "-q"],
+                 ["train", "--config", str(tmp_path / "t.yaml"), "-q"],
                  ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path / "runs"), "-q"]):
         run_bad(args, damaged, "restore the cache from a copy")
     (tmp_path / "t.yaml").unlink()
@@ -338,7 +341,8 @@ def test_harvest_into_a_cache_whose_root_metadata_was_deleted(gpt2_dir, corpus, 
     assert runner.invoke(app, harvest_args(gpt2_dir, corpus, cache)).exit_code == 0
     (cache / "zarr.json").unlink()
     before = files(tmp_path)
-    run_bad(harvest_args(gpt2_dir, corpus, cache), "holds a cache's arrays but no root zarr.json", "nothing was written")
+    run_bad(harvest_args(gpt2_dir, corpus, cache), "holds a cache's arrays but no root zarr.json",
+            "nothing was written")
     assert files(tmp_path) == before
     run_bad(["cache", "info", str(cache)], "is damaged: its root zarr.json is missing")
     ls = runner.invoke(app, ["cache", "ls", str(tmp_path)])
@@ -362,6 +366,7 @@ def test_hub_names_fail_fast_offline(gpt2_dir, corpus, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.slow
 def test_no_route_to_the_hub_is_one_line_without_retries(tmp_path):
     """Without HF_HUB_OFFLINE and with no route to the Hub (here: an endpoint whose port nobody listens on),
     huggingface_hub retried for ~25 s, a line per retry; one probe connection now decides, and the name is
@@ -370,7 +375,6 @@ def test_no_route_to_the_hub_is_one_line_without_retries(tmp_path):
     import socket
     import subprocess
     import sys
-    import time
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
@@ -379,7 +383,8 @@ def test_no_route_to_the_hub_is_one_line_without_retries(tmp_path):
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
     code = ("import time, transformers; t = time.monotonic()\n"
             "from matryoshka.models import model_info\n"
-            "try:\n    model_info('gpt2')\nexcept Exception as e:\n    print(f'{time.monotonic() - t:.1f}'); print(e)\n")
+            "try:\n    model_info('gpt2')\n"
+            "except Exception as e:\n    print(f'{time.monotonic() - t:.1f}'); print(e)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     seconds, message = r.stdout.splitlines()
     assert "could not be resolved offline (no route to 127.0.0.1)" in message and "local model directory" in message

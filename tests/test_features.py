@@ -9,8 +9,16 @@ import torch
 from scipy.stats import entropy
 
 from matryoshka.cache import Cache
-from matryoshka.evaluate.features import (Codes, _block_rows, coactivation, decoder_similarity, feature_metrics,
-                                          heldout_codes, hierarchy, monosemanticity)
+from matryoshka.evaluate.features import (
+    Codes,
+    _block_rows,
+    coactivation,
+    decoder_similarity,
+    feature_metrics,
+    heldout_codes,
+    hierarchy,
+    monosemanticity,
+)
 from matryoshka.fixtures import write_cache
 from matryoshka.train.dictionary import Dictionary
 

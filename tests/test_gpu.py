@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_reader import cache  # noqa: F401  (the module-scoped reader cache fixture)
-from test_train import RUNS, _cfg, _weights, kill_after_first_checkpoint
 
 from matryoshka.fixtures import write_cache
 from matryoshka.train.sparse import batch_topk
 from matryoshka.train.trainer import train
+from test_reader import cache  # noqa: F401  (the module-scoped reader cache fixture)
+from test_train import RUNS, _cfg, _weights, kill_after_first_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -94,7 +94,8 @@ def test_gpu_training_fp32_tracks_the_cpu(harvested, tmp_path):  # noqa: F811
     """Same stream, same init, float32 on both: the first checkpoints agree to float32 rounding. (Later,
     a rounding difference can flip one batch top-k entry at the threshold, so the runs drift apart.)"""
     runs = [{**RUNS[0], "tokens": "2560"}, {**RUNS[1], "tokens": "2560"}]  # 10 steps
-    cpu = {p.name: _weights(p) for p in train(_cfg(harvested, tmp_path / "cpu", runs=runs, device="cpu"), progress=False)}
+    cpu = {p.name: _weights(p)
+           for p in train(_cfg(harvested, tmp_path / "cpu", runs=runs, device="cpu"), progress=False)}
     gpu = {p.name: _weights(p) for p in train(_cfg(harvested, tmp_path / "gpu", runs=runs, device="cuda",
                                                    autocast=False), progress=False)}
     for name in cpu:
@@ -113,8 +114,7 @@ def test_gpu_bf16_autocast_training_learns(harvested, tmp_path):  # noqa: F811
 def test_gpu_harvest_writes_the_cpu_harvest(gpt2_dir, corpus, tmp_path):
     """Activations copied off the GPU without blocking reach the cache whole: the writer waits on an event
     of the tensors' own device (here cuda:0 named explicitly, which the harvest makes current)."""
-    from conftest import harvest_config
-
+    from helpers import harvest_config
     from matryoshka.cache import Cache
     from matryoshka.harvest import harvest
 
@@ -171,7 +171,7 @@ def test_gemma2_flex_attention_equals_eager_on_the_gpu(gemma2_dir):
 
     info = model_info(str(gemma2_dir))
     toks = torch.randint(4, 300, (2, 64), generator=torch.Generator().manual_seed(0))
-    sites = [(l, s) for l in range(info.n_layers) for s in SITES]
+    sites = [(layer, s) for layer in range(info.n_layers) for s in SITES]
     got = {}
     for impl in ("eager", "flex_attention"):
         model = load_model(info, dtype="float32", device="cuda", progress=False, attn_implementation=impl)

@@ -61,7 +61,8 @@ def test_a_transcoder_is_scored_against_the_target_directions(cache):
     assert g.recovery == pytest.approx(1, abs=1e-6) and g.absorption == 0
     random = _exact(cache, transcoder=True)
     with torch.no_grad():
-        random.W_dec.copy_(torch.nn.functional.normalize(torch.randn(F, 18, generator=torch.Generator().manual_seed(0)), dim=1))
+        directions = torch.randn(F, 18, generator=torch.Generator().manual_seed(0))
+        random.W_dec.copy_(torch.nn.functional.normalize(directions, dim=1))
     assert ground_truth(random, cache, "0.resid_mid", "0.mlp_out").recovery < 0.9
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache import Cache
 from matryoshka.cache.format import from_storage, to_storage
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
@@ -111,7 +111,8 @@ def test_the_attention_implementation_is_in_the_manifest_and_the_identity(gpt2_d
     if ref.manifest["model"]["arch"] != "gpt2":
         pytest.skip("Gemma-2's auto is eager: one implementation")
     assert ref.manifest["model"]["attn_implementation"] == ref.manifest["identity"]["attn_implementation"] == "sdpa"
-    eager = Cache(harvest(harvest_config(gpt2_dir, corpus, tmp_path / "e", attn_implementation="eager"), progress=False))
+    eager = Cache(harvest(harvest_config(gpt2_dir, corpus, tmp_path / "e", attn_implementation="eager"),
+                          progress=False))
     assert eager.manifest["model"]["attn_implementation"] == "eager" and eager.fingerprint != ref.fingerprint
     assert "attn_implementation" not in eager.manifest["identity"]
     for name in ref.array_names:

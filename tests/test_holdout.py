@@ -39,6 +39,7 @@ def _evaluate(cache: Cache, runs_dir: Path):
                                     "--no-lm", "--no-features", "--contexts", "0", "-q"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("small, large", [("10%", "10%"), ("4K", "8K")], ids=["percentage", "tokens"])
 def test_a_run_is_not_evaluated_on_rows_it_trained_on(tmp_path, small, large):
     a = _harvest(tmp_path / "a", "40K", small)
@@ -59,6 +60,7 @@ def test_a_run_is_not_evaluated_on_rows_it_trained_on(tmp_path, small, large):
     assert _evaluate(a, tmp_path / "runs").exit_code == 0  # its own cache: disjoint
 
 
+@pytest.mark.slow
 def test_a_larger_cache_with_the_same_held_out_split_evaluates(tmp_path):
     a = _harvest(tmp_path / "a", "40K", "4K")
     b = _harvest(tmp_path / "b", "80K", "4K")
@@ -69,6 +71,7 @@ def test_a_larger_cache_with_the_same_held_out_split_evaluates(tmp_path):
     assert json.loads((run / "eval.json").read_text())["tokens"] == 35 * 128
 
 
+@pytest.mark.slow
 def test_a_run_without_a_record_is_checked_against_its_own_cache(tmp_path):
     """A run trained before runs recorded their rows: its cache's train split stands in for the record."""
     a = _harvest(tmp_path / "a", "40K", "10%")

@@ -15,7 +15,7 @@ def _tokens(n_batch=2, n_ctx=24, vocab=300, seed=0):
 
 def _capture_all(info, model, toks):
     """Every site of every layer, in one forward pass."""
-    cap = Capture(model, info.arch, [(l, s) for l in range(info.n_layers) for s in SITES])
+    cap = Capture(model, info.arch, [(layer, s) for layer in range(info.n_layers) for s in SITES])
     try:
         return cap(toks)
     finally:
@@ -61,9 +61,9 @@ def test_capture_equals_plain_hf_forward(loaded, model_dir):
 def test_residual_identities(loaded):
     info, model = loaded
     got = _capture_all(info, model, _tokens())
-    for l in range(info.n_layers):
-        torch.testing.assert_close(got[(l, "resid_pre")] + got[(l, "attn_out")], got[(l, "resid_mid")])
-        torch.testing.assert_close(got[(l, "resid_mid")] + got[(l, "mlp_out")], got[(l, "resid_post")])
+    for layer in range(info.n_layers):
+        torch.testing.assert_close(got[(layer, "resid_pre")] + got[(layer, "attn_out")], got[(layer, "resid_mid")])
+        torch.testing.assert_close(got[(layer, "resid_mid")] + got[(layer, "mlp_out")], got[(layer, "resid_post")])
     # the true MLP input is the normed residual, not resid_mid
     assert not torch.allclose(got[(1, "mlp_in")], got[(1, "resid_mid")])
 
@@ -77,9 +77,9 @@ def test_hook_names_match_a_fresh_bridge(loaded, model_dir):
     got = _capture_all(info, model, toks)
     bridge = TransformerBridge.boot_transformers(str(model_dir), device="cpu", dtype=torch.float32)
     _, cache = bridge.run_with_cache(toks)
-    for (l, s), value in got.items():
-        torch.testing.assert_close(value, cache[hook_name(l, s)], rtol=1e-4, atol=1e-5,
-                                   msg=f"{hook_name(l, s)} differs from the bridge")
+    for (layer, s), value in got.items():
+        torch.testing.assert_close(value, cache[hook_name(layer, s)], rtol=1e-4, atol=1e-5,
+                                   msg=f"{hook_name(layer, s)} differs from the bridge")
 
 
 def test_forward_stops_after_deepest_site(loaded):
@@ -112,7 +112,8 @@ def test_auto_attention_is_sdpa_for_gpt2_and_eager_for_gemma2(fastest):
     """GPT-2 runs the fused kernel; Gemma-2 (soft-capped logits, sliding windows) stays eager, and the
     installed transformers indeed refuses sdpa for it."""
     info, model = fastest
-    assert model.config._attn_implementation == AUTO_ATTENTION[info.arch] == {"gpt2": "sdpa", "gemma2": "eager"}[info.arch]
+    want = {"gpt2": "sdpa", "gemma2": "eager"}[info.arch]
+    assert model.config._attn_implementation == AUTO_ATTENTION[info.arch] == want
     if info.arch == "gemma2":
         with pytest.raises(ConfigError, match=r"attn_implementation: 'sdpa' is not offered .*; valid: auto, eager"):
             resolve_attention(info, "sdpa")
@@ -137,8 +138,8 @@ def test_residual_identities_hold_exactly_under_auto(fastest):
     """The adds the block does are the adds of captured values, whatever computes the attention."""
     info, model = fastest
     got = _capture_all(info, model, _tokens())
-    for l in range(info.n_layers):
-        assert torch.equal(got[(l, "resid_pre")] + got[(l, "attn_out")], got[(l, "resid_mid")])
-        assert torch.equal(got[(l, "resid_mid")] + got[(l, "mlp_out")], got[(l, "resid_post")])
-        if l + 1 < info.n_layers:
-            assert torch.equal(got[(l, "resid_post")], got[(l + 1, "resid_pre")])
+    for layer in range(info.n_layers):
+        assert torch.equal(got[(layer, "resid_pre")] + got[(layer, "attn_out")], got[(layer, "resid_mid")])
+        assert torch.equal(got[(layer, "resid_mid")] + got[(layer, "mlp_out")], got[(layer, "resid_post")])
+        if layer + 1 < info.n_layers:
+            assert torch.equal(got[(layer, "resid_post")], got[(layer + 1, "resid_pre")])

@@ -73,6 +73,7 @@ def whole(gpt2_dir, corpus, tmp_path_factory):
     return root, config, out, lines
 
 
+@pytest.mark.slow
 def test_end_to_end_then_a_second_run_does_nothing(whole):
     root, config, first, lines = whole
     assert first.trained == ["sae", "tc", "btk"] and first.evaluated == ["sae", "tc", "btk"]
@@ -91,6 +92,7 @@ def test_end_to_end_then_a_second_run_does_nothing(whole):
     assert {r["run"]: (Path(r["path"]) / "eval.json").read_bytes() for r in again.results} == evals
 
 
+@pytest.mark.slow
 def test_a_stale_or_torn_eval_json_is_evaluated_again_and_a_missing_export_written(whole, tmp_path):
     root, config, first, _ = whole
     tc = Path(first.results[1]["path"])
@@ -110,6 +112,7 @@ def test_a_stale_or_torn_eval_json_is_evaluated_again_and_a_missing_export_writt
         (tc / "eval.json").write_text(good)
 
 
+@pytest.mark.slow
 def test_only_rank_zero_evaluates_under_torchrun(whole, monkeypatch):
     root, config, first, _ = whole
     tc = Path(first.results[1]["path"])
@@ -136,6 +139,7 @@ def _wait(proc: subprocess.Popen, until, what: str) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_killed_in_harvest_then_in_training_resumes_to_the_uninterrupted_result(whole, gpt2_dir, corpus, tmp_path):
     ref_root, _, ref, _ = whole
     root = tmp_path / "killed"
@@ -179,7 +183,8 @@ def test_killed_in_harvest_then_in_training_resumes_to_the_uninterrupted_result(
     (lambda c: c["train"]["runs"][2].update(widht=64), "train.runs[2].widht: unknown key; valid keys are"),
     (lambda c: c["train"]["runs"][0].update(width="wide"), "train.runs[0].width: 'wide' is a str; expected an integer"),
     (lambda c: c["harvest"].update(layers=1.5), "harvest.layers: 1.5 is a float; expected"),
-    (lambda c: c["evaluate"].update(runs_dir="elsewhere"), "evaluate.runs_dir: 'elsewhere' differs from train.runs_dir"),
+    (lambda c: c["evaluate"].update(runs_dir="elsewhere"),
+     "evaluate.runs_dir: 'elsewhere' differs from train.runs_dir"),
     (lambda c: c["evaluate"].update(cache="x"), "evaluate.cache: pipeline run evaluates the runs of train.runs"),
     (lambda c: c["evaluate"].update(sae=["x"]), "evaluate.sae: pipeline run evaluates the runs of train.runs"),
     (lambda c: c["harvest"].update(shard="0/2"), "harvest.shard: '0/2' writes one worker's part of a cache"),
@@ -198,6 +203,7 @@ def test_config_errors_name_their_key_path_before_anything_runs(gpt2_dir, corpus
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml"]  # nothing harvested or trained
 
 
+@pytest.mark.slow
 def test_a_file_without_a_harvest_section_trains_from_train_cache_as_it_is(whole, tmp_path):
     """No harvest is assumed (once, a default GPT-2 harvest was, and its arrays checked against the runs)."""
     root, _, first, _ = whole
@@ -210,13 +216,15 @@ def test_a_file_without_a_harvest_section_trains_from_train_cache_as_it_is(whole
     assert out.trained == ["again"] and out.results[0]["run"] == "again" and _mtimes(root / "cache") == before
 
 
+@pytest.mark.slow
 def test_evaluate_with_a_config_finds_the_runs_under_train_runs_dir(whole, tmp_path):
     """As `pipeline run` does, `pipeline evaluate --config` follows train.runs_dir when evaluate sets none."""
     import shutil
 
     root, _, first, _ = whole
     fp = Cache(first.cache).fingerprint
-    shutil.copytree(root / "runs" / fp / "btk", tmp_path / "mine" / fp / "btk", ignore=shutil.ignore_patterns("eval.json"))
+    shutil.copytree(root / "runs" / fp / "btk", tmp_path / "mine" / fp / "btk",
+                    ignore=shutil.ignore_patterns("eval.json"))
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"train": {"runs_dir": str(tmp_path / "mine")}}))
     out = CliRunner().invoke(app, ["evaluate", "--config", str(tmp_path / "p.yaml"), "--cache", first.cache,
                                    "--no-lm", "--no-features", "--quiet"])
@@ -232,6 +240,7 @@ def test_group_sizes_of_a_model_width_run_are_checked_from_the_models_config(gpt
     assert "train.runs[0].group_sizes: [64, 128, 256, 512] must be positive and sum to the width 1024" in out.output
 
 
+@pytest.mark.slow
 def test_a_finished_run_whose_config_changed_is_refused(whole, tmp_path):
     root, config, first, _ = whole
     data = yaml.safe_load(config.read_text())
@@ -261,6 +270,7 @@ def test_every_flag_of_harvest_train_and_evaluate_is_a_key_of_its_section():
                 assert f"--{p.name.replace('_', '-')}" in p.opts, (name, p.name)
 
 
+@pytest.mark.slow
 def test_the_default_synthetic_pipeline_shrunk_runs_then_does_nothing(tmp_path):
     """The repository's pipeline.yaml (the synthetic source: no model), with fewer tokens."""
     data = yaml.safe_load((Path(__file__).parents[1] / "pipeline.yaml").read_text())

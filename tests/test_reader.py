@@ -71,7 +71,7 @@ def test_drop_last_serves_full_batches_and_resumes_exactly(cache):
     with _reader(cache, drop_last=True) as r:
         assert r.batches_per_epoch == 41
         seen = []
-        for epoch in range(2):
+        for _epoch_number in range(2):
             rows = [x for b in _epoch(r) for x in b]
             assert len(rows) == len(set(rows)) == 41 * 32 and set(rows) <= _train_rows()
             seen.append(_train_rows() - set(rows))
@@ -335,7 +335,8 @@ def test_memory_stays_bounded_on_a_cache_much_larger_than_the_buffer(tmp_path):
     growth = peak[0] - base
     # The budget counts our buffers; the compressed chunks being read and the allocator's per-thread
     # arenas add a constant on top. Whatever the constant, it is far below the 512 MiB streamed.
-    assert growth < 2 * budget, f"reader grew by {growth / 2**20:.0f} MiB streaming 512 MiB (budget {budget / 2**20:.0f})"
+    assert growth < 2 * budget, (f"reader grew by {growth / 2**20:.0f} MiB streaming 512 MiB "
+                                 f"(budget {budget / 2**20:.0f})")
     with ShuffledReader(["x"], str(path), cfg, mirror=True) as mirrored:  # a mirror on the CPU: the buffer twice
         assert mirrored.host_bytes == 2 * cfg.buffer_tokens * width * 4
 
@@ -371,7 +372,8 @@ def test_bad_input(cache, tmp_path):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=32, buffer_tokens=48))
     with pytest.raises(CacheError, match=r"buffer_tokens: 96 is less than two chunks of 64 rows; .* >= 128"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=16, buffer_tokens=96))
-    with pytest.raises(CacheError, match=r"buffer_tokens: 128 makes blocks of as few as 1 chunk\(s\) of 64 rows, which can "
+    with pytest.raises(CacheError, match=r"buffer_tokens: 128 makes blocks of as few as 1 chunk\(s\) of 64 rows, "
+                       r"which can "
                        r"serve as few as 60 rows without BOS, fewer than batch_size 64; .* use buffer_tokens >= 256"):
         ShuffledReader(["src"], str(cache), ReaderConfig(batch_size=64, buffer_tokens=128))
     with pytest.raises(CacheError, match="mirror: False needs device cpu, not meta"):
@@ -382,14 +384,16 @@ def test_bad_input(cache, tmp_path):
     other = write_cache(tmp_path / "other", {"tgt": _rows(n, 4)}, np.zeros(n, int), CTX, SPC, fingerprint="other")
     with pytest.raises(CacheError, match="different caches"):
         ShuffledReader(["src", (str(other), "tgt")], str(cache))
-    with ShuffledReader(["src", (str(cache), "tgt")], str(cache), ReaderConfig(batch_size=32, buffer_tokens=128)) as same:
+    with ShuffledReader(["src", (str(cache), "tgt")], str(cache),
+                        ReaderConfig(batch_size=32, buffer_tokens=128)) as same:
         b = next(same)
         assert torch.equal(b["src"][:, 0], -b["tgt"][:, 0])
     import zarr
 
     partial = write_cache(tmp_path / "partial", {"src": _rows(n, 4)}, np.zeros(n, int), CTX, SPC)
     zarr.open_group(str(partial), mode="r+").attrs.update({"complete": False, "progress": {"chunks": 1}})
-    with pytest.raises(CacheError, match=r"unfinished harvest \(1 of 2 chunks\); finish it with `pipeline harvest --resume`"):
+    with pytest.raises(CacheError,
+                       match=r"unfinished harvest \(1 of 2 chunks\); finish it with `pipeline harvest --resume`"):
         ShuffledReader(["src"], str(partial))
 
 

@@ -10,6 +10,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from pydantic import BaseModel
 
@@ -112,7 +113,8 @@ def test_the_docs_site_shows_the_readme_python_api():
     assert '--8<-- "README.md:api"' in (DOCS / "python-api.md").read_text()
 
 
-_MEASURED = re.compile(r"\bmeasured\b|\btook \d|tok/s|[GM]B/s|\b\d+(\.\d+)?x (faster|slower)\b|\b\d+(\.\d+)? ?(ms|us)\b")
+_MEASURED = re.compile(r"\bmeasured\b|\btook \d|tok/s|[GM]B/s|\b\d+(\.\d+)?x (faster|slower)\b"
+                       r"|\b\d+(\.\d+)? ?(ms|us)\b")
 
 
 def test_no_docstring_quotes_a_measurement():
@@ -127,6 +129,7 @@ def test_no_docstring_quotes_a_measurement():
     assert not found, found
 
 
+@pytest.mark.slow
 def test_python_examples_run(gpt2_dir, corpus, tmp_path, monkeypatch):
     code = _api_examples()
     for old, new in (('model="gpt2"', f'model="{gpt2_dir}"'), ('dataset="corpus.txt"', f'dataset="{corpus}"'),

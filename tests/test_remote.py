@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from conftest import harvest_config, new_bucket
+from helpers import harvest_config, new_bucket
 from matryoshka.cache import Cache, CacheError
 from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ObjectLock
 from matryoshka.cli import app
@@ -77,12 +77,14 @@ def caches(bucket, gpt2_dir, corpus, tmp_path_factory) -> tuple[Path, str]:
     return local, url
 
 
+@pytest.mark.slow
 def test_harvest_to_a_bucket_equals_local_harvest(caches, gpt2_dir, corpus):
     local, url = caches
     _same_cache(local, url)
     a, b = Cache(local), Cache(url)
     assert b.complete and b.fingerprint == a.fingerprint and b.remote
-    np.testing.assert_array_equal(b.read("1.mlp_out", 0, b.tokens_committed), a.read("1.mlp_out", 0, a.tokens_committed))
+    np.testing.assert_array_equal(b.read("1.mlp_out", 0, b.tokens_committed),
+                                  a.read("1.mlp_out", 0, a.tokens_committed))
     assert not _fs(url).exists(f"{url}/{LOCK_NAME}")  # released
 
     # The fingerprint decides identity: the same config again reuses it; another one is refused.
@@ -96,6 +98,7 @@ def test_harvest_to_a_bucket_equals_local_harvest(caches, gpt2_dir, corpus):
     assert _objects(url) == before
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_from_a_bucket_equal_local(caches, tmp_path):
     """Same rows, same order: training from the bucket (with and without a local read-through copy) gives weights
     bit-identical to training from the local cache, and the same evaluation."""
@@ -124,11 +127,12 @@ def test_train_and_evaluate_from_a_bucket_equal_local(caches, tmp_path):
     assert any(k.startswith("acts/1.mlp_out/c/") for k in kept)
 
 
+@pytest.mark.slow
 def test_cache_ls_info_verify_on_urls(caches, bucket):
     local, url = caches
     r = runner.invoke(app, ["cache", "ls", bucket])
     assert r.exit_code == 0, r.output
-    (row,) = [l for l in r.output.splitlines() if l.startswith(url)]
+    (row,) = [ln for ln in r.output.splitlines() if ln.startswith(url)]
     assert "tiny-gpt2" in row and SITES in row and f"{Cache(url).tokens_committed:,}" in row and "complete" in row
     size = sum(len(v) for v in _objects(url).values())
     assert f"{size / 1e9:.3f}GB" in row
@@ -147,7 +151,7 @@ def test_cache_ls_info_verify_on_urls(caches, bucket):
     fs.rm(f"{damaged}/tokens/c/1")
     r = runner.invoke(app, ["cache", "verify", damaged, "-q"])
     assert r.exit_code == 1
-    bad = sorted(l.split(":")[0] for l in r.output.splitlines() if l.startswith("DAMAGED"))
+    bad = sorted(ln.split(":")[0] for ln in r.output.splitlines() if ln.startswith("DAMAGED"))
     assert bad == ["DAMAGED acts/1.mlp_out/c/2/0", "DAMAGED tokens/c/1"], r.output
 
     r = runner.invoke(app, ["cache", "ls", f"{bucket}/nothing-here"])
@@ -156,6 +160,7 @@ def test_cache_ls_info_verify_on_urls(caches, bucket):
         Cache(f"{bucket}/nothing-here")
 
 
+@pytest.mark.slow
 def test_cache_copy_shares_a_local_cache_on_a_bucket_and_brings_it_back(caches, bucket, gpt2_dir, corpus, tmp_path):
     local, url = caches
     fp = Cache(local).fingerprint
@@ -177,6 +182,7 @@ def test_cache_copy_shares_a_local_cache_on_a_bucket_and_brings_it_back(caches, 
     _same_cache(local, r.output.strip())
 
 
+@pytest.mark.slow
 def test_cache_rm_on_a_bucket(caches, bucket, gpt2_dir):
     """Refused while a writer holds the cache's lock object; then every object goes, the root first."""
     from matryoshka.cache.copy import copy_cache
@@ -193,6 +199,7 @@ def test_cache_rm_on_a_bucket(caches, bucket, gpt2_dir):
     assert Cache(url).complete  # the team's other caches are untouched
 
 
+@pytest.mark.slow
 def test_a_killed_copy_is_no_cache_and_resumes_and_a_damaged_source_is_refused(caches, tmp_path, monkeypatch):
     from matryoshka.cache import copy as copy_module
     from matryoshka.cache.location import Folder
@@ -266,7 +273,8 @@ def test_cache_copy_refuses_a_complete_source_missing_chunks(tmp_path):
     assert r.exit_code == 2 and "lacks 4 chunk object(s)" in r.output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("kind", ["local", "s3"])  # not gs: its emulator drops an object's final \r byte (0x0d)
+# not gs: its emulator drops an object's final \r byte (0x0d)
+@pytest.mark.parametrize("kind", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_cache_copy_resume_replaces_another_harvests_objects_of_one_size(kind, tmp_path, request, monkeypatch):
     """A destination left by a killed copy of another harvest with this fingerprint (40 tokens, not 48;
     other rows; same chunk sizes and a same-size array zarr.json) is overwritten, not kept by size; an
@@ -310,11 +318,13 @@ def _lock_json(url: str) -> dict:
     return json.loads(_fs(url).cat(f"{url}/{LOCK_NAME}"))
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_naming_the_owner(store_bucket, gpt2_dir, corpus):
     url = f"{store_bucket}/c"
     with ObjectLock(url, heartbeat_s=0.2) as first:
         h0 = _lock_json(url)["heartbeat"]
-        with pytest.raises(CacheLockedError, match=rf"being written by pid {os.getpid()} .*lock {first.owner['id'][:8]}"):
+        with pytest.raises(CacheLockedError,
+                           match=rf"being written by pid {os.getpid()} .*lock {first.owner['id'][:8]}"):
             ObjectLock(url).acquire()
         msg = run_bad(harvest_args(gpt2_dir, corpus, url), "is being written by pid", "last heartbeat",
                       "one writer per cache")
@@ -328,6 +338,7 @@ def test_second_writer_is_refused_naming_the_owner(store_bucket, gpt2_dir, corpu
         pass
 
 
+@pytest.mark.slow
 def test_writers_starting_together_one_wins(s3_bucket):
     """Create-if-absent (If-None-Match: *) is atomic on the server: of writers racing, exactly one gets the lock."""
     from concurrent.futures import ThreadPoolExecutor
@@ -359,6 +370,7 @@ def _age_lock(url: str, seconds: float) -> None:
     _fs(url).pipe(f"{url}/{LOCK_NAME}", json.dumps(h).encode())
 
 
+@pytest.mark.slow
 def test_stale_lock_is_refused_then_broken_with_the_flag(s3_bucket):
     url = f"{s3_bucket}/c"
     dead = ObjectLock(url, heartbeat_s=3600).acquire()  # a writer whose heartbeat stopped
@@ -384,6 +396,7 @@ def test_stale_lock_is_refused_then_broken_with_the_flag(s3_bucket):
     assert not _fs(url).exists(f"{url}/{LOCK_NAME}")
 
 
+@pytest.mark.slow
 def test_a_writer_whose_lock_was_broken_commits_nothing(store_bucket, tmp_path, monkeypatch):
     """The writer asks its lock before every commit: once another writer broke it, nothing more is committed."""
     from matryoshka.cache.writer import CacheWriter
@@ -408,6 +421,7 @@ def _committed(url: str) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_killed_remote_harvest_needs_break_lock_then_resumes_identical(s3_bucket, gpt2_dir, corpus, tmp_path):
     """A real SIGKILL: its lock stays (stale at once: its pid is gone from this host; aged too); --break-lock
     --resume finishes the cache to the same bytes as an uninterrupted local harvest."""
@@ -433,6 +447,7 @@ def test_killed_remote_harvest_needs_break_lock_then_resumes_identical(s3_bucket
     _same_cache(whole, url)
 
 
+@pytest.mark.slow
 def test_local_chunk_copies_are_per_cache_layout_and_checked(s3_bucket, tmp_path):
     """Two caches of one fingerprint, another token count (a harvest extended under another --cache), read
     through one local_cache_dir: each is served its own chunks. A chunk damaged in the store is served (the
@@ -457,6 +472,7 @@ def test_local_chunk_copies_are_per_cache_layout_and_checked(s3_bucket, tmp_path
     assert Cache(urls[b], local_cache_dir=keep).chunk_bytes("x", 2) == good
 
 
+@pytest.mark.slow
 def test_cache_rm_of_a_cache_at_a_bucket_root_leaves_the_bucket_and_what_else_is_there(s3_bucket, tmp_path):
     from matryoshka.cache.copy import copy_cache
 
@@ -473,6 +489,7 @@ def test_cache_rm_of_a_cache_at_a_bucket_root_leaves_the_bucket_and_what_else_is
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(s3_bucket)) == ["x"]
 
 
+@pytest.mark.slow
 def test_damaged_metadata_on_a_bucket_is_listed_and_one_line(s3_bucket, tmp_path):
     """A truncated root zarr.json, or none over a cache's arrays, on object storage: `cache ls` lists the cache
     as damaged instead of leaving it out, and opening it is one line naming what is wrong."""

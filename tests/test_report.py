@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache import Cache
 from matryoshka.cli import app
 from matryoshka.config import ConfigError, EvaluateConfig, TrainConfig
@@ -65,6 +65,7 @@ def test_top_contexts_equal_a_full_sort():
     assert list(tc.rows[2]) == sorted(cache_rows[[5, 17, 30, 40]])[:3]
 
 
+@pytest.mark.slow
 def test_context_text_marks_the_token_inside_its_sequence(cache):
     c = Cache(cache)
     tok, why = cache_tokenizer(c)
@@ -79,6 +80,7 @@ def test_context_text_marks_the_token_inside_its_sequence(cache):
         f"{tokens[ctx - 3]} {tokens[ctx - 2]} «{tokens[ctx - 1]}»"  # ids; nothing from the next sequence
 
 
+@pytest.mark.slow
 def test_report_renders_two_runs_with_plots(cache, tmp_path):
     _train(cache, tmp_path)
     out = CliRunner().invoke(app, ["evaluate", "--cache", str(cache), "--runs-dir", str(tmp_path), "--quiet",
@@ -110,7 +112,8 @@ def test_report_renders_two_runs_with_plots(cache, tmp_path):
         f.write('{"step": 99, "tok')  # a line cut short by a kill
     curves = training_curves(tmp_path / fp / "mat")
     assert curves["tokens"].tolist() == [r["tokens"] for r in logged] == [1280, 2560, 3072]  # 24 steps of 128
-    assert curves["fvu"].tolist() == [r["fvu"] for r in logged] and curves["aux_dead"].tolist() == [r["aux_dead"] for r in logged]
+    assert curves["fvu"].tolist() == [r["fvu"] for r in logged]
+    assert curves["aux_dead"].tolist() == [r["aux_dead"] for r in logged]
     for name in images:
         data = (tmp_path / fp / name).read_bytes()
         assert data[:8] == PNG and len(data) > 2000
@@ -121,6 +124,7 @@ def test_report_renders_two_runs_with_plots(cache, tmp_path):
     assert "## Hierarchy per Matryoshka group" in md and "**mat**" in md
 
 
+@pytest.mark.slow
 def test_features_off_and_bounded_tokens(cache, tmp_path):
     _train(cache, tmp_path, RUNS[:1])
     (r,) = evaluate(EvaluateConfig(cache=str(cache), runs_dir=str(tmp_path), features=False, contexts=0))
@@ -135,6 +139,7 @@ def test_features_off_and_bounded_tokens(cache, tmp_path):
         EvaluateConfig(feature_tokens=0)
 
 
+@pytest.mark.slow
 def test_cache_without_heldout_split_is_refused(tmp_path):
     ctx, n = 16, 32 * 16
     rng = np.random.default_rng(0)

@@ -7,13 +7,16 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+import pytest
 
 from matryoshka.cache import Cache
 from matryoshka.cache.inspect import verify
+
+pytestmark = pytest.mark.slow  # a real harvest killed with SIGKILL, then resumed
 
 
 def _args(model: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:

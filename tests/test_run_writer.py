@@ -26,6 +26,8 @@ from matryoshka.config import load_pipeline
 from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 
+pytestmark = pytest.mark.slow  # training subprocesses interrupted by real signals
+
 RUN = {"name": "sae", "source": "0.resid_mid", "width": 80, "group_sizes": [16, 64], "k": 2, "lr": 0.01,
        "dead_tokens": "4K"}
 

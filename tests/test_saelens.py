@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache import Cache
 from matryoshka.config import ConfigError, TrainConfig
 from matryoshka.harvest import harvest
 from matryoshka.train.saelens import RAW_ACTIVATIONS, read_saelens
 from matryoshka.train.trainer import train
+
+pytestmark = pytest.mark.slow  # every test trains five dictionaries first (module fixture)
 
 RUNS = [  # every architecture we export
     {"name": "mat", "source": "1.resid_mid", "width": 128, "k": 4, "group_sizes": [16, 32, 80], "tokens": "4K"},
@@ -89,10 +91,12 @@ def test_exports_carry_what_saelens_needs_to_rebuild_their_metadata(trained, gpt
         assert meta["hook_name"] == HOOKS[spec["source"]]
         assert meta.get("hook_name_out") == (HOOKS[spec["target"]] if "target" in spec else None)
         assert cfg["normalize_activations"] == "none"
-        assert cfg["architecture"] == {"mat": "jumprelu", "btk": "jumprelu", "topk": "topk", "tc": "jumprelu_transcoder",
+        assert cfg["architecture"] == {"mat": "jumprelu", "btk": "jumprelu", "topk": "topk",
+                                       "tc": "jumprelu_transcoder",
                                        "skip": "jumprelu_skip_transcoder"}[name]
         if "target" not in spec:  # SAELens's record of how an SAE saved as jumprelu was trained
-            assert meta["training_architecture"] == {"mat": "matryoshka_batchtopk", "btk": "batchtopk", "topk": "topk"}[name]
+            trained = {"mat": "matryoshka_batchtopk", "btk": "batchtopk", "topk": "topk"}[name]
+            assert meta["training_architecture"] == trained
             assert meta["training_architecture_details"]["k"] == 4
     assert _cfg(dirs["mat"])["metadata"]["training_architecture_details"]["matryoshka_widths"] == [16, 48, 128]
     assert "matryoshka_widths" not in _cfg(dirs["btk"])["metadata"]["training_architecture_details"]
@@ -144,7 +148,8 @@ def test_evaluate_sae_gives_an_export_the_metrics_of_its_run(trained):
     (lambda c: c["metadata"].update(model_name="gpt2"), "is for model 'gpt2', but cache .* holds "),
     (lambda c: c["metadata"].update(hook_name="blocks.0.hook_resid_mid"),
      "its hook_name 'blocks.0.hook_resid_mid' is not in cache .*; it holds blocks.1.hook_resid_mid, "),
-    (lambda c: c["metadata"].update(hook_name_out="blocks.1.hook_resid_post"), "its hook_name_out 'blocks.1.hook_resid_post'"),
+    (lambda c: c["metadata"].update(hook_name_out="blocks.1.hook_resid_post"),
+     "its hook_name_out 'blocks.1.hook_resid_post'"),
     (lambda c: c.update(architecture="gated"), "architecture 'gated' is not supported; supported: standard, "),
     (lambda c: c.update(normalize_activations="layer_norm"), "normalize_activations 'layer_norm' is not supported"),
     (lambda c: c.update(d_in=32), r"sae_weights.safetensors: W_enc is \(64, 128\), cfg.json implies \(32, 128\)"),

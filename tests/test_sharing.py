@@ -57,9 +57,11 @@ def _files(*roots: Path) -> list[Path]:
 
 
 # -- item 2: files teammates can read ------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o022, 0o002])
 def test_every_written_file_gets_the_umask_mode(bucket_cache, tmp_path, umask):
-    """`cache copy` to a folder, the chunks kept under local_cache_dir (the 7 training chunks), and a run's checkpoint and export:
+    """`cache copy` to a folder, the chunks kept under local_cache_dir (the 7 training chunks), and a run's
+    checkpoint and export:
     each file has the mode open() gives a new file under the user's umask (mkstemp and safetensors alone
     would leave them 0600, readable by their writer only)."""
     copied, keep, runs = tmp_path / "copied", tmp_path / "keep", tmp_path / "runs"
@@ -89,6 +91,7 @@ def _other_user() -> str:
     return "nobody"
 
 
+@pytest.mark.slow
 def test_a_second_user_reads_the_copies_and_the_weights(bucket_cache):
     """A teammate (another uid) reads every file of a `cache copy`, the local chunk copies and the run's
     weights when the writer's umask is 022 (plain `cat` as that user: its Python may not be readable)."""
@@ -109,6 +112,7 @@ def test_a_second_user_reads_the_copies_and_the_weights(bucket_cache):
         shutil.rmtree(shared, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_file_a_teammate_cannot_read_is_named_as_a_permission_problem(bucket_cache, tmp_path):
     """A kept chunk that this user may not read (a teammate's, written owner-only) stops training with one
     line naming the file and saying it is a permission problem, not the hint to verify the cache. The
@@ -127,7 +131,7 @@ def test_a_file_a_teammate_cannot_read_is_named_as_a_permission_problem(bucket_c
             "-dac_override,-dac_read_search", sys.executable, "-m", "matryoshka.cli"]
     got = subprocess.run([*drop, *_train_args(bucket_cache, keep, tmp_path / "mine", tmp_path)], capture_output=True,
                          text=True, timeout=300, check=False)
-    lines = [l for l in got.stderr.splitlines() if l.strip() and not l.startswith(("sae:", "local copy:"))]
+    lines = [ln for ln in got.stderr.splitlines() if ln.strip() and not ln.startswith(("sae:", "local copy:"))]
     assert got.returncode == 2 and len(lines) == 1, got.stderr
     assert lines[0].startswith("error: ") and "permission denied" in lines[0], lines[0]
     assert str(keep) in lines[0] and "a permission problem" in lines[0] and "verify" not in lines[0], lines[0]
@@ -170,17 +174,19 @@ def auth_s3():
         server.wait(30)
 
 
+@pytest.mark.slow
 def test_cache_ls_of_a_missing_bucket_or_with_wrong_credentials_is_one_line(s3_server, auth_s3):
     """Both used to print "no caches under ..." and exit 0; each is now one line saying which it is."""
     run_bad(["cache", "ls", "s3://no-such-bucket-h20"], "cache ls:", "bucket 'no-such-bucket-h20' does not exist")
     r = _pipeline("cache", "ls", "s3://team", env={**os.environ, "AWS_ENDPOINT_URL": auth_s3,
                                                     "AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"})
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and not r.stdout, (r.stdout, r.stderr)
     assert lines[0].startswith("error: cache ls: 's3://team': access to bucket 'team' was denied"), lines[0]
     assert "credentials" in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["info", "verify", "train"])
 def test_a_wrong_endpoint_is_one_line_and_nothing_after_it(bucket_cache, tmp_path, command):
     """No "Exception ignored in: <coroutine ...>" tracebacks from requests abandoned at exit."""
@@ -188,11 +194,12 @@ def test_a_wrong_endpoint_is_one_line_and_nothing_after_it(bucket_cache, tmp_pat
             else ["cache", command, bucket_cache])
     r = _pipeline(*args, env={**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
                               "MATRYOSHKA_STORE_RETRY_S": "1"})
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     assert lines[0].startswith("error: ") and "Could not connect" in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_a_cache_deleted_while_read_is_reported_as_deleted(bucket_cache, tmp_path):
     """Opened, then removed by a teammate (`cache rm`): reading a chunk says the cache was deleted, not
     that a chunk is unreadable with a hint to verify."""
@@ -211,6 +218,7 @@ def test_a_cache_deleted_while_read_is_reported_as_deleted(bucket_cache, tmp_pat
         assert "verify" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_lock_held_by_a_dead_pid_on_this_host_is_stale_at_once(s3_bucket):
     """A killed harvest's lock object (fresh heartbeat, its pid gone from this host): refused as stale (not
     "wait for it to finish"), and --break-lock takes it over at once."""
@@ -241,6 +249,7 @@ def test_a_lock_held_by_a_dead_pid_on_this_host_is_stale_at_once(s3_bucket):
 
 
 # -- item 4: visible and portable -----------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_read_says_what_the_local_copy_served(bucket_cache, tmp_path, capsys):
     """One line at the start (how much of the cache is local already) and one at the end (how many chunks
     came from the store): the first training fills the copy, the second reads nothing from the store."""
@@ -252,7 +261,7 @@ def test_a_read_says_what_the_local_copy_served(bucket_cache, tmp_path, capsys):
                                                      "tokens": "512"}], runs_dir=str(tmp_path / runs),
                           local_cache_dir=str(tmp_path / "keep"), batch_size=32, buffer_tokens=512, device="cpu"),
               progress=False)
-        return [l for l in capsys.readouterr().err.splitlines() if l.startswith("local copy:")]
+        return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("local copy:")]
 
     first = once("a")
     assert len(first) == 2 and first[0].startswith("local copy: 0 of 8 chunks (0%) of " + bucket_cache), first
@@ -262,13 +271,13 @@ def test_a_read_says_what_the_local_copy_served(bucket_cache, tmp_path, capsys):
     assert second[1].startswith("local copy: 0 chunk(s) came from the store, "), second
 
 
+@pytest.mark.slow
 def test_a_cache_of_a_local_model_names_its_hub_id_and_evaluates_with_a_teammates_copy(
         s3_bucket, gpt2_dir, gemma2_dir, corpus, tmp_path):
     """Harvested to the bucket from a local directory saved from a Hub model: the cache records the Hub id;
     on a machine without that directory, evaluation names it and `--model` a local copy, which is used when
     it is the same model (architecture, widths, weights hash) and refused in one line when not."""
-    from conftest import harvest_config
-
+    from helpers import harvest_config
     from matryoshka.cache import CacheError
     from matryoshka.config import ConfigError
     from matryoshka.evaluate.splice import LM

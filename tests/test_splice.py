@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache import Cache, CacheError
 from matryoshka.config import SITES, ConfigError
 from matryoshka.evaluate.splice import LM, Splice, constant, dictionary_fn, no_lm_reason

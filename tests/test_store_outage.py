@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import new_bucket
+from helpers import new_bucket
 from matryoshka.cache import Cache, CacheError
 from matryoshka.cache.copy import copy_cache
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
@@ -85,6 +85,7 @@ def _stream(reader: ShuffledReader, n: int) -> list[list[int]]:
     return [next(reader)["x"][:, 0].long().tolist() for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_the_reader_rides_out_an_outage_and_serves_the_same_stream(outage, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="matryoshka.cache")
     url = _bucket_cache(tmp_path)
@@ -104,6 +105,7 @@ def test_the_reader_rides_out_an_outage_and_serves_the_same_stream(outage, tmp_p
     assert "fetching" in caplog.text and "s3://" in caplog.text
 
 
+@pytest.mark.slow
 def test_a_long_outage_ends_in_one_clear_line(outage, tmp_path, monkeypatch):
     url = _bucket_cache(tmp_path)
     monkeypatch.setenv("MATRYOSHKA_STORE_RETRY_S", "1")
@@ -114,6 +116,7 @@ def test_a_long_outage_ends_in_one_clear_line(outage, tmp_path, monkeypatch):
             _stream(r, 2 * r.batches_per_epoch)
 
 
+@pytest.mark.slow
 def test_a_chunk_write_rides_out_an_outage(outage, tmp_path, caplog):
     """The harvest's chunk writes (one whole object each, so safe to repeat) wait for the store."""
     import zarr
@@ -138,6 +141,7 @@ def test_a_chunk_write_rides_out_an_outage(outage, tmp_path, caplog):
     np.testing.assert_array_equal(decode_chunk(c.chunk_bytes("x", 3), "lz4", np.empty_like(rows)), rows)
 
 
+@pytest.mark.slow
 def test_the_lock_check_before_a_commit_rides_out_an_outage(outage, caplog):
     """A writer asks its lock before every commit; during an outage it waits for the answer rather than
     stop (a lock broken meanwhile is still seen: test_remote.py)."""
@@ -164,6 +168,7 @@ def _raised(fn) -> list[BaseException]:
     return []
 
 
+@pytest.mark.slow
 def test_a_missing_chunk_fails_at_once(s3_bucket, caplog):
     caplog.set_level(logging.WARNING, logger="matryoshka.cache")
     t0 = time.monotonic()
@@ -203,12 +208,12 @@ def test_retries_back_off_within_their_budget_and_warn_once_across_threads(monke
     for times in attempts.values():
         gaps = np.diff(times)
         assert len(times) == 3 and 0.5 <= gaps[0] < 1.0 and 1.0 <= gaps[1] < 1.5, times
-    assert len(errors) == 4 and all(re.fullmatch(r"reading chunk \d: the store kept failing for \d s \(ConnectionRefusedError: "
-                                                 r"refused\); .* \(MATRYOSHKA_STORE_RETRY_S sets how long to retry\)", e)
-                                    for e in errors), errors
+    want = (r"reading chunk \d: the store kept failing for \d s \(ConnectionRefusedError: "
+            r"refused\); .* \(MATRYOSHKA_STORE_RETRY_S sets how long to retry\)")
+    assert len(errors) == 4 and all(re.fullmatch(want, e) for e in errors), errors
     assert caplog.text.count("retrying in") == 1
-    assert re.search(r"reading chunk \d failed \(ConnectionRefusedError: refused\); retrying in 0.5 s \(0 of 2 s spent\)",
-                     caplog.text)
+    assert re.search(r"reading chunk \d failed \(ConnectionRefusedError: refused\); "
+                     r"retrying in 0.5 s \(0 of 2 s spent\)", caplog.text)
 
 
 def test_which_errors_are_transient(monkeypatch):
@@ -240,6 +245,7 @@ def test_which_errors_are_transient(monkeypatch):
         retry_seconds()
 
 
+@pytest.mark.slow
 def test_a_harvest_rides_out_an_outage_to_the_same_bytes(outage, gpt2_dir, corpus, tmp_path):
     """A real harvest process loses its store mid-run for 3 s: it waits (the outage meets its chunk writes;
     a commit's write goes through the same retry, a lock check through its own, tested above), and the
@@ -268,6 +274,7 @@ def test_a_harvest_rides_out_an_outage_to_the_same_bytes(outage, gpt2_dir, corpu
     _same_cache(tmp_path / "local", url)
 
 
+@pytest.mark.slow
 def test_an_unreachable_store_or_a_missing_bucket_is_one_line(outage, gpt2_dir, corpus):
     """Before the LM loads, harvest tells a bucket that does not exist from a store it cannot reach (an
     existence check answers False for both); any command meeting a storage error says it in one line."""
@@ -281,6 +288,7 @@ def test_an_unreachable_store_or_a_missing_bucket_is_one_line(outage, gpt2_dir, 
             "AWS_ENDPOINT_URL")
 
 
+@pytest.mark.slow
 def test_a_full_local_disk_stops_the_copies_not_the_run(s3_server, tmp_path):
     """``local_cache_dir`` on a disk that fills up: the reader keeps streaming from the store, warns once,
     and leaves no half-written file. The full disk is real for the process: RLIMIT_FSIZE makes every
@@ -300,7 +308,8 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fai
 resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
 from matryoshka.cache import Cache
 from matryoshka.cache.reader import ReaderConfig, ShuffledReader
-with ShuffledReader(["x"], Cache({url!r}, local_cache_dir={str(keep)!r}), ReaderConfig(batch_size=32, buffer_tokens=128)) as r:
+with ShuffledReader(["x"], Cache({url!r}, local_cache_dir={str(keep)!r}),
+                    ReaderConfig(batch_size=32, buffer_tokens=128)) as r:
     print(json.dumps([next(r)["x"][:, 0].long().tolist() for _ in range(r.batches_per_epoch)]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))

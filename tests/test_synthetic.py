@@ -1,7 +1,6 @@
 """The synthetic source: its statistics match its parameters, and it is an ordinary cache with a ground truth."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -60,7 +59,8 @@ def test_rows_do_not_depend_on_batching():
 
 def test_harvest_writes_a_verified_cache_with_its_ground_truth(tmp_path):
     cfg = _config(tmp_path)
-    result = CliRunner().invoke(app, ["harvest", "--source", "synthetic", "--synthetic", str(SETTINGS.model_dump()),
+    result = CliRunner().invoke(app, ["harvest", "--source", "synthetic",
+                                      "--synthetic", str(SETTINGS.model_dump()),
                                       "--layers", "0", "--tokens", str(48 * 32), "--context-size", "32",
                                       "--batch-size", "4", "--dtype", "float32", "--chunk-mb", str(cfg.chunk_mb),
                                       "--holdout", "256", "--cache", cfg.cache, "--seed", "3", "-q"])
@@ -105,7 +105,8 @@ def test_reader_streams_aligned_rows(tmp_path):
     a, b = c.split["train"]
     rows = []
     with ShuffledReader(["0.resid_mid", "0.mlp_out", FEATURES], c,
-                        ReaderConfig(batch_size=64, buffer_tokens=1024, split="train", seed=1), dtype=torch.float32) as r:
+                        ReaderConfig(batch_size=64, buffer_tokens=1024, split="train", seed=1),
+                        dtype=torch.float32) as r:
         for _ in range(r.batches_per_epoch):
             batch = next(r)
             codes = batch[FEATURES].double().numpy()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from matryoshka.config import HarvestConfig
-from matryoshka.harvest.tokens import batches, contexts, pack, DatasetExhausted
+from matryoshka.harvest.tokens import DatasetExhausted, batches, contexts, pack
 
 DOCS = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34]]
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import harvest_config
+from helpers import harvest_config
 from matryoshka.cache import Cache
 from matryoshka.config import ConfigError, RunConfig, TrainConfig
 from matryoshka.harvest import harvest
@@ -25,8 +25,8 @@ RUNS = [
      "group_sizes": [16, 32, 64, 144], "dead_tokens": "5K"},
     {"name": "tc", "source": "1.resid_mid", "target": "1.mlp_out", "width": 128, "k": 8, "lr": 0.003,
      "tokens": "40K", "dead_tokens": "5K", "skip": True},
-    {"name": "ref", "source": "1.resid_mid", "width": 256, "k": 8, "lr": 0.003, "tokens": "20K", "objective": "reference",
-     "group_sizes": [16, 32, 64, 144]},
+    {"name": "ref", "source": "1.resid_mid", "width": 256, "k": 8, "lr": 0.003, "tokens": "20K",
+     "objective": "reference", "group_sizes": [16, 32, 64, 144]},
 ]
 
 
@@ -50,6 +50,7 @@ def _last(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_training_lowers_fvu_for_sae_and_transcoder(cache, tmp_path):
     dirs = {p.name: p for p in train(_cfg(cache, tmp_path), progress=False)}
     assert set(dirs) == {"sae", "tc", "ref"} and dirs["sae"].parent.name == Cache(cache).fingerprint
@@ -65,6 +66,7 @@ def test_training_lowers_fvu_for_sae_and_transcoder(cache, tmp_path):
     assert len((dirs["sae"] / "metrics.jsonl").read_text().splitlines()) == 32
 
 
+@pytest.mark.slow
 def test_metrics_report_the_share_of_time_spent_waiting_on_the_reader(cache, tmp_path, monkeypatch):
     """A reader slowed by a known sleep: each metrics line's share times its interval (from the lines'
     wall-clock times) accounts for every sleep of that interval, whatever the machine's load."""
@@ -93,6 +95,7 @@ def test_metrics_report_the_share_of_time_spent_waiting_on_the_reader(cache, tmp
     assert max(fast) < 5 * nap / 2, fast
 
 
+@pytest.mark.slow
 def test_many_configs_from_one_read_equal_each_alone(cache, tmp_path):
     together = {p.name: _weights(p) for p in train(_cfg(cache, tmp_path / "all", runs=RUNS[:2]), progress=False)}
     for run in RUNS[:2]:
@@ -127,6 +130,7 @@ def _logged(run_dir: Path) -> list[tuple[int, float]]:
     return [(x["step"], x["loss"]) for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_bitwise(cache, tmp_path):
     """Killed, resumed: the same weights and the same metrics lines as an uninterrupted run, also when
     the kill left what it can leave: metrics lines past the checkpoint, a line cut short, and a
@@ -153,6 +157,7 @@ def test_killed_training_resumes_bitwise(cache, tmp_path):
     assert sorted(p.name for p in (killed / "tc").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_export_is_exported_by_the_next_train(cache, tmp_path):
     (run,) = train(_cfg(cache, tmp_path, runs=RUNS[2:]), progress=False)
     want = (run / "saelens" / "sae_weights.safetensors").read_bytes()
@@ -183,10 +188,12 @@ def test_config_errors_in_the_yaml():
         TrainConfig(cache="x", runs=[{"name": "a", "source": "s"}, {"name": "a", "source": "s"}])
     with pytest.raises(ConfigError, match="reference' reproduces the seed's Matryoshka BatchTopK"):
         RunConfig(name="a", source="s", arch="topk", objective="reference")
-    assert RunConfig(name="a", source="s", arch="batchtopk", objective="reference").objective == "reference"  # the seed's BatchTopKSAE
+    # the seed's BatchTopKSAE
+    assert RunConfig(name="a", source="s", arch="batchtopk", objective="reference").objective == "reference"
     assert RunConfig(name="a", source="s").resolve(768).group_sizes == [768, 1536, 3072, 6912]
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_every_run(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -199,6 +206,7 @@ def test_wandb_offline_logs_every_run(cache, tmp_path, monkeypatch):
         assert d.name.encode() in history[0].read_bytes() and b"saelens/cfg.json" in history[0].read_bytes()
 
 
+@pytest.mark.slow
 def test_load_folds_the_input_scales(cache, tmp_path):
     import matryoshka
     from matryoshka.train.trainer import TrainingRun
@@ -220,12 +228,13 @@ def test_load_folds_the_input_scales(cache, tmp_path):
         matryoshka.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_evaluate_runs_of_a_cache(cache, tmp_path):
     from typer.testing import CliRunner
 
     from matryoshka.cli import app
-    from matryoshka.evaluate.stage import LEGEND, evaluate
     from matryoshka.config import EvaluateConfig
+    from matryoshka.evaluate.stage import LEGEND, evaluate
 
     runs = [{**RUNS[0], "tokens": "20K"}, {**RUNS[1], "tokens": "20K"}]
     train(_cfg(cache, tmp_path, runs=runs), progress=False)
@@ -241,7 +250,8 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
     assert out.exit_code == 0 and "sae" in out.output and "FVU scalar-mean" in head and "seed" not in head
     latest = CliRunner().invoke(app, ["evaluate", "--runs-dir", str(tmp_path), "--quiet"])
     lines = latest.output.strip().splitlines()
-    assert latest.exit_code == 0 and len(lines) == 4 and lines[3].startswith("report: ")  # header, newest run, legend, report
+    # header, newest run, legend, report
+    assert latest.exit_code == 0 and len(lines) == 4 and lines[3].startswith("report: ")
     assert lines[2] == LEGEND and "dead: latents that fire on none of the evaluated held-out tokens" in LEGEND
     missing = CliRunner().invoke(app, ["evaluate", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "is not a trained run" in missing.output
@@ -256,6 +266,7 @@ def test_evaluate_runs_of_a_cache(cache, tmp_path):
     assert wrong.exit_code == 2 and f"was trained on cache {Cache(cache).fingerprint}" in wrong.output
 
 
+@pytest.mark.slow
 def test_non_finite_lm_metrics_fail_in_one_line_and_eval_json_stays_json(cache, tmp_path):
     """A dictionary whose decoder bias is NaN: the spliced CE and the KL are NaN. The command fails (exit 1)
     with one line naming them; eval.json parses with a strict parser, those metrics null."""

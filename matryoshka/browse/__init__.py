@@ -58,7 +58,8 @@ def browse(runs: list[Path], cache: str | None = None, tokens: int = DEFAULT_TOK
             raise CacheError(f"browse: {flag} {value} must be at least 1")
     folders = {p.resolve().parent for p in runs}
     if len(folders) != 1:
-        raise CacheError(f"browse: the runs come from {len(folders)} cache folders ({', '.join(sorted(map(str, folders)))}); "
+        raise CacheError(f"browse: the runs come from {len(folders)} cache folders "
+                         f"({', '.join(sorted(map(str, folders)))}); "
                          "browse the runs of one cache at a time")
     folder = folders.pop()
     site = folder / "browse"

@@ -3,9 +3,9 @@ to ``file://`` (the site needs neither)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 
 
 def serve(site: Path, port: int = 8000, echo: Callable[[str], None] = print) -> None:

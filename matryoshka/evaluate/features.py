@@ -38,8 +38,9 @@ non-zero co-activations, not W^2.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class Codes:
     width: int
 
     @classmethod
-    def from_dense(cls, acts: np.ndarray) -> "Codes":
+    def from_dense(cls, acts: np.ndarray) -> Codes:
         """For tests and small examples: a dense [N, W] activation matrix."""
         t, j = np.nonzero(acts > 0)
         return cls(t.astype(np.int64), j.astype(np.int64), acts[t, j].astype(np.float32), *acts.shape)

@@ -113,7 +113,9 @@ def training_curves(run_dir: Path) -> dict[str, np.ndarray]:
     except OSError:
         return {}
     keys = ("tokens", "fvu", "l0", "aux_dead", "reader_wait")
-    return {k: np.array([np.nan if r.get(k) is None else r[k] for r in rows], dtype=float) for k in keys} if rows else {}
+    if not rows:
+        return {}
+    return {k: np.array([np.nan if r.get(k) is None else r[k] for r in rows], dtype=float) for k in keys}
 
 
 def _training_plot(results: list[dict], out: Path) -> str | None:

@@ -45,8 +45,8 @@ def check_sae(folder: str, cache: Cache, runs_dir: str | Path) -> tuple[SAELensC
     where = f"evaluate: --sae {folder!r}"
     if not _same_model(c.model_name, cache):
         m = cache.manifest.get("model") or {}
-        raise CacheError(f"{where} is for model {c.model_name!r}, but cache {cache.path!r} holds "
-                         f"{m.get('resolved') or m.get('name') or 'no model (a ' + cache.manifest.get('source', 'model') + ' cache)'}")
+        held = m.get("resolved") or m.get("name") or f"no model (a {cache.manifest.get('source', 'model')} cache)"
+        raise CacheError(f"{where} is for model {c.model_name!r}, but cache {cache.path!r} holds {held}")
     hooks = ", ".join(info.get("hook_name", a) for a, info in cache.manifest["arrays"].items())
     arrays = {}
     for role, hook, width in (("hook_name", c.hook_name, c.d_in),) + (

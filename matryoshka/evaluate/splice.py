@@ -13,8 +13,8 @@ position 0 of each context under the ``context`` policy, every BOS token under `
 spliced (the site keeps the value the model computes there) nor scored. The scored predictions are those
 at positions t < T-1 where neither t nor t+1 is a BOS position: the prediction made from a BOS (the same
 in every splice) and the prediction of a BOS (a document boundary, under ``document``) are left out.
-With no BOS id (``--bos none``) every position is spliced and every prediction scored. Over the S scored predictions, with p the clean model's next-token
-distribution and q the spliced (or ablated) model's:
+With no BOS id (``--bos none``) every position is spliced and every prediction scored. Over the S scored
+predictions, with p the clean model's next-token distribution and q the spliced (or ablated) model's:
 
     CE                 = -(1/S) sum log q(x_{t+1})                          (clean CE: with p)
     CE (zero-ablated)  = CE with the site replaced by 0
@@ -26,8 +26,9 @@ For a transcoder the ablations are of its target site.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -133,7 +134,8 @@ class LM:
         return handles + hook_site(self.model, self.arch, *target, replace)
 
     @torch.inference_mode()
-    def compare(self, splices: dict[Any, Splice], desc: str = "LM") -> tuple[float, dict[Any, tuple[float, float]], int]:
+    def compare(self, splices: dict[Any, Splice],
+                desc: str = "LM") -> tuple[float, dict[Any, tuple[float, float]], int]:
         """Clean CE, then (CE, KL) of each splice, over the scored predictions; and their count."""
         scored_all = self.scored
         ce_clean, sums, n_scored = 0.0, {name: [0.0, 0.0] for name in splices}, 0  # sums: [CE, KL] per splice

@@ -39,9 +39,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,7 @@ from .overlap import check_disjoint
 from .report import runs_of, write_report
 from .saelens import check_saes, load_sae
 from .splice import LM, Splice, dictionary_fn, no_lm_reason
+
 
 def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Path]:
     if run is not None:
@@ -164,7 +166,8 @@ def _lm_pass(lm: LM | None, pending: list[tuple[Path, dict[str, Any], Splice]]) 
         out["lm"] = lm_results.get(i)
         bad = strict_json.non_finite(out["lm"] or {})
         if bad:
-            out["failed"] = f"run {out['run']}: non-finite LM metrics " + ", ".join(f"{k} = {v}" for k, v in bad.items())
+            out["failed"] = (f"run {out['run']}: non-finite LM metrics "
+                             + ", ".join(f"{k} = {v}" for k, v in bad.items()))
         (path / "eval.json").write_text(strict_json.dumps(out, indent=2))
     return [out for _, out, _ in pending]
 
