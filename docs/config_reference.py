@@ -8,8 +8,9 @@ and its flag the one the `pipeline` command really declares (read from the typer
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 PAGE = Path(__file__).with_name("configuration.md")
 
@@ -101,7 +102,8 @@ def table(cls: type, command: str | None) -> list[str]:
         cells = [f"`{name}`"]
         if flags is not None:
             flag = flags.get(name)
-            cells.append("(YAML only)" if flag is None else f"`{flag}`" if flag.startswith("--") else f"argument {flag}")
+            cells.append("(YAML only)" if flag is None
+                         else f"`{flag}`" if flag.startswith("--") else f"argument {flag}")
         cells += [_default(default), _cell(help_text)]
         rows.append("| " + " | ".join(cells) + " |")
     return rows

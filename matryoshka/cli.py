@@ -11,8 +11,9 @@ from __future__ import annotations
 import inspect
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -23,7 +24,8 @@ from .settings import Keys
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations once into a shared zarr cache; train and evaluate Matryoshka SAEs "
                        "and transcoders from it.")
-cache_app = typer.Typer(no_args_is_help=True, help="Inspect, share and remove caches: ls, info, verify, repair, copy, rm.")
+cache_app = typer.Typer(no_args_is_help=True,
+                        help="Inspect, share and remove caches: ls, info, verify, repair, copy, rm.")
 app.add_typer(cache_app, name="cache")
 
 
@@ -90,7 +92,7 @@ def _config_from(cls: type[Keys], section: str, config: Path | None, flags: dict
     return from_dict(cls, base, section)
 
 
-def _harvest(config: Optional[Path] = None, quiet: bool = False, **flags: Any) -> None:
+def _harvest(config: Path | None = None, quiet: bool = False, **flags: Any) -> None:
     from .harvest import harvest
 
     def go() -> None:
@@ -121,7 +123,7 @@ app.command("harvest", help="Run the LM once over a dataset and write source/tar
     _with_signature(_harvest, _flags_from(HarvestConfig)))
 
 
-def _train(config: Optional[Path] = None, quiet: bool = False, **flags: Any) -> None:
+def _train(config: Path | None = None, quiet: bool = False, **flags: Any) -> None:
     from .train.trainer import train
 
     def go() -> None:
@@ -140,13 +142,14 @@ app.command("train", help="Train every run listed in the config from one shuffle
     _with_signature(_train, _flags_from(TrainConfig, skip=("runs",))))
 
 
-def _evaluate(config: Optional[Path] = None, quiet: bool = False, run: Optional[str] = None,
-              sae: Optional[list[str]] = None, **flags: Any) -> None:
+def _evaluate(config: Path | None = None, quiet: bool = False, run: str | None = None,
+              sae: list[str] | None = None, **flags: Any) -> None:
     from .evaluate.stage import LEGEND, evaluate, table
 
     def go() -> None:
         cfg = _config_from(EvaluateConfig, "evaluate", config, {**flags, "run": run, "sae": sae or None})
-        if config is not None and flags.get("runs_dir") is None and cfg.runs_dir == EvaluateConfig.default_of("runs_dir"):
+        default_runs = cfg.runs_dir == EvaluateConfig.default_of("runs_dir")
+        if config is not None and flags.get("runs_dir") is None and default_runs:
             cfg = cfg.model_copy(update={"runs_dir": load_pipeline(config).train.runs_dir})  # as `pipeline run` does
         results = evaluate(cfg, progress=not quiet)
         typer.echo(table(results))
@@ -186,9 +189,10 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
 
 
 @app.command("browse")
-def browse_cmd(runs: Optional[list[str]] = typer.Argument(None, metavar="RUN", help="Evaluated run folders; "
-                                                          "default: every evaluated run of --cache, or the most recent."),
-               cache: Optional[str] = typer.Option(None, "--cache", help="Browse every evaluated run of this cache."),
+def browse_cmd(runs: list[str] | None = typer.Argument(
+                   None, metavar="RUN",
+                   help="Evaluated run folders; default: every evaluated run of --cache, or the most recent."),
+               cache: str | None = typer.Option(None, "--cache", help="Browse every evaluated run of this cache."),
                runs_dir: str = typer.Option("runs", "--runs-dir", help="Where the runs are."),
                tokens: int = typer.Option(131_072, "--tokens", help="Held-out rows read per run."),
                batch_size: int = typer.Option(4096, "--batch-size", help="Rows encoded at once."),
@@ -210,7 +214,7 @@ def browse_cmd(runs: Optional[list[str]] = typer.Argument(None, metavar="RUN", h
 
 
 @app.command("models")
-def models(names: Optional[list[str]] = typer.Argument(
+def models(names: list[str] | None = typer.Argument(
         None, help="Model names (gpt2, google/gemma-2-2b) or local directories; none: the seed's table.")) -> None:
     """Width, layers and the seed's suggested sizes (16x dictionary, groups [1x, 2x, 4x, 9x], k = width/200).
 
@@ -236,7 +240,8 @@ def models(names: Optional[list[str]] = typer.Argument(
 
 
 @cache_app.command("ls")
-def cache_ls(root: str = typer.Argument("cache", help="Directory or URL prefix (s3://bucket/prefix) to search.")) -> None:
+def cache_ls(root: str = typer.Argument("cache",
+                                        help="Directory or URL prefix (s3://bucket/prefix) to search.")) -> None:
     """List the caches under ROOT with model, sites, tokens and size."""
     from .cache.inspect import describe_path, find_caches
 

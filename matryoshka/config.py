@@ -12,7 +12,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any
 
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, model_validator
@@ -65,9 +65,9 @@ def _count_or_zero(value: Any) -> int:
     return 0 if value in (0, "0") and not isinstance(value, bool) else _count(value)
 
 
-Count = Annotated[Union[int, str], BeforeValidator(_count)]
+Count = Annotated[int | str, BeforeValidator(_count)]
 """A token count: an integer, or text with a suffix (``200M``); stored as the integer."""
-CountOrZero = Annotated[Union[int, str], BeforeValidator(_count_or_zero)]
+CountOrZero = Annotated[int | str, BeforeValidator(_count_or_zero)]
 """A count, or 0 for a default that depends on other settings."""
 
 
@@ -278,18 +278,18 @@ class HarvestConfig(Keys):
 
     source: Source = opt("model", "``model``: run the LM; ``synthetic``: generate activations with a known ground truth "
                                "(settings in ``synthetic``; no model, dataset or tokenizer is used).")
-    synthetic: Annotated[Optional[SyntheticConfig], BeforeValidator(_yaml_mapping)] = opt(None, "``source: synthetic`` settings, a mapping "
+    synthetic: Annotated[SyntheticConfig | None, BeforeValidator(_yaml_mapping)] = opt(None, "``source: synthetic`` settings, a mapping "
                                                         "(docs/synthetic.md); on the command line a YAML mapping that replaces the config's.")
     model: PathText = opt("gpt2", 'HF model name (``gpt2``, ``google/gemma-2-2b``) or a local directory saved with save_pretrained.')
-    revision: Optional[str] = opt(None, "Model revision (branch, tag or commit) on the Hub.")
+    revision: str | None = opt(None, "Model revision (branch, tag or commit) on the Hub.")
     dataset: PathText = opt("Skylion007/openwebtext", 'HF dataset name (streamed) or a local .txt (one document per line), .jsonl or .parquet file.')
-    dataset_config: Optional[str] = opt(None, "Dataset configuration (subset) name on the Hub.")
+    dataset_config: str | None = opt(None, "Dataset configuration (subset) name on the Hub.")
     dataset_split: str = opt("train", "Dataset split to stream.")
-    dataset_revision: Optional[str] = opt(None, "Dataset revision on the Hub.")
+    dataset_revision: str | None = opt(None, "Dataset revision on the Hub.")
     text_column: str = opt("text", "Column holding the documents' text.")
-    token_column: Optional[str] = opt(None, 'Read pre-tokenized ids from this column instead of tokenizing ``text_column``.')
-    layers: Union[str, list[int], int, None] = opt(8, "Layers for sites given without one: 8 or 6,8.")
-    sites: Union[str, list[str]] = opt("resid_mid,mlp_out", "Sites to capture: resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post, or LAYER.SITE.")
+    token_column: str | None = opt(None, 'Read pre-tokenized ids from this column instead of tokenizing ``text_column``.')
+    layers: str | list[int] | int | None = opt(8, "Layers for sites given without one: 8 or 6,8.")
+    sites: str | list[str] = opt("resid_mid,mlp_out", "Sites to capture: resid_pre, attn_out, resid_mid, mlp_in, mlp_out, resid_post, or LAYER.SITE.")
     tokens: Count = opt("10M", "Tokens to harvest (suffixes K, M, B), rounded up to whole contexts.")
     context_size: Annotated[PositiveInt, rule(lambda v: v >= 2, "must be at least 2")] = opt(128, "Tokens per context (sequence).")
     batch_size: PositiveInt = opt(32, 'Sequences per LM forward pass.')
@@ -298,25 +298,25 @@ class HarvestConfig(Keys):
     attn_implementation: AttnImplementation = opt("auto", "Attention implementation the LM runs: ``auto`` (the fastest exact one: "
                                            "sdpa for GPT-2, eager for Gemma-2), eager, sdpa or flex_attention. "
                                            "Part of the cache's identity.")
-    device: Optional[str] = opt(None, "Device for the LM (default: cuda if available, else cpu).")
-    device_map: Optional[str] = opt(None, 'Spread a model too big for one GPU over several (``auto``), through the TransformerLens bridge.')
-    cache: Optional[PathText] = opt(None, 'Where the store goes; default ``cache/<model>/<fingerprint>``.')
+    device: str | None = opt(None, "Device for the LM (default: cuda if available, else cpu).")
+    device_map: str | None = opt(None, 'Spread a model too big for one GPU over several (``auto``), through the TransformerLens bridge.')
+    cache: PathText | None = opt(None, 'Where the store goes; default ``cache/<model>/<fingerprint>``.')
     cache_root: PathText = opt("cache", "Root of default cache paths.")
     resume: bool = opt(False, "Continue an unfinished harvest of the same config.")
     break_lock: bool = opt(False, "Take over the stale writer lock of a dead writer on object storage (a live lock is never broken).")
-    shard: Optional[Annotated[str, rule(_is_shard, _SHARD_FORMAT)]] = opt(None, 'Write only shard ``I/N`` of the cache (workers on separate machines, same ``cache``); under torchrun the rank and world size are used.')
+    shard: Annotated[str, rule(_is_shard, _SHARD_FORMAT)] | None = opt(None, 'Write only shard ``I/N`` of the cache (workers on separate machines, same ``cache``); under torchrun the rank and world size are used.')
     codec: Codec = opt("lz4", "Compression: lz4 (blosc lz4 + bitshuffle), zstd (blosc zstd-1 + bitshuffle) or none.")
     chunk_mb: PositiveNumber = opt(4.0, 'Target uncompressed chunk size of the widest array, in MiB.')
-    holdout: Union[int, str] = opt("1%", 'Held-out split: the first sequences of the cache, as tokens (``100K``) or a percentage; '
+    holdout: int | str = opt("1%", 'Held-out split: the first sequences of the cache, as tokens (``100K``) or a percentage; '
                                    'whole chunks, at most 10 % more than asked (smaller chunks where needed).')
-    seed: Annotated[Optional[int], rule(lambda v: v is None or v >= 0, "must be a non-negative integer (or null: the dataset's order)")] = opt(0, "Document-order seed (a streaming shuffle buffer); ``null`` keeps the dataset's order. "
+    seed: Annotated[int | None, rule(lambda v: v is None or v >= 0, "must be a non-negative integer (or null: the dataset's order)")] = opt(0, "Document-order seed (a streaming shuffle buffer); ``null`` keeps the dataset's order. "
                               "For the synthetic source, the generator's seed.")
     shuffle_buffer: PositiveInt = opt(10_000, "Documents in the seeded streaming shuffle buffer.")
     bos: BosPolicy = opt("context", '``context``: every context starts with BOS; ``document``: every document does; ``none``.')
     writer_threads: Annotated[int, rule(lambda v: v >= 0, "must be 0 (one per usable core) or a positive integer")] = opt(0, 'Compression/write threads; 0 means one per CPU core this process may use (its affinity and cgroup quota).')
 
     @model_validator(mode="after")
-    def _sources_and_sites(self) -> "HarvestConfig":
+    def _sources_and_sites(self) -> HarvestConfig:
         parse_sites(self.sites, self.layers)
         if self.source == "synthetic":
             self._synthetic_settings()
@@ -397,10 +397,10 @@ class RunConfig(Keys):
 
     name: Annotated[str, rule(_plain_name, _PLAIN_NAME)] = opt("", "Run name: the folder under runs/<cache fingerprint>/.")
     source: str = opt("", "Cache array the dictionary reads, e.g. 8.resid_mid.")
-    target: Optional[str] = opt(None, "Cache array it reconstructs (a transcoder); none for an SAE.")
+    target: str | None = opt(None, "Cache array it reconstructs (a transcoder); none for an SAE.")
     arch: Arch = opt("matryoshka", "matryoshka (BatchTopK with nested groups), batchtopk or topk.")
     width: SeedDefault = opt(0, "Latents; 0 means 16x the source width (the seed's default).")
-    group_sizes: Optional[list[int]] = opt(None, "Matryoshka groups; none means the seed's [1x, 2x, 4x, 9x] of width/16.")
+    group_sizes: list[int] | None = opt(None, "Matryoshka groups; none means the seed's [1x, 2x, 4x, 9x] of width/16.")
     k: SeedDefault = opt(0, "Active latents per token; 0 means width / 200 (the seed's suggestion).")
     objective: Objective = opt("default", "default (the seed's method with its faults fixed) or reference (the seed, exactly; matryoshka or batchtopk).")
     lr: Annotated[Number, rule(lambda v: math.isfinite(v) and v > 0, "must be positive")] = opt(3e-4, "Adam learning rate.")
@@ -414,7 +414,7 @@ class RunConfig(Keys):
     seed: Natural = opt(0, "Initialisation seed.")
 
     @model_validator(mode="after")
-    def _names_and_objective(self) -> "RunConfig":
+    def _names_and_objective(self) -> RunConfig:
         if not self.name:
             raise ConfigError("name: every run needs a name")
         if not self.source:
@@ -424,7 +424,7 @@ class RunConfig(Keys):
                               "and BatchTopK (arch: batchtopk); arch 'topk' has only objective: default")
         return self
 
-    def resolve(self, d_in: int) -> "RunConfig":
+    def resolve(self, d_in: int) -> RunConfig:
         """Fill width, groups and k from the source width, and check them."""
         width = self.width or 16 * d_in
         groups = self.group_sizes
@@ -458,15 +458,15 @@ class TrainConfig(Keys):
     buffer_tokens: PositiveInt = opt(2**18, "Reader buffer: two blocks of half this size.")
     seed: int = opt(0, "Data order seed.")
     data_ranks: Annotated[int, rule(lambda v: v >= 0, "must be 0 (one per process) or a positive integer")] = opt(0, "Disjoint reader streams whose batches make each global batch; 0: one per torchrun process. One process with N reproduces an N-process job's data exactly.")
-    device: Optional[str] = opt(None, "Default: cuda if available, else cpu.")
+    device: str | None = opt(None, "Default: cuda if available, else cpu.")
     autocast: bool = opt(True, "bf16 autocast on a GPU, with float32 master weights and optimiser state.")
     checkpoint_every: PositiveInt = opt(1000, "Steps between checkpoints.")
     log_every: PositiveInt = opt(10, "Steps between metrics lines.")
-    wandb: Optional[str] = opt(None, "W&B project to log to (offline mode works without an account).")
-    local_cache_dir: Optional[PathText] = opt(None, "For a cache on object storage: keep a local copy of every chunk read here.")
+    wandb: str | None = opt(None, "W&B project to log to (offline mode works without an account).")
+    local_cache_dir: PathText | None = opt(None, "For a cache on object storage: keep a local copy of every chunk read here.")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "TrainConfig":
+    def _unique_names(self) -> TrainConfig:
         names = [r.name for r in self.runs]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -479,9 +479,9 @@ class EvaluateConfig(Keys):
 
     section = "evaluate"
 
-    run: Optional[PathText] = opt(None, "A run folder; default: every run of ``cache``, or the most recent run.")
-    cache: Optional[PathText] = opt(None, "Evaluate every run trained on this cache.")
-    sae: Optional[list[str]] = opt(None, "SAELens folders (cfg.json + sae_weights.safetensors) to evaluate on ``cache`` instead of its runs (with ``run``, if given), into its report; on the command line ``--sae FOLDER``, repeatable.")
+    run: PathText | None = opt(None, "A run folder; default: every run of ``cache``, or the most recent run.")
+    cache: PathText | None = opt(None, "Evaluate every run trained on this cache.")
+    sae: list[str] | None = opt(None, "SAELens folders (cfg.json + sae_weights.safetensors) to evaluate on ``cache`` instead of its runs (with ``run``, if given), into its report; on the command line ``--sae FOLDER``, repeatable.")
     runs_dir: LocalFolder = opt("runs", "Where runs are (a local folder).")
     batch_size: PositiveInt = opt(4096, "Tokens per evaluation batch.")
     dense_above: Fraction = opt(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
@@ -493,18 +493,18 @@ class EvaluateConfig(Keys):
     block_mb: Annotated[Number, Finite, rule(lambda v: v > 0, "must be a positive number of MiB")] = opt(64.0, "Memory of one block of the pairwise feature statistics, in MiB.")
     contexts: Annotated[int, rule(lambda v: v >= 0, "must be an integer >= 0")] = opt(10, "Top-activating contexts kept per latent (0: none).")
     report: bool = opt(True, "Write the cache's report: RUNS_DIR/<fingerprint>/report.md with PNG plots.")
-    local_cache_dir: Optional[PathText] = opt(None, "For a cache on object storage: keep a local copy of every chunk read here.")
+    local_cache_dir: PathText | None = opt(None, "For a cache on object storage: keep a local copy of every chunk read here.")
     lm: bool = opt(True, "Downstream metrics: splice each dictionary into the cache's LM (CE, CE recovered, KL); --no-lm when the LM is not at hand.")
     lm_tokens: Count = opt("64K", "Held-out tokens the downstream metrics run the LM on: whole contexts from the start of the split, at most all of it.")
     lm_batch_size: PositiveInt = opt(8, "Contexts per LM forward pass (its memory grows with this times the context size times the vocabulary).")
-    device: Optional[str] = opt(None, "Device for the LM and the spliced dictionaries (default: cuda if available, else cpu).")
-    model: Optional[PathText] = opt(None, "A local copy of the cache's model for the downstream metrics (checked against the cache's record: architecture, widths, weights hash); default: where the cache says it was harvested from.")
+    device: str | None = opt(None, "Device for the LM and the spliced dictionaries (default: cuda if available, else cpu).")
+    model: PathText | None = opt(None, "A local copy of the cache's model for the downstream metrics (checked against the cache's record: architecture, widths, weights hash); default: where the cache says it was harvested from.")
 
 
 class PipelineConfig(Keys):
     """The whole of pipeline.yaml. Later stages add their sections here."""
 
-    harvest: Optional[HarvestConfig] = Field(default_factory=HarvestConfig)
+    harvest: HarvestConfig | None = Field(default_factory=HarvestConfig)
     """None: the file has no harvest section; ``pipeline run`` trains from ``train.cache`` as it is."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

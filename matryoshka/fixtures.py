@@ -96,8 +96,8 @@ def write_cache(path: Path, arrays: dict, tokens, context_size: int, seqs_per_ch
         for r0 in range(0, n, chunk):
             r1 = min(r0 + chunk, n)
             writer.write(torch.from_numpy(tokens[r0:r1]).reshape(-1, context_size),
-                         {k: to_storage(torch.as_tensor(a[r0:r1]), dtype).reshape(-1, context_size, row_width(a.shape[1], dtype))
-                          for k, a in arrays.items()})
+                         {k: to_storage(torch.as_tensor(a[r0:r1]), dtype)
+                          .reshape(-1, context_size, row_width(a.shape[1], dtype)) for k, a in arrays.items()})
         writer.finish()
     finally:
         writer.abort()

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -130,7 +130,8 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
     except Exception as e:  # noqa: BLE001 - transformers raises many types here
         if offline is not None:
             raise ConfigError(f"model: {name!r} could not be resolved offline ({offline}) and is not in the local "
-                              f"Hugging Face cache; {offline_hint('model')} (short names: {', '.join(sorted(ALIASES))})") from None
+                              f"Hugging Face cache; {offline_hint('model')} "
+                              f"(short names: {', '.join(sorted(ALIASES))})") from None
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         raise ConfigError(
             f"model: cannot load {name!r} ({type(e).__name__}{': ' + why if why else ''}); give a local directory "

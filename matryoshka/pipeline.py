@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .cache import Cache
 from .config import ConfigError, EvaluateConfig, PipelineConfig, TrainConfig, check_pipeline

@@ -11,7 +11,8 @@ its key (``source: run 'a' names no source array``), which gets the model's path
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError

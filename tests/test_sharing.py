@@ -204,8 +204,8 @@ def test_a_cache_deleted_while_read_is_reported_as_deleted(bucket_cache, tmp_pat
     """Opened, then removed by a teammate (`cache rm`): reading a chunk says the cache was deleted, not
     that a chunk is unreadable with a hint to verify."""
     from matryoshka.cache import CacheError
-    from matryoshka.cache.reader import ReaderConfig, ShuffledReader
     from matryoshka.cache.location import Location
+    from matryoshka.cache.reader import ReaderConfig, ShuffledReader
 
     for where in (bucket_cache, str(_small_cache(tmp_path / "local"))):
         with ShuffledReader(["x"], Cache(where), ReaderConfig(batch_size=16, buffer_tokens=64)) as reader:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from crc32c import crc32c  # releases the GIL on large buffers; google_crc32c (zarr's) holds it, which
+
 # serialized every decode thread's checksum behind one lock
 
 FORMAT_VERSION = 1

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -69,13 +69,15 @@ def info_lines(cache: Cache) -> list[str]:
     lines = [
         f"cache        {cache.path}",
         f"fingerprint  {cache.fingerprint}   format v{m['format_version']}, written by matryoshka {m['tool_version']}",
-        f"status       {'complete' if cache.complete else 'unfinished'}: {cache.tokens_committed:,} of {m['n_tokens']:,} tokens committed",
+        f"status       {'complete' if cache.complete else 'unfinished'}: {cache.tokens_committed:,} of "
+        f"{m['n_tokens']:,} tokens committed",
         f"model        {m['model']['name']} ({m['model']['arch']}, d_model {m['model']['d_model']}, "
         f"{m['model']['n_layers']} layers, computed in {m['model']['dtype']})",
         f"tokenizer    {m['tokenizer']['name']} (vocab {m['tokenizer']['vocab_size']})",
         f"dataset      {m['dataset']['id']} split {m['dataset']['split']}, column "
         f"{m['dataset']['token_column'] or m['dataset']['text_column']}, order seed {m['dataset']['seed']}",
-        f"contexts     {m['n_sequences']:,} x {m['context_size']} tokens, BOS policy {m['bos']['policy']} (id {m['bos']['token_id']})",
+        f"contexts     {m['n_sequences']:,} x {m['context_size']} tokens, BOS policy {m['bos']['policy']} "
+        f"(id {m['bos']['token_id']})",
         f"storage      {cache.storage_dtype}, codec {m['storage']['codec']} + crc32c, chunks of "
         f"{m['storage']['chunk_tokens']:,} tokens ({m['storage']['seqs_per_chunk']} sequences)",
         f"size         {size / 1e9:.3f} GB on disk, {raw / 1e9:.3f} GB raw, ratio {raw / max(size, 1):.2f}",
@@ -86,7 +88,8 @@ def info_lines(cache: Cache) -> list[str]:
     for name, a in m["arrays"].items():
         try:
             s = cache.stats(name)
-            stat = f"mean norm {float((s.mean @ s.mean) ** 0.5):.3g}, E|x|^2 {s.mean_sq_norm:.4g}, variance {s.total_variance:.4g}"
+            stat = (f"mean norm {float((s.mean @ s.mean) ** 0.5):.3g}, E|x|^2 {s.mean_sq_norm:.4g}, "
+                    f"variance {s.total_variance:.4g}")
         except CacheError:
             stat = "no statistics yet"
         lines.append(f"  {name:<16} {a['hook_name']:<28} width {a['width']:<6} {stat}")
@@ -149,7 +152,8 @@ def verify(cache: Cache, progress: bool = True) -> list[Damage]:
 def _decoder(cache: Cache, name: str, scratch: threading.local) -> tuple[str, np.ndarray]:
     """The codec of an array's chunks, and this thread's buffer of a whole chunk's shape to decode into."""
     if name == "tokens":
-        key, codec, shape, dtype = "tokens", token_codec(cache.manifest["storage"]["codec"]), (cache.chunk_tokens,), np.int32
+        codec = token_codec(cache.manifest["storage"]["codec"])
+        key, shape, dtype = "tokens", (cache.chunk_tokens,), np.int32
     else:
         width = row_width(cache.manifest["arrays"][name]["width"], cache.storage_dtype)
         key, codec, dtype = name, cache.manifest["storage"]["codec"], STORAGE[cache.storage_dtype][0]

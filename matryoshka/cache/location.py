@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 
@@ -49,7 +50,7 @@ class Location:
     remote: bool
 
     @staticmethod
-    def of(where: "str | Path | Location") -> "Location":
+    def of(where: str | Path | Location) -> Location:
         """The location of a local path, a ``file://`` URL (a local path too) or an fsspec URL."""
         if isinstance(where, Location):
             return where
@@ -73,7 +74,7 @@ class Location:
         """What public functions hand back: a ``Path`` for a folder, the URL string for a prefix."""
         raise NotImplementedError
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         raise NotImplementedError
 
 
@@ -92,7 +93,7 @@ class Folder(Location):
     def pathlike(self) -> Path:
         return self.path
 
-    def join(self, *parts: str) -> "Folder":
+    def join(self, *parts: str) -> Folder:
         return Folder(self.path.joinpath(*parts))
 
     def same_place(self, other: Location) -> bool:
@@ -135,7 +136,7 @@ class Folder(Location):
         if strict or self.path.exists():
             shutil.rmtree(self.path, ignore_errors=not strict)
 
-    def created_by_us(self) -> "Folder | None":
+    def created_by_us(self) -> Folder | None:
         """What a writer about to create this folder removes if it leaves nothing worth keeping: its
         topmost missing directory (None: the folder exists)."""
         missing, p = None, self.path
@@ -221,7 +222,7 @@ class Prefix(Location):
     def pathlike(self) -> str:
         return self.url
 
-    def join(self, *parts: str) -> "Prefix":
+    def join(self, *parts: str) -> Prefix:
         return Prefix("/".join([self.url.rstrip("/"), *parts]))  # (``Path`` would fold the URL's ``//``)
 
     def same_place(self, other: Location) -> bool:
@@ -267,7 +268,7 @@ class Prefix(Location):
         if self.fs.exists(self.root):
             self.fs.rm(self.root, recursive=True)
 
-    def created_by_us(self) -> "Prefix | None":
+    def created_by_us(self) -> Prefix | None:
         """The prefix itself if nothing is there yet (a writer removes it again if it leaves nothing worth keeping)."""
         return None if self.exists() else self
 

@@ -82,7 +82,7 @@ class WriterLock:
         self.what, self.doing = what, doing
         self._fd: int | None = None
 
-    def acquire(self) -> "WriterLock":
+    def acquire(self) -> WriterLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,7 +112,7 @@ class WriterLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -122,7 +122,7 @@ class WriterLock:
 class ObjectLock:
     """A lock object with an owner and a heartbeat, for caches on object storage (module docstring)."""
 
-    def __init__(self, url: "str | Location", break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
+    def __init__(self, url: str | Location, break_lock: bool = False, heartbeat_s: float = HEARTBEAT_S,
                  stale_s: float = STALE_S, what: str = "cache", doing: str = "written") -> None:
         where = Location.of(url)
         self.url = str(where).rstrip("/")
@@ -185,7 +185,7 @@ class ObjectLock:
         return who, age
 
     # -- protocol ------------------------------------------------------------------------------------
-    def acquire(self) -> "ObjectLock":
+    def acquire(self) -> ObjectLock:
         try:
             self._put(if_absent=True)
         except (FileExistsError, PermissionError):  # exists, or a concurrent create won
@@ -216,7 +216,8 @@ class ObjectLock:
                 raise CacheLockedError(f"{self.what} {self.url} has a stale writer lock of {who}: that process no "
                                        "longer runs on this host, so the writer died; pass --break-lock to take "
                                        "the lock over (and --resume to continue)")
-            raise CacheLockedError(f"{self.what} {self.url} has a stale writer lock of {who}: last heartbeat {age:.0f}s "
+            raise CacheLockedError(f"{self.what} {self.url} has a stale writer lock of {who}: last heartbeat "
+                                   f"{age:.0f}s "
                                    f"ago (stale after {self.stale_s:.0f}s), so that writer died or hung; if it is "
                                    "gone, pass --break-lock to take the lock over (and --resume to continue)")
         try:
@@ -228,7 +229,8 @@ class ObjectLock:
                 self.fs.rm_file(self.key)
                 self._put(if_absent=True)
         except (FileExistsError, PermissionError):
-            raise CacheLockedError(f"{self.what} {self.url}: another writer broke the stale lock of {who} first") from None
+            raise CacheLockedError(f"{self.what} {self.url}: another writer broke the stale lock of {who} "
+                                   "first") from None
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -269,14 +271,14 @@ class ObjectLock:
             if found is not None and found[0].get("id") == self.owner["id"]:
                 self.fs.rm_file(self.key)
 
-    def __enter__(self) -> "ObjectLock":
+    def __enter__(self) -> ObjectLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
-def writer_lock(path: "str | Path | Location", break_lock: bool = False, what: str = "cache",
+def writer_lock(path: str | Path | Location, break_lock: bool = False, what: str = "cache",
                 doing: str = "written") -> WriterLock | ObjectLock:
     """The lock for a cache or run path: ``flock`` for a local folder (``file://`` URLs included), a lock
     object on object storage, where ``flock`` does not exist."""

@@ -37,15 +37,26 @@ import mmap
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..cpus import usable_cpus
-from .format import (STORAGE, bos_rows, decode, decode_chunk, from_storage, numpy_view, row_bytes, row_width,
-                     to_torch, token_codec)
+from .format import (
+    STORAGE,
+    bos_rows,
+    decode,
+    decode_chunk,
+    from_storage,
+    numpy_view,
+    row_bytes,
+    row_width,
+    to_torch,
+    token_codec,
+)
 from .plan import ReaderConfig, ReadPlan, bos_to_exclude, check_rank
 from .retry import StoreUnavailable
 from .store import Cache, CacheError
@@ -608,7 +619,7 @@ class ShuffledReader:
         self._buf, self._np, self._dev = [], [], []
         self.closed = True
 
-    def __enter__(self) -> "ShuffledReader":
+    def __enter__(self) -> ShuffledReader:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -12,8 +12,8 @@ a copy can never be stale; each is still checked by its crc32c when it is decode
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .format import crc_ok
 from .location import STORE_HINT, Folder, Location, Prefix, describe_error

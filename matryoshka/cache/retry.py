@@ -1,12 +1,12 @@
 """Riding out object storage's transient failures: a dropped connection, a timeout, throttling, a 5xx.
 
-A training run that streams a cache from a bucket for hours, or a harvest that writes one, meets these.
-The storage libraries retry only a few times, within seconds, so a brief outage, or S3 answering ``503 SlowDown`` to a team's GPUs all
-reading one prefix, would otherwise end the run. Here a read or write of chunks is tried again with
-exponential backoff (0.5 s, doubling, at most 15 s apart) for up to ``MATRYOSHKA_STORE_RETRY_S``
+A training run that streams a cache from a bucket for hours, or a harvest that writes one, meets these. The
+storage libraries retry only a few times, within seconds, so a brief outage, or S3 answering ``503 SlowDown``
+to a team's GPUs all reading one prefix, would otherwise end the run. Here a read or write of chunks is tried
+again with exponential backoff (0.5 s, doubling, at most 15 s apart) for up to ``MATRYOSHKA_STORE_RETRY_S``
 seconds (default 120), with a warning (one every 5 s at most). A missing object or a refused permission is not
-transient and fails at once. Chunk writes are safe to repeat: a chunk is one whole object, and
-writing it again writes the same bytes.
+transient and fails at once. Chunk writes are safe to repeat: a chunk is one whole object, and writing it
+again writes the same bytes.
 
 The loop, its backoff and its deadline are tenacity's; this module says which errors are transient,
 throttles the warnings across threads and words the final error.
@@ -17,7 +17,8 @@ import errno
 import logging
 import os
 import time
-from typing import Callable, NoReturn, TypeVar
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_before_delay, wait_exponential
 

@@ -41,7 +41,7 @@ class ArrayStats:
     """E||x - mu||^2: the FVU denominator per token."""
 
     @classmethod
-    def from_sums(cls, count: int, total: np.ndarray, sq_norm: float) -> "ArrayStats":
+    def from_sums(cls, count: int, total: np.ndarray, sq_norm: float) -> ArrayStats:
         mean = total / max(count, 1)
         msq = sq_norm / max(count, 1)
         return cls(count=count, mean=mean, mean_sq_norm=msq, total_variance=max(msq - float(mean @ mean), 0.0))
@@ -51,7 +51,7 @@ class ArrayStats:
                 "total_variance": self.total_variance}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ArrayStats":
+    def from_json(cls, d: dict[str, Any]) -> ArrayStats:
         return cls(count=d["count"], mean=np.asarray(d["mean"], dtype=np.float64),
                    mean_sq_norm=d["mean_sq_norm"], total_variance=d["total_variance"])
 
@@ -59,7 +59,7 @@ class ArrayStats:
 class Cache:
     """A harvested cache, opened read-only. Only committed chunks are visible."""
 
-    def __init__(self, path: "str | Path | Location", local_cache_dir: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path | Location, local_cache_dir: str | Path | None = None) -> None:
         """Open a local directory or an fsspec URL (``file://``, ``s3://``, ``gs://``). For a URL,
         ``local_cache_dir`` keeps a local copy of every chunk read (see :mod:`.remote`)."""
         self.location = Location.of(path)

@@ -11,8 +11,9 @@ import itertools
 import queue
 import threading
 import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, Callable, Iterator
+from typing import Any
 
 URGENT, LATER = 0, 1
 

@@ -20,21 +20,20 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
-
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore
 
 from ..errors import MatryoshkaError
-from .format import (STORAGE, bos_rows, chunk_key, compressors, decode, encode_chunk, host_view, row_width,
-                     token_codec)
+from .format import STORAGE, bos_rows, chunk_key, compressors, decode, encode_chunk, host_view, row_width, token_codec
 from .retry import retrying
 from .store import ArrayStats, CacheError
 
@@ -69,7 +68,7 @@ class _Sums:
         return {"count": self.count, "sum": [] if self.total is None else self.total.tolist(), "sq_norm": self.sq_norm}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "_Sums":
+    def from_json(cls, d: dict[str, Any]) -> _Sums:
         return cls(d["count"], np.asarray(d["sum"], dtype=np.float64) if d["sum"] else None, d["sq_norm"])
 
 
@@ -189,7 +188,8 @@ class CacheWriter:
             self._on_store(lambda: self.record.attrs.update({"progress": self._progress_json(self.end), "done": True}),
                            "recording the shard's end")
             return
-        self._on_store(lambda: self.group.attrs.update(complete_attrs(self._sums, self.n_chunks)), "completing the cache")
+        self._on_store(lambda: self.group.attrs.update(complete_attrs(self._sums, self.n_chunks)),
+                       "completing the cache")
 
     def abort(self) -> None:
         """Stop the threads after an error; committed chunks stay readable."""

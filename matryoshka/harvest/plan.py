@@ -8,8 +8,17 @@ from typing import Any
 from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk
 from ..cache.manifest import build_manifest
 from ..config import HarvestConfig, check_device, site_name
-from ..models import (ModelInfo, check_context_size, check_sites, hook_name, hub_id, load_tokenizer, model_info,
-                      resolve_attention, tokenizer_identity)
+from ..models import (
+    ModelInfo,
+    check_context_size,
+    check_sites,
+    hook_name,
+    hub_id,
+    load_tokenizer,
+    model_info,
+    resolve_attention,
+    tokenizer_identity,
+)
 from .synthetic import manifest as synthetic_manifest
 from .tokens import bos_id, dataset_identity, open_documents
 
@@ -38,8 +47,8 @@ def plan(cfg: HarvestConfig) -> Plan:
     bos = bos_id(tokenizer, cfg.bos)
     spc, heldout = cfg.holdout_layout(
         seqs_per_chunk(cfg.context_size, row_bytes(info.d_model, cfg.dtype), cfg.chunk_mb, cfg.n_sequences))
-    arrays = {site_name(l, s): {"layer": l, "site": s, "hook_name": hook_name(l, s), "width": info.d_model}
-              for l, s in cfg.site_list}
+    arrays = {site_name(layer, s): {"layer": layer, "site": s, "hook_name": hook_name(layer, s), "width": info.d_model}
+              for layer, s in cfg.site_list}
     identity = {
         "format_version": FORMAT_VERSION,
         "model": info.identity, "model_dtype": cfg.model_dtype,

@@ -56,7 +56,8 @@ def harvest_config(cache: Cache) -> HarvestConfig:
     if m["source"] == "synthetic":  # no model, dataset or BOS: only the generator's settings and seed
         settings.update(synthetic=m["synthetic"]["settings"], seed=m["synthetic"]["seed"])
     else:
-        settings.update(bos=m["bos"]["policy"], model=m["model"]["name"], revision=m["model"]["revision"], model_dtype=m["model"]["dtype"],
+        settings.update(bos=m["bos"]["policy"], model=m["model"]["name"], revision=m["model"]["revision"],
+                        model_dtype=m["model"]["dtype"],
                         dataset=d["id"], dataset_config=d["config"], dataset_split=d["split"],
                         dataset_revision=d["revision"], text_column=d["text_column"], token_column=d["token_column"],
                         shuffle_buffer=d["shuffle_buffer"])

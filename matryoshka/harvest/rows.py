@@ -61,7 +61,7 @@ def write_rows(cfg: HarvestConfig, p: Plan, writer: CacheWriter, progress: bool,
     bar = tqdm(total=(n_seqs - first_seq) * ctx, initial=(start_seq - first_seq) * ctx, unit="tok", unit_scale=True,
                disable=not progress, desc=f"harvest {Path(cfg.model).name}{desc}", dynamic_ncols=True)
     try:
-        for first, ids in _prefetch(batches(contexts(cfg, tokenizer, p.documents), start_seq, n_seqs, cfg.batch_size)):
+        for _, ids in _prefetch(batches(contexts(cfg, tokenizer, p.documents), start_seq, n_seqs, cfg.batch_size)):
             acts = capture(torch.from_numpy(ids))
             writer.write(torch.from_numpy(ids), {names[k]: v for k, v in acts.items()})
             s = writer.stats

@@ -106,8 +106,8 @@ def manifest(cfg: HarvestConfig) -> dict[str, Any]:
         arrays[y_name] = {"layer": cfg.site_list[1][0], "site": cfg.site_list[1][1], "hook_name": "synthetic.y",
                           "width": d_target}
     arrays[FEATURES] = {"layer": None, "site": FEATURES, "hook_name": "synthetic.features", "width": s.n_features}
-    spc, heldout = cfg.holdout_layout(seqs_per_chunk(
-        cfg.context_size, max(row_bytes(a["width"], cfg.dtype) for a in arrays.values()), cfg.chunk_mb, cfg.n_sequences))
+    widest = max(row_bytes(a["width"], cfg.dtype) for a in arrays.values())
+    spc, heldout = cfg.holdout_layout(seqs_per_chunk(cfg.context_size, widest, cfg.chunk_mb, cfg.n_sequences))
     settings = s.model_dump()
     identity = {"format_version": FORMAT_VERSION, "source": "synthetic", "generator": GENERATOR_VERSION,
                 "synthetic": settings, "seed": cfg.seed, "context_size": cfg.context_size,

@@ -13,8 +13,9 @@ batches and packed into contexts of ``context_size`` tokens under a BOS policy:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -117,7 +118,8 @@ def bos_id(tokenizer, policy: str) -> int | None:
     return tid
 
 
-def pack(docs: Iterator[list[int]], context_size: int, policy: str, bos: int | None, sep: int | None) -> Iterator[np.ndarray]:
+def pack(docs: Iterator[list[int]], context_size: int, policy: str, bos: int | None,
+         sep: int | None) -> Iterator[np.ndarray]:
     """Pack documents into contexts of exactly ``context_size`` ids (see the module docstring)."""
     body = context_size - 1 if policy == "context" else context_size
     buf: list[int] = []
@@ -141,7 +143,8 @@ def contexts(cfg: HarvestConfig, tokenizer, ds=None) -> Iterator[np.ndarray]:
     return pack(token_stream(ds, cfg, tokenizer), cfg.context_size, cfg.bos, bos, sep)
 
 
-def batches(stream: Iterator[np.ndarray], start_seq: int, n_seqs: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+def batches(stream: Iterator[np.ndarray], start_seq: int, n_seqs: int,
+            batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """Batches ``(first_seq, ids [B, T])`` of sequences ``start_seq .. n_seqs-1``; raises if the text runs out."""
     seq = 0
     batch: list[np.ndarray] = []

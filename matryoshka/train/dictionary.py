@@ -74,7 +74,7 @@ class Dictionary(nn.Module):
         return selected(values, self.centred(x), self.W_enc, self.b_enc, None if self.transcoder else self.b_dec,
                         rows, latents)
 
-    def select(self, acts: torch.Tensor, training: bool, team: "Team | None" = None) -> Code:
+    def select(self, acts: torch.Tensor, training: bool, team: Team | None = None) -> Code:
         """Active latents (values without autograd: see :meth:`attach`); ``team``: data-parallel ranks
         whose batches together form the batch of batch top-k."""
         if self.arch == "topk":

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,7 +61,7 @@ class Team:
         return self.rank == 0
 
     @classmethod
-    def join(cls, device: torch.device | None) -> "Team":
+    def join(cls, device: torch.device | None) -> Team:
         """Join torchrun's process group (from RANK, WORLD_SIZE, MASTER_ADDR...) if there is more than one rank."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         team = cls(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")),
@@ -147,7 +148,7 @@ class RankStreams:
                                        state=cursors[r] if cursors is not None else None)
                         for r in range(team.rank * per, (team.rank + 1) * per)]
 
-    def __iter__(self) -> "RankStreams":
+    def __iter__(self) -> RankStreams:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:

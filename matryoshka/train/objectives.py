@@ -69,7 +69,7 @@ class Objective:
 
     def __init__(self, dic: Dictionary, kind: str = "default", aux_penalty: float = 1 / 32,
                  dead_steps: int = 20, dead_tokens: int = 10_000_000, ema: float = 0.01,
-                 team: "Team | None" = None) -> None:
+                 team: Team | None = None) -> None:
         """``team``: data-parallel ranks; the batch is then their global batch (train/distributed.py)."""
         if kind not in OBJECTIVES:
             raise ValueError(f"objective: {kind!r} is not one of {', '.join(OBJECTIVES)}")

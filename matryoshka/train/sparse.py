@@ -64,7 +64,7 @@ def _candidates(flat: torch.Tensor, n: int, width: int) -> tuple[torch.Tensor, t
     return torch.arange(flat.numel(), device=flat.device), flat
 
 
-def batch_topk(acts: torch.Tensor, k: int, team: "Team | None" = None) -> Code:
+def batch_topk(acts: torch.Tensor, k: int, team: Team | None = None) -> Code:
     """The ``k * B`` largest activations of the whole batch (one selection shared by all groups).
 
     Exactly defined, ties included: every value above the (k*B)-th largest ``t``, then values equal to

@@ -51,7 +51,7 @@ class StopSignals:
         self.__exit__()
         signal.raise_signal(signum)
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._saved[s] = signal.signal(s, self._record)

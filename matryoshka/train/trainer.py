@@ -35,12 +35,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..cache import Cache, CacheError
-from ..cache import local_copy
+from ..cache import Cache, CacheError, local_copy
 from ..cache.lock import writer_lock
 from ..cache.reader import ReaderConfig
-from ..files import shareable
 from ..config import ConfigError, RunConfig, TrainConfig, check_device
+from ..files import shareable
 from .dictionary import Dictionary
 from .distributed import RankStreams, Team
 from .export import export_missing, export_saelens
