@@ -2,6 +2,7 @@
 
     python benchmarks/absorption.py                 # pipeline.yaml, seeds 0 1 2
     python benchmarks/absorption.py --seeds 0 1 2 3 --config examples/other.yaml
+    python benchmarks/absorption.py --seeds 0 --tokens 8M    # every run trained on 8M tokens (convergence)
 
 For each seed s, the stages of ``pipeline.yaml`` run for real (harvest -> cache -> train -> evaluate) in a
 temporary folder, with every seed set to s: the generator's (``harvest.seed``: new data and a new true
@@ -17,16 +18,17 @@ import time
 from pathlib import Path
 
 from common import machine, print_table
-from matryoshka.config import load_pipeline
+from matryoshka.config import load_pipeline, parse_count
 from matryoshka.evaluate.stage import evaluate
 from matryoshka.harvest import harvest
 from matryoshka.train.trainer import train
 
 
-def one_seed(config: Path, seed: int, root: Path) -> tuple[list[dict], dict[str, float]]:
+def one_seed(config: Path, seed: int, root: Path, tokens: str | None = None) -> tuple[list[dict], dict[str, float]]:
     p = load_pipeline(config)
     h = p.harvest.model_copy(update={"seed": seed, "cache": str(root / f"cache-{seed}")})
-    runs = [r.model_copy(update={"seed": seed}) for r in p.train.runs]
+    runs = [r.model_copy(update={"seed": seed, **({"tokens": parse_count(tokens)} if tokens else {})})
+            for r in p.train.runs]
     t = p.train.model_copy(update={"seed": seed, "runs": runs, "runs_dir": str(root / "runs")})
     times = {}
     start = time.perf_counter()
@@ -48,12 +50,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--baseline", default="batchtopk-sae", help="run the ratio is taken against")
     ap.add_argument("--candidate", default="matryoshka-sae")
+    ap.add_argument("--tokens", default=None, help="train every run on this many tokens (default: the config's)")
     args = ap.parse_args()
     print(machine("cpu"))
     rows, ratios = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            results, times = one_seed(args.config, seed, Path(tmp))
+            results, times = one_seed(args.config, seed, Path(tmp), args.tokens)
             by_name = {}
             for r in results:
                 g = r["ground_truth"]
