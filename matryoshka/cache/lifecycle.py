@@ -20,7 +20,7 @@ from typing import Any
 
 import zarr
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .errors import CacheError
 from .format import row_bytes
 from .location import Location

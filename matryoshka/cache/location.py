@@ -22,7 +22,7 @@ from typing import Any
 
 import fsspec
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..files import write_atomic
 from .errors import CacheError
 from .retry import retrying

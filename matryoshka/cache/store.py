@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..config import looks_like_path
+from ..names import looks_like_path
 from .errors import CacheDamagedError, CacheError
 from .format import FORMAT_VERSION, chunk_key, decode
 from .location import Location
