@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
+import fsspec
 import yaml
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, model_validator
 from pydantic_core import PydanticCustomError
@@ -178,12 +179,23 @@ def _path_text(value: str, info: ValidationInfo) -> str:
     return value
 
 
-def _local_folder(value: str) -> str:
-    """Run folders are local (a ``file://`` URL names one): a URL there would become a folder named ``s3:``."""
-    if "://" in value and not value.startswith("file://"):
-        raise PydanticCustomError("rule", "is a URL; run folders are local paths (sharing runs through a bucket is "
-                                          "not supported yet: copy the folder, or train where the team can read it)")
-    return value[len("file://"):] if value.startswith("file://") else value
+def _runs_folder(value: str) -> str:
+    """A local folder (a ``file://`` URL names one) or object storage that fsspec can write (``s3://``,
+    ``gs://``): never a URL turned into a local folder named ``s3:``, nor one no run could be written to."""
+    if value.startswith("file://"):
+        return value[len("file://"):]
+    if "://" in value:
+        protocol = value.split("://", 1)[0]
+        if protocol in ("http", "https"):
+            raise PydanticCustomError("rule", "is a web address, which cannot be written to; give a local folder "
+                                              "or object storage (s3://BUCKET/PREFIX, gs://BUCKET/PREFIX)")
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ValueError, ImportError) as e:
+            raise PydanticCustomError("rule", "names storage that cannot be used here ({why}); give a local folder "
+                                              "or object storage (s3://, gs://, with the s3 or gcs extra installed)",
+                                      {"why": str(e).splitlines()[0][:120]}) from None
+    return value
 
 
 def _fspath(value: Any) -> Any:
@@ -194,8 +206,8 @@ PathText = Annotated[str, BeforeValidator(_fspath), AfterValidator(_path_text)]
 """A folder, URL or Hub name (a ``pathlib.Path`` from Python is taken as its text): the text ``None`` there is
 a mistyped null, not a folder name."""
 
-LocalFolder = Annotated[PathText, AfterValidator(_local_folder)]
-"""A local folder: runs are written with renames and ``flock``, which object storage does not have."""
+RunsFolder = Annotated[PathText, AfterValidator(_runs_folder)]
+"""Where runs are: a local folder or a URL of object storage (see ``run_folder.py``)."""
 
 
 def one_of(choices: tuple[str, ...]) -> Any:
@@ -453,7 +465,7 @@ class TrainConfig(Keys):
 
     cache: PathText = opt("", "The cache to train from.")
     runs: list[RunConfig] = Field(default_factory=list, description="The dictionaries to train.")
-    runs_dir: LocalFolder = opt("runs", "Runs land in RUNS_DIR/<cache fingerprint>/<run name>/ (a local folder).")
+    runs_dir: RunsFolder = opt("runs", "Runs land in RUNS_DIR/<cache fingerprint>/<run name>/: a local folder or a URL (s3://BUCKET/PREFIX) the team shares.")
     batch_size: PositiveInt = opt(4096, "Tokens per step, shared by every run.")
     buffer_tokens: PositiveInt = opt(2**18, "Reader buffer: two blocks of half this size.")
     seed: int = opt(0, "Data order seed.")
@@ -482,7 +494,8 @@ class EvaluateConfig(Keys):
     run: PathText | None = opt(None, "A run folder; default: every run of ``cache``, or the most recent run.")
     cache: PathText | None = opt(None, "Evaluate every run trained on this cache.")
     sae: list[str] | None = opt(None, "SAELens folders (cfg.json + sae_weights.safetensors) to evaluate on ``cache`` instead of its runs (with ``run``, if given), into its report; on the command line ``--sae FOLDER``, repeatable.")
-    runs_dir: LocalFolder = opt("runs", "Where runs are (a local folder).")
+    runs_dir: RunsFolder = opt("runs", "Where runs are: a local folder or a URL (s3://BUCKET/PREFIX).")
+    results_dir: RunsFolder | None = opt(None, "Write each run's eval.json, eval.npz and the report under RESULTS_DIR/<fingerprint>/<run>/ instead of into the run folders, which are then only read (a teammate's runs); a local folder or a URL.")
     batch_size: PositiveInt = opt(4096, "Tokens per evaluation batch.")
     dense_above: Fraction = opt(0.1, "A latent firing on more than this fraction of tokens counts as dense.")
     features: bool = opt(True, "Feature metrics: absorption, splitting, monosemanticity, hierarchy per group.")

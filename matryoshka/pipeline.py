@@ -16,7 +16,6 @@ So a second ``pipeline run`` of the same config writes nothing. The cache path i
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .cache import Cache
+from .cache.location import Location
 from .config import ConfigError, EvaluateConfig, PipelineConfig, TrainConfig, check_pipeline
+from .run_folder import Place, RunFolder, Workspace
 
 
 @dataclass
@@ -39,7 +40,8 @@ class Outcome:
     results: list[dict[str, Any]]
     """Every run's eval.json, in config order."""
     table: str
-    report: Path | None
+    report: Path | str | None
+    """The report's path (a URL for runs on object storage); None with ``evaluate.report: false``."""
 
 
 def run_pipeline(cfg: PipelineConfig, progress: bool = True, echo: Callable[[str], None] = print) -> Outcome:
@@ -48,17 +50,19 @@ def run_pipeline(cfg: PipelineConfig, progress: bool = True, echo: Callable[[str
     _check_sections(cfg)
     cache = Cache(_harvest(cfg, progress, echo))
     train_cfg = cfg.train.model_copy(update={"cache": cache.path})
-    run_dirs = [Path(train_cfg.runs_dir) / cache.fingerprint / r.name for r in train_cfg.runs]
-    trained = _train(train_cfg, cache, progress, echo)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone evaluates and writes the report
-        return Outcome(cache=cache.path, trained=trained, evaluated=[], results=[], table="", report=None)
-    evaluate_cfg = cfg.evaluate.model_copy(update={"runs_dir": train_cfg.runs_dir})
-    evaluated = _evaluate(evaluate_cfg, run_dirs, cache, progress, echo)
-    results = [json.loads((d / "eval.json").read_text()) for d in run_dirs]
-    from .evaluate.stage import table
+    root = Location.of(train_cfg.runs_dir).join(cache.fingerprint)
+    with Workspace() as space:  # reads what each run has done, from wherever the runs are
+        folders = [space.run(root.join(r.name)) for r in train_cfg.runs]
+        trained = _train(train_cfg, cache, folders, progress, echo)
+        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone evaluates and writes the report
+            return Outcome(cache=cache.path, trained=trained, evaluated=[], results=[], table="", report=None)
+        evaluate_cfg = cfg.evaluate.model_copy(update={"runs_dir": train_cfg.runs_dir})
+        evaluated = _evaluate(evaluate_cfg, folders, cache, progress, echo)
+        results = [f.read_json("eval.json") for f in folders]
+        from .evaluate.stage import table
 
-    return Outcome(cache=cache.path, trained=trained, evaluated=evaluated, results=results,
-                   table=table(results), report=_report(evaluate_cfg, cache, bool(evaluated)))
+        return Outcome(cache=cache.path, trained=trained, evaluated=evaluated, results=results,
+                       table=table(results), report=_report(evaluate_cfg, cache, space.place(root), bool(evaluated)))
 
 
 def _check_sections(cfg: PipelineConfig) -> None:
@@ -116,14 +120,14 @@ def harvest_cache(cfg: PipelineConfig) -> str | None:
     return str(cache_location(cfg.harvest.cache_root, plan(cfg.harvest).manifest))
 
 
-def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str], None]) -> list[str]:
+def _train(cfg: TrainConfig, cache: Cache, folders: list[RunFolder], progress: bool,
+           echo: Callable[[str], None]) -> list[str]:
     """Train the unfinished runs, one group per step their checkpoints reached."""
-    from .train.export import export_missing
     from .train.trainer import saved_steps, train
 
-    root = Path(cfg.runs_dir) / cache.fingerprint
     groups: dict[int, list] = {}
-    for i, run in enumerate(cfg.runs):
+    unexported = []
+    for i, (run, folder) in enumerate(zip(cfg.runs, folders)):
         for key in ("source", "target"):
             name = getattr(run, key)
             if name is not None and name not in cache.array_names:
@@ -134,11 +138,13 @@ def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str],
         except ConfigError as e:
             raise ConfigError(f"train.runs[{i}].{e}") from None
         total = -(-resolved.tokens // cfg.batch_size)
-        done = saved_steps(root / run.name, resolved, total) or 0
+        done = saved_steps(folder.saved_config(), resolved, total, folder) or 0
         if done < total:
             groups.setdefault(done, []).append(run)
-        else:  # a kill between its last checkpoint and its export leaves the export missing
-            export_missing(root / run.name, cache.manifest)
+        elif not folder.exists("saelens/cfg.json"):  # a kill between its last checkpoint and its export
+            unexported.append(run)
+    if unexported:  # training a finished run only exports it, under its lock
+        train(cfg.model_copy(update={"runs": unexported}), progress=False)
     if not groups:
         echo(f"train: all {len(cfg.runs)} runs are finished")
         return []
@@ -148,41 +154,36 @@ def _train(cfg: TrainConfig, cache: Cache, progress: bool, echo: Callable[[str],
     return [r.name for step in sorted(groups) for r in groups[step]]
 
 
-def _current(run_dir: Path, fingerprint: str) -> bool:
+def _current(folder: RunFolder, fingerprint: str) -> bool:
     """Whether ``eval.json`` exists, parses, is of this cache, did not fail (non-finite LM metrics), and is
-    newer than the checkpoint."""
-    path = run_dir / "eval.json"
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
+    no older than the checkpoint."""
+    result = folder.read_json("eval.json")
+    if not isinstance(result, dict) or result.get("fingerprint") != fingerprint or result.get("failed"):
         return False
-    from .train.load import checkpoint_dir
-
-    weights = checkpoint_dir(run_dir) / "model.safetensors"
-    if result.get("fingerprint") != fingerprint or result.get("failed"):
-        return False
-    return path.stat().st_mtime_ns >= weights.stat().st_mtime_ns
+    ck = folder.checkpoint()
+    evaluated, trained = folder.modified("eval.json"), folder.modified(f"{ck}/model.safetensors") if ck else None
+    return evaluated is not None and trained is not None and evaluated >= trained
 
 
-def _evaluate(cfg: EvaluateConfig, run_dirs: list[Path], cache: Cache, progress: bool,
+def _evaluate(cfg: EvaluateConfig, folders: list[RunFolder], cache: Cache, progress: bool,
               echo: Callable[[str], None]) -> list[str]:
     from .evaluate.stage import evaluate
 
-    stale = [d for d in run_dirs if not _current(d, cache.fingerprint)]
+    stale = [f for f in folders if not _current(f, cache.fingerprint)]
     if not stale:
-        echo(f"evaluate: all {len(run_dirs)} runs are evaluated")
+        echo(f"evaluate: all {len(folders)} runs are evaluated")
         return []
-    echo(f"evaluate: {', '.join(d.name for d in stale)}")
-    evaluate(cfg.model_copy(update={"cache": cache.path, "report": False}), progress=progress, runs=stale)
-    return [d.name for d in stale]
+    echo(f"evaluate: {', '.join(f.name for f in stale)}")
+    evaluate(cfg.model_copy(update={"cache": cache.path, "report": False}), progress=progress,
+             runs=[f.home for f in stale])
+    return [f.name for f in stale]
 
 
-def _report(cfg: EvaluateConfig, cache: Cache, changed: bool) -> Path | None:
+def _report(cfg: EvaluateConfig, cache: Cache, folder: Place, changed: bool) -> Path | str | None:
     """The cache's report over every evaluated run of its folder, rewritten only when an evaluation changed
     (or it is missing); None with ``evaluate.report: false``."""
     if not cfg.report:
         return None
-    from .evaluate.report import runs_of, write_report
+    from .evaluate.report import publish_report
 
-    folder = Path(cfg.runs_dir) / cache.fingerprint
-    return write_report(cache, runs_of(folder), folder, rewrite=changed)
+    return publish_report(cache, folder, rewrite=changed)

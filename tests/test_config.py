@@ -183,12 +183,20 @@ def test_the_language_model_code_does_not_import_the_config():
     assert done.stdout.strip() == "False"
 
 
-def test_a_runs_folder_given_as_a_url_is_refused_not_made_a_local_folder(tmp_path: Path):
-    """`--runs-dir s3://team/runs` once wrote a local folder named 's3:'; run folders are local, file:// included."""
+def test_a_runs_folder_is_a_local_path_or_object_storage_never_a_folder_named_after_a_url(tmp_path: Path):
+    """`--runs-dir s3://team/runs` once wrote a local folder named 's3:'. Object storage is kept as a URL (runs are
+    shared through it, run_folder.py), file:// is a local path, and what cannot be written to is refused."""
     from matryoshka.config import EvaluateConfig
 
     for cls in (TrainConfig, EvaluateConfig):
-        with pytest.raises(ConfigError, match=r"runs_dir: 's3://team/runs' is a URL; run folders are local paths"):
-            cls(runs_dir="s3://team/runs")
+        assert cls(runs_dir="s3://team/runs").runs_dir == "s3://team/runs"
+        with pytest.raises(ConfigError, match=r"runs_dir: 'https://example.com/runs' is a web address, which cannot "
+                                              r"be written to; give a local folder or object storage"):
+            cls(runs_dir="https://example.com/runs")
+        with pytest.raises(ConfigError, match=r"runs_dir: 'nosuch://team/runs' names storage that cannot be used here "
+                                              r"\(Protocol not known: nosuch\)"):
+            cls(runs_dir="nosuch://team/runs")
+    with pytest.raises(ConfigError, match=r"results_dir: 'https://x/y' is a web address"):
+        EvaluateConfig(results_dir="https://x/y")
     assert TrainConfig(runs_dir=f"file://{tmp_path}").runs_dir == str(tmp_path)
     assert not (tmp_path / "s3:").exists()

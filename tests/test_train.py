@@ -209,6 +209,7 @@ def test_wandb_offline_logs_every_run(cache, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_load_folds_the_input_scales(cache, tmp_path):
     import matryoshka
+    from matryoshka.run_folder import Workspace
     from matryoshka.train.trainer import TrainingRun
 
     runs = [{**RUNS[0], "tokens": "5K"}, {**RUNS[1], "tokens": "5K"}]
@@ -216,7 +217,8 @@ def test_load_folds_the_input_scales(cache, tmp_path):
     c = Cache(cache)
     x_raw = torch.from_numpy(c.read("1.resid_mid", 0, 256))
     for cfg in runs:
-        run = TrainingRun(RunConfig(**cfg), c, tmp_path / Cache(cache).fingerprint, 256, torch.device("cpu"))
+        folder = Workspace().run(tmp_path / Cache(cache).fingerprint / cfg["name"])
+        run = TrainingRun(RunConfig(**cfg), c, folder, 256, torch.device("cpu"))
         run.load()  # the trained dictionary, in training (scaled) units
         loaded = matryoshka.load(dirs[cfg["name"]])
         acts = loaded.encode(x_raw)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,11 @@ class Folder(Location):
     def remove_object(self, key: str) -> None:
         (self.path / key).unlink()
 
+    def modified(self, key: str) -> float | None:
+        """When ``key`` was last written, in seconds since the epoch (None: it is not there)."""
+        path = self.path / key
+        return path.stat().st_mtime if path.exists() else None
+
     def remove(self, strict: bool = False) -> None:
         """Remove the folder and everything in it (``strict``: an error raises rather than leaving the rest)."""
         if strict or self.path.exists():
@@ -153,10 +159,11 @@ class Folder(Location):
             p = p.parent
         return p
 
-    def check_writable(self) -> None:
+    def check_writable(self, what: str = "cache") -> None:
         probe = self._existing_ancestor()
         if not os.access(probe, os.W_OK) or not probe.is_dir():
-            raise ConfigError(f"cache: cannot write to {str(self.path)!r} ({str(probe)!r} is not a writable directory)")
+            raise ConfigError(f"{what}: cannot write to {str(self.path)!r} ({str(probe)!r} is not a writable "
+                              "directory)")
 
     def free_space(self) -> tuple[int, str] | None:
         """Free bytes on the disk this folder is (or will be) on, and the folder that was asked."""
@@ -262,6 +269,31 @@ class Prefix(Location):
     def remove_object(self, key: str) -> None:
         retrying(lambda: self.fs.rm_file(self._key(key)), f"removing {self.url}/{key}")
 
+    def upload(self, key: str, source: Path) -> None:
+        """Put the local file ``source`` at ``key`` (one PUT, or a multipart upload that lands whole)."""
+        retrying(lambda: self.fs.put_file(str(source), self._key(key)), f"writing {self.url}/{key}")
+
+    def download(self, key: str, dest: Path) -> None:
+        """Get ``key`` into the local file ``dest`` (its folder is created)."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        retrying(lambda: self.fs.get_file(self._key(key), str(dest)), f"reading {self.url}/{key}")
+
+    def copy(self, source: str, dest: str) -> None:
+        """Copy the object ``source`` to ``dest`` on the store itself (no bytes through this machine)."""
+        retrying(lambda: self.fs.copy(self._key(source), self._key(dest)), f"copying {self.url}/{source}")
+
+    def modified(self, key: str) -> float | None:
+        """When ``key`` was last written, in seconds since the epoch (None: it is not there)."""
+        self.fs.invalidate_cache()
+        try:
+            info = self.fs.info(self._key(key))
+        except FileNotFoundError:
+            return None
+        when = info.get("LastModified") or info.get("mtime") or info.get("updated")  # S3, local, GCS
+        if isinstance(when, str):
+            when = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        return when.timestamp() if isinstance(when, datetime) else float(when)
+
     def remove(self, strict: bool = False) -> None:
         """Remove everything under the prefix (nothing there: nothing to do); errors always raise."""
         self.fs.invalidate_cache()
@@ -275,14 +307,14 @@ class Prefix(Location):
     def make(self) -> None:
         """Nothing to create: an object's prefix exists once an object is written under it."""
 
-    def check_writable(self) -> None:
+    def check_writable(self, what: str = "cache") -> None:
         """The bucket (the URL's first component) must exist: a typo should fail before the LM loads."""
         try:
-            self.check_bucket("cache: cannot write to")
+            self.check_bucket(f"{what}: cannot write to")
         except CacheError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure to reach the store is the user's to fix
-            raise CacheError(f"cache: cannot reach {self.url!r} ({describe_error(e)}); {STORE_HINT}") from None
+            raise CacheError(f"{what}: cannot reach {self.url!r} ({describe_error(e)}); {STORE_HINT}") from None
 
     def check_bucket(self, doing: str) -> None:
         """The URL's bucket exists and these credentials may use it: else one line saying which (no such

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..cache import Cache
+from ..run_folder import EVAL_FILES, Place
 from .contexts import cache_tokenizer, markdown_safe, top_contexts
 
 LEGEND = ("*dead*: latents that fire on none of the evaluated held-out tokens. Training's *AuxDead* (progress bar, "
@@ -33,14 +34,26 @@ SAMPLED_LATENTS = 4
 
 
 def runs_of(folder: Path) -> list[dict[str, Any]]:
-    """The eval.json of every evaluated run in a cache's run folder, by name."""
+    """The eval.json of every evaluated run in a cache's run folder, by name; ``"eval_dir"`` is the folder
+    each was read from (its eval.npz and metrics.jsonl are there)."""
     out = []
     for p in sorted(Path(folder).glob("*/eval.json")):
         try:
-            out.append(json.loads(p.read_text()))
+            out.append({**json.loads(p.read_text()), "eval_dir": str(p.parent)})
         except (OSError, ValueError):
             continue  # a run being evaluated right now: it joins the next report
     return out
+
+
+def publish_report(cache: Cache, folder: Place, rewrite: bool = True) -> Path | str:
+    """The report of the evaluated runs in ``folder`` (a cache's folder of a runs folder, local or on object
+    storage): their eval files fetched into its local copy, the report written there and published, images
+    before ``report.md``. Returns where the team finds it. ``rewrite=False`` keeps an existing report."""
+    if rewrite or not folder.exists("report.md"):
+        folder.fetch(keep=lambda key: key.count("/") == 1 and key.split("/")[1] in EVAL_FILES)
+        write_report(cache, runs_of(folder.work), folder.work)
+        folder.publish("report", "report.md")
+    return folder.home.join("report.md").pathlike
 
 
 def _figure():
@@ -120,7 +133,7 @@ def training_curves(run_dir: Path) -> dict[str, np.ndarray]:
 
 def _training_plot(results: list[dict], out: Path) -> str | None:
     """FVU and AuxDead latents over training tokens, every run in one figure (what W&B would show, offline)."""
-    curves = {r["run"]: c for r in results if (c := training_curves(Path(r["path"])))}
+    curves = {r["run"]: c for r in results if (c := training_curves(Path(r["eval_dir"])))}
     if not curves:
         return None
     from matplotlib.figure import Figure
@@ -217,7 +230,7 @@ def write_report(cache: Cache, results: list[dict[str, Any]], folder: Path, rewr
     results = sorted(results, key=lambda r: r["run"])
     npz = {}
     for r in results:
-        f = Path(r["path"]) / "eval.npz"
+        f = Path(r["eval_dir"]) / "eval.npz"
         if f.is_file():
             with np.load(f) as z:
                 npz[r["run"]] = dict(z)

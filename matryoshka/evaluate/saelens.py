@@ -3,8 +3,9 @@
 The folder's ``cfg.json`` must name the cache's model, a hook the cache holds (and, for a transcoder, an
 output hook it holds), and widths equal to those arrays' widths; anything else is refused in one line
 before any evaluation starts. Its results go where a trained run's do, ``RUNS_DIR/<fingerprint>/NAME/``
-(``eval.json``, ``eval.npz``), so the cache's comparison table and report list it with the runs. NAME
-is the folder's name (``<run>-saelens`` for an export's ``saelens/`` folder).
+(``eval.json``, ``eval.npz``; under ``results_dir`` if given), so the cache's comparison table and report
+list it with the runs. NAME is the folder's name (``<run>-saelens`` for an export's ``saelens/`` folder),
+which may be a URL (fetched first).
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import Cache, CacheError
+from ..cache.location import Location
 from ..models import model_info, resolve_name
-from ..train.load import checkpoint_dir
+from ..run_folder import Workspace, is_trained
 from ..train.saelens import SAELensConfig, SAELensDictionary, read_saelens, read_saelens_config
 
 
@@ -38,10 +40,18 @@ def _name(c: SAELensConfig) -> str:
     return f"{folder.parent.name}-{folder.name}" if folder.name == "saelens" else folder.name
 
 
-def check_sae(folder: str, cache: Cache, runs_dir: str | Path) -> tuple[SAELensConfig, dict[str, Any], Path]:
+def check_sae(folder: str, cache: Cache, runs_dir: str | Path,
+              space: Workspace) -> tuple[SAELensConfig, dict[str, Any], Location]:
     """The folder's config, its run config on ``cache`` (source and target arrays, name) and its output
-    folder; a CacheError naming the mismatch when the cache's model, hooks or widths are not its own."""
-    c = read_saelens_config(folder)
+    folder; a CacheError naming the mismatch when the cache's model, hooks or widths are not its own. A
+    folder on object storage is fetched into ``space`` first."""
+    given = Location.of(folder)
+    if given.remote:
+        place = space.place(given)
+        place.fetch()
+        c = read_saelens_config(place.work)
+    else:
+        c = read_saelens_config(folder)
     where = f"evaluate: --sae {folder!r}"
     if not _same_model(c.model_name, cache):
         m = cache.manifest.get("model") or {}
@@ -58,30 +68,32 @@ def check_sae(folder: str, cache: Cache, runs_dir: str | Path) -> tuple[SAELensC
         if have != width:
             raise CacheError(f"{where}: its width at {hook!r} is {width}, but the cache's is {have}")
     name = _name(c)
-    out = Path(runs_dir) / cache.fingerprint / name
-    if checkpoint_dir(out).is_dir():
+    out = Location.of(runs_dir).join(cache.fingerprint, name)
+    if is_trained(out):
         raise CacheError(f"{where} would be named {name!r}, which is a trained run of this cache; rename the folder")
     run_cfg = {"name": name, "arch": c.architecture, "width": c.width, "k": c.k, "group_sizes": c.group_sizes,
                "source": arrays["hook_name"], "target": arrays.get("hook_name_out"), "transcoder": c.transcoder,
-               "cache": cache.path, "fingerprint": cache.fingerprint, "sae": str(c.folder.resolve())}
+               "cache": cache.path, "fingerprint": cache.fingerprint,
+               "sae": str(given) if given.remote else str(c.folder.resolve())}
     return c, run_cfg, out
 
 
-def check_saes(folders: list[str], cache: Cache, runs_dir: str | Path) -> list[tuple[dict[str, Any], Path]]:
+def check_saes(folders: list[str], cache: Cache, runs_dir: str | Path,
+               space: Workspace) -> list[tuple[SAELensConfig, dict[str, Any], Location]]:
     """:func:`check_sae` for every folder, all before any is evaluated; two that would share a name are refused."""
     checked, seen = [], {}
     for folder in folders:
-        _, cfg, out = check_sae(folder, cache, runs_dir)
+        c, cfg, out = check_sae(folder, cache, runs_dir, space)
         if cfg["name"] in seen:
             raise CacheError(f"evaluate: --sae {folder!r} and --sae {seen[cfg['name']]!r} would both be named "
                              f"{cfg['name']!r}; rename one folder")
         seen[cfg["name"]] = folder
-        checked.append((cfg, out))
+        checked.append((c, cfg, out))
     return checked
 
 
-def load_sae(cfg: dict[str, Any], device: str = "cpu") -> SAELensDictionary:
+def load_sae(c: SAELensConfig, cfg: dict[str, Any], device: str = "cpu") -> SAELensDictionary:
     """The checked SAE's dictionary, its ``config`` the run config of :func:`check_sae`."""
-    dic = read_saelens(cfg["sae"], device)
+    dic = read_saelens(c.folder, device)
     dic.config = cfg
     return dic

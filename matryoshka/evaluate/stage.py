@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -48,43 +49,66 @@ import numpy as np
 
 from .. import strict_json
 from ..cache import Cache, CacheError
+from ..cache.location import Location
 from ..config import EvaluateConfig, check_device
+from ..run_folder import RunFolder, Workspace, is_trained, last_trained, trained_runs
 from ..train.dictionary import Dictionary
 from ..train.load import checkpoint_dir, load
-from ..train.trainer import run_lock
 from .contexts import TopContexts
 from .errors import NonFiniteMetrics
 from .features import feature_metrics, heldout_codes
 from .ground_truth import ground_truth
 from .metrics import reconstruction
 from .overlap import check_disjoint
-from .report import runs_of, write_report
+from .report import publish_report
 from .saelens import check_saes, load_sae
 from .splice import LM, Splice, dictionary_fn, no_lm_reason
 
 
-def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Path]:
+def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> list[Location]:
+    """The run folders to evaluate (module docstring), local or on object storage."""
     if run is not None:
-        p = Path(run)
-        if not (checkpoint_dir(p) / "model.safetensors").is_file():
+        where = Location.of(run)
+        if not is_trained(where):
             raise CacheError(f"evaluate: {run!r} is not a trained run (no checkpoint/model.safetensors)")
-        return [p]
-    root = Path(runs_dir)
+        return [where]
+    root = Location.of(runs_dir)
     if cache is not None:
-        root = root / Cache(cache).fingerprint
-    runs = sorted({p.parent.parent for p in root.glob("**/checkpoint*/model.safetensors")
-                   if p.parent == checkpoint_dir(p.parent.parent)})
+        root = root.join(Cache(cache).fingerprint)
+    runs = trained_runs(root)
     if not runs:
         raise CacheError(f"evaluate: no trained runs under {str(root)!r}; train some with `pipeline train`")
-    if cache is None:
-        runs = [max(runs, key=lambda p: (checkpoint_dir(p) / "model.safetensors").stat().st_mtime)]
-    return runs
+    return runs if cache is not None else [last_trained(runs)]
 
 
-def _dictionaries(settings: EvaluateConfig, runs: list[Path],
-                  saes: list[str]) -> Iterator[tuple[Path, Dictionary, Cache]]:
-    """(folder for its eval.json, dictionary, cache) of each run, then of each SAELens folder in ``saes``
-    (all of them checked against the cache before the first run is evaluated; see saelens.py)."""
+@dataclasses.dataclass
+class Evaluated:
+    """A dictionary to evaluate: where it is read from (``source``: a trained run, or None for a SAELens
+    folder) and where its results go (``out``: the run folder itself, or one under ``results_dir``)."""
+
+    source: RunFolder | None
+    out: RunFolder
+
+
+def _folders(cfg: EvaluateConfig, space: Workspace, runs: list[str | Path | Location]) -> list[Evaluated]:
+    """Each run's folder and the folder its results go to: the run's own, or with ``results_dir`` one of
+    the same name there (the run folder is then only read: it may be a teammate's)."""
+    out = []
+    for where in runs:
+        source = space.run(where)
+        if cfg.results_dir is None:
+            out.append(Evaluated(source, source))
+            continue
+        saved = source.saved_config() or {}
+        home = Location.of(cfg.results_dir).join(str(saved.get("fingerprint")), source.name)
+        out.append(Evaluated(source, source if home.same_place(source.home) else space.run(home)))
+    return out
+
+
+def _dictionaries(settings: EvaluateConfig, runs: list[Evaluated], saes: list[str],
+                  space: Workspace) -> Iterator[tuple[Evaluated, Dictionary, Cache]]:
+    """(folders, dictionary, cache) of each run, then of each SAELens folder in ``saes`` (all of them checked
+    against the cache before the first run is evaluated; see saelens.py)."""
     cache, local_cache_dir = settings.cache, settings.local_cache_dir
     checked = []
     if saes:
@@ -92,61 +116,70 @@ def _dictionaries(settings: EvaluateConfig, runs: list[Path],
             raise CacheError("evaluate: --sae needs --cache, the cache to evaluate the SAELens dictionaries on")
         sae_cache = Cache(cache, local_cache_dir=local_cache_dir)
         _check_heldout(sae_cache)
-        checked = check_saes(saes, sae_cache, settings.runs_dir)
+        checked = check_saes(saes, sae_cache, settings.results_dir or settings.runs_dir, space)
     # every run is checked against its cache before any is evaluated: a refusal leaves no eval.json behind
-    for path, c in [(path, _checked_cache(path, cache, local_cache_dir)) for path in runs]:
-        yield path, load(path), c
-    for sae_cfg, out in checked:
-        out.mkdir(parents=True, exist_ok=True)
-        yield out, load_sae(sae_cfg), sae_cache
+    for run, c in [(run, _checked_cache(run.source, cache, local_cache_dir)) for run in runs]:
+        yield run, load(run.source.work), c
+    for sae, sae_cfg, out in checked:
+        folder = space.run(out)
+        folder.work.mkdir(parents=True, exist_ok=True)
+        yield Evaluated(None, folder), load_sae(sae, sae_cfg), sae_cache
 
 
-def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None) -> list[dict[str, Any]]:
+def evaluate(cfg: EvaluateConfig, progress: bool = False,
+             runs: list[str | Path | Location] | None = None) -> list[dict[str, Any]]:
     """Evaluate runs (see the module docstring; ``runs``: these run folders instead; ``cfg.sae``: SAELens
     folders, on ``cfg.cache``, with the run ``cfg.run`` if one is given), write their eval.json, return the
     results. Each cache's LM is loaded once for all of its runs and run once per held-out batch for all of
-    them (their splices in the same pass). Every run folder is locked first: one being trained (or
-    evaluated) elsewhere stops the command before any work."""
+    them (their splices in the same pass). Every folder results go to is locked first: a run being trained
+    (or evaluated) elsewhere stops the command before any work."""
     check_device(cfg.device)
     saes = list(cfg.sae or [])
     if runs is None:
         runs = [] if saes and cfg.run is None else find_runs(cfg.run, cfg.cache, cfg.runs_dir)
-    with ExitStack() as locks:
-        for path in runs:
-            locks.enter_context(run_lock(path, "evaluated"))
-        return _evaluate(cfg, progress, runs, saes)
+    with Workspace() as space, ExitStack() as locks:
+        folders = _folders(cfg, space, runs)
+        for f in folders:
+            locks.enter_context(f.out.lock("evaluated"))
+        for f in folders:  # after the locks: what an evaluation of one's own run reads no longer changes
+            f.source.fetch(keep=lambda key: not key.startswith(("saelens/", "eval.")), state=False)
+            if f.out is not f.source and (f.source.work / "metrics.jsonl").is_file():  # the report's curves
+                shutil.copyfile(f.source.work / "metrics.jsonl", f.out.work / "metrics.jsonl")
+                f.out.publish("metrics.jsonl")
+        return _evaluate(cfg, progress, folders, saes, space)
 
 
-def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[Path], saes: list[str]) -> list[dict[str, Any]]:
+def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[Evaluated], saes: list[str],
+              space: Workspace) -> list[dict[str, Any]]:
     batch_size, dense_above = cfg.batch_size, cfg.dense_above
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
-    pending: list[tuple[Path, dict[str, Any], Splice]] = []  # runs of the current LM, waiting for its one pass
+    pending: list[tuple[RunFolder, dict[str, Any], Splice]] = []  # runs of the current LM, waiting for its one pass
     lm = None
-    for path, dic, c in _dictionaries(settings, runs, saes):
+    for run, dic, c in _dictionaries(settings, runs, saes, space):
         cfg = dic.config
         if pending and pending[0][1]["fingerprint"] != c.fingerprint:
             results += _lm_pass(lm, pending)  # before the next cache's LM replaces this one
             pending = []
         lm = _lm_of(c, settings, lms, progress)  # before any work: a model that cannot be loaded stops here
         r = reconstruction(dic, c, cfg["source"], cfg["target"], batch_size=batch_size, dense_above=dense_above)
-        out = {"run": cfg["name"], "path": str(path), "fingerprint": c.fingerprint,
-               **{k: v for k, v in dataclasses.asdict(r).items() if k != "density"},
+        out = {"run": cfg["name"], "path": str(run.source.home if run.source else run.out.home),
+               "fingerprint": c.fingerprint, **{k: v for k, v in dataclasses.asdict(r).items() if k != "density"},
                "dense_above": dense_above, "config": cfg}
         truth = ground_truth(dic, c, cfg["source"], cfg["target"], batch_size=batch_size)
         if truth is not None:
             out["ground_truth"] = truth.to_json()
-        features = _features_and_contexts(dic, c, settings, r.density, path, progress)
+        features = _features_and_contexts(dic, c, settings, r.density, run.out.work, progress)
         if features is not None:
             out["features"] = features
-        pending.append((path, out, Splice(cfg["target"] or cfg["source"], dictionary_fn(dic), cfg["source"])))
-        caches[path.parent] = c
+        pending.append((run.out, out, Splice(cfg["target"] or cfg["source"], dictionary_fn(dic), cfg["source"])))
+        caches[str(run.out.home).rsplit("/", 1)[0]] = c
     results += _lm_pass(lm, pending)
     if settings.report:
         for folder, c in caches.items():
-            report = write_report(c, runs_of(folder), folder)
+            report = publish_report(c, space.place(folder))
             for r in results:
-                if Path(r["path"]).parent == folder:
+                if r["fingerprint"] == c.fingerprint:
                     r["report"] = str(report)
     failed = [r["failed"] for r in results if "failed" in r]
     if failed:
@@ -156,27 +189,28 @@ def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[Path], saes: list[
     return results
 
 
-def _lm_pass(lm: LM | None, pending: list[tuple[Path, dict[str, Any], Splice]]) -> list[dict[str, Any]]:
+def _lm_pass(lm: LM | None, pending: list[tuple[RunFolder, dict[str, Any], Splice]]) -> list[dict[str, Any]]:
     """The LM metrics of one cache's runs in one pass over its held-out contexts (one clean forward per
     batch for all of them: :meth:`LM.downstream_many`), then each run's eval.json."""
     lm_results = {} if lm is None or not pending else lm.downstream_many(
         {i: splice for i, (_, _, splice) in enumerate(pending)},
         desc=f"LM {pending[0][1]['run']}" if len(pending) == 1 else f"LM {len(pending)} runs")
-    for i, (path, out, _) in enumerate(pending):
+    for i, (folder, out, _) in enumerate(pending):
         out["lm"] = lm_results.get(i)
         bad = strict_json.non_finite(out["lm"] or {})
         if bad:
             out["failed"] = (f"run {out['run']}: non-finite LM metrics "
                              + ", ".join(f"{k} = {v}" for k, v in bad.items()))
-        (path / "eval.json").write_text(strict_json.dumps(out, indent=2))
+        (folder.work / "eval.json").write_text(strict_json.dumps(out, indent=2))
+        folder.publish("eval.npz", "eval.json")  # eval.json last: it always has a current eval.npz
     return [out for _, out, _ in pending]
 
 
-def _checked_cache(path: Path, cache: str | None, local_cache_dir: str | None) -> Cache:
+def _checked_cache(run: RunFolder, cache: str | None, local_cache_dir: str | None) -> Cache:
     """The cache a run is evaluated on (``cache``, else the one it trained on), refused unless it has the
     run's fingerprint and a held-out split that shares no row with the rows the run trained on."""
-    ck = checkpoint_dir(path)
-    cfg = json.loads(((ck if ck.is_dir() else Path(path)) / "config.json").read_text())
+    path = run.home
+    cfg = json.loads((checkpoint_dir(run.work) / "config.json").read_text())
     c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
     if c.fingerprint != cfg["fingerprint"]:
         raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "

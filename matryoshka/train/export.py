@@ -25,10 +25,12 @@ def _architecture(dic) -> str:
     return "topk" if dic.arch == "topk" else "jumprelu"
 
 
-def export_missing(run_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
-    """Export a finished run unless its export is there (``cfg.json`` is written last)."""
-    if not (Path(run_dir) / "saelens" / "cfg.json").is_file():
-        export_saelens(run_dir, Path(run_dir) / "saelens", manifest)
+def export_missing(run_dir: str | Path, manifest: dict[str, Any] | None = None) -> bool:
+    """Export a finished run unless its export is there (``cfg.json`` is written last); whether it exported."""
+    if (Path(run_dir) / "saelens" / "cfg.json").is_file():
+        return False
+    export_saelens(run_dir, Path(run_dir) / "saelens", manifest)
+    return True
 
 
 def export_saelens(run: str | Path, out: str | Path, manifest: dict[str, Any] | None = None) -> Path:

@@ -16,25 +16,35 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..cache.location import Location
+from ..run_folder import CHECKPOINTS, Workspace, whole_checkpoint
 from .dictionary import Dictionary
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
-    """Where a run folder's checkpoint is: ``checkpoint/``, or ``checkpoint.old/`` when a save was killed
-    between moving the last checkpoint aside and renaming the new one into place."""
-    ck, old = Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.old"
-    return old if not ck.is_dir() and old.is_dir() else ck
+    """Where a local run folder's checkpoint is: ``checkpoint/``, or ``checkpoint.old/`` when a save was killed
+    between moving the last checkpoint aside and renaming the new one into place (see ``run_folder.py``)."""
+    run_dir = Path(run_dir)
+    return run_dir / (whole_checkpoint(lambda key: (run_dir / key).is_file()) or "checkpoint")
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """A run folder (``runs/<cache>/<run>``), its ``checkpoint/`` folder, or a W&B artifact reference
-    ``wandb:ENTITY/PROJECT/NAME:VERSION`` (downloaded first; needs the network), as a :class:`Dictionary`
-    in eval mode."""
+    """A run folder (``runs/<cache>/<run>``, local or a URL such as ``s3://team/runs/<cache>/<run>``), its
+    ``checkpoint/`` folder, or a W&B artifact reference ``wandb:ENTITY/PROJECT/NAME:VERSION`` (downloaded
+    first; needs the network), as a :class:`Dictionary` in eval mode."""
     if str(path).startswith("wandb:"):
         import wandb
 
         path = Path(wandb.Api().artifact(str(path)[len("wandb:"):], type="model").download())
-    path = Path(path)
+    where = Location.of(path)
+    if where.remote:
+        with Workspace() as space:
+            run = space.run(where)
+            if not run.trained():
+                raise FileNotFoundError(f"load: {str(path)!r} holds no trained run (no checkpoint/model.safetensors)")
+            run.fetch(keep=lambda key: key.split("/")[0] in CHECKPOINTS, state=False)
+            return load(run.work, device)
+    path = Path(str(where))
     ck = checkpoint_dir(path)
     ck = ck if ck.is_dir() else path
     if not (ck / "model.safetensors").is_file():

@@ -121,7 +121,9 @@ def _wandb_runs(cfg: TrainConfig, runs: list[TrainingRun], cache: Cache) -> dict
         return {}
     import wandb
 
-    return {r.cfg.name: wandb.init(project=cfg.wandb, name=r.cfg.name, dir=str(r.dir), reinit="create_new",
+    # a run on object storage is trained in a temporary copy: W&B's files go to its default place (WANDB_DIR)
+    return {r.cfg.name: wandb.init(project=cfg.wandb, name=r.cfg.name, reinit="create_new",
+                                   dir=None if r.folder.home.remote else str(r.dir),
                                    config={**r.describe(), "cache": cache.path, "fingerprint": cache.fingerprint},
                                    id=f"{cache.fingerprint}-{r.cfg.name}", resume="allow")
             for r in runs}

@@ -8,7 +8,8 @@ reader's cursor, so a resumed run continues the very stream it was on.
 A run folder has one writer: training holds its lock (``.writer.lock``, the cache's lock, see
 ``cache/lock.py``) from before it reads the checkpoint until it returns, so a second ``pipeline train``
 or ``pipeline run`` of the run, or an evaluation of it, is refused while it trains. SIGINT and SIGTERM
-write a checkpoint at the current step and stop (``stop.py``).
+write a checkpoint at the current step and stop (``stop.py``). ``runs_dir`` may be a URL: each run is then
+trained in a local copy that is fetched first and published at every checkpoint (``run_folder.py``).
 
 ``aux_dead`` (metrics.jsonl, the progress bar's ``AuxDead``) counts the latents the auxiliary loss treats
 as dead now: none of the last ``dead_tokens`` training tokens fired them (20 steps under ``reference``).
@@ -36,10 +37,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..cache import Cache, CacheError, local_copy
-from ..cache.lock import writer_lock
+from ..cache.location import Location
 from ..cache.reader import ReaderConfig
 from ..config import ConfigError, RunConfig, TrainConfig, check_device
 from ..files import shareable
+from ..run_folder import RunFolder, Workspace
 from .dictionary import Dictionary
 from .distributed import RankStreams, Team
 from .export import export_missing, export_saelens
@@ -52,7 +54,7 @@ from .stop import Interrupted, StopSignals, signal_name
 class TrainingRun:
     """One dictionary in training: model, objective, optimiser, schedule, counters, files."""
 
-    def __init__(self, cfg: RunConfig, cache: Cache, root: Path, batch_size: int, device: torch.device,
+    def __init__(self, cfg: RunConfig, cache: Cache, folder: RunFolder, batch_size: int, device: torch.device,
                  team: Team | None = None) -> None:
         self.team = team  # data-parallel ranks (train/distributed.py); None: this process sees whole batches
         self.source, self.target = cfg.source, cfg.target or cfg.source
@@ -63,7 +65,8 @@ class TrainingRun:
         d_in = cache.manifest["arrays"][self.source]["width"]
         d_out = cache.manifest["arrays"][self.target]["width"]
         self.cfg = cfg.resolve(d_in)
-        self.dir = root / cfg.name
+        self.folder = folder  # where the team finds the run; ``dir``: its local copy, which training writes
+        self.dir = folder.work
         self.total_steps = -(-self.cfg.tokens // batch_size)
         torch.manual_seed(self.cfg.seed)
         self.dic = Dictionary(d_in, d_out, self.cfg.width, self.cfg.k, self.cfg.arch, self.cfg.group_sizes,
@@ -140,8 +143,10 @@ class TrainingRun:
         shutil.rmtree(old, ignore_errors=True)
 
     def load(self) -> dict[str, Any] | None:
+        """Continue from the checkpoint in the local copy (fetched first: :meth:`RunFolder.fetch`), if any."""
         ck = checkpoint_dir(self.dir)
-        if saved_steps(self.dir, self.cfg, self.total_steps) is None or not (ck / "state.pt").exists():
+        saved = json.loads((ck / "config.json").read_text()) if (ck / "config.json").is_file() else None
+        if saved_steps(saved, self.cfg, self.total_steps, self.folder) is None or not (ck / "state.pt").exists():
             return None
         self.dic.load_state_dict(load_file(ck / "model.safetensors", device=str(self.dic.W_dec.device)))
         state = torch.load(ck / "state.pt", weights_only=False, map_location=self.dic.W_dec.device)
@@ -160,19 +165,17 @@ class TrainingRun:
                 "total_steps": self.total_steps, "step": self.step}
 
 
-def saved_steps(run_dir: Path, cfg: RunConfig, total_steps: int) -> int | None:
-    """Steps done by the checkpoint in ``run_dir`` (None: there is none), read from its config.json
-    without loading weights. A checkpoint trained with another resolved config (``cfg.resolve``) or
-    another number of steps (batch size, tokens) is refused: resuming it would mix two runs."""
-    path = checkpoint_dir(run_dir) / "config.json"
-    if not path.is_file():
+def saved_steps(saved: dict[str, Any] | None, cfg: RunConfig, total_steps: int, where: RunFolder) -> int | None:
+    """Steps done by the checkpoint whose config.json is ``saved`` (None: there is none), in the run folder
+    ``where``. A checkpoint trained with another resolved config (``cfg.resolve``) or another number of steps
+    (batch size, tokens) is refused: resuming it would mix two runs."""
+    if saved is None:
         return None
-    saved = json.loads(path.read_text())
     changed = [f"{k} ({saved.get(k)!r} -> {v!r})" for k, v in cfg.model_dump().items() if saved.get(k) != v]
     if saved.get("total_steps") != total_steps:
         changed.append(f"total_steps (tokens / batch_size: {saved.get('total_steps')} -> {total_steps})")
     if changed:
-        raise ConfigError(f"train.runs.{cfg.name}: {str(run_dir)!r} was trained with another {', '.join(changed)}; "
+        raise ConfigError(f"train.runs.{cfg.name}: {str(where)!r} was trained with another {', '.join(changed)}; "
                           "rename the run or delete its folder")
     return int(saved["step"])
 
@@ -183,14 +186,7 @@ def _say(line: str | None, team: Team) -> None:
         print(line, file=sys.stderr)
 
 
-def run_lock(run_dir: Path, doing: str) -> Any:
-    """The run folder's writer lock (the folder is created), to hold with ``with``: entering it is refused,
-    naming the holder's pid and host, while another process trains or evaluates the run (exit 2)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return writer_lock(run_dir, what="run", doing=doing)
-
-
-def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
+def train(cfg: TrainConfig, progress: bool = True) -> list[Path | str]:
     """Train every run of ``cfg`` from one read of its cache; resume runs that have checkpoints.
     Under torchrun, the ranks train data-parallel (train/distributed.py) and rank 0 writes the files."""
     team = Team.join(torch.device(cfg.device) if cfg.device else None)
@@ -202,13 +198,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> list[Path]:
         team.leave()
 
 
-def _train(cfg: TrainConfig, progress: bool, team: Team, stop: StopSignals, closing: ExitStack) -> list[Path]:
+def _train(cfg: TrainConfig, progress: bool, team: Team, stop: StopSignals,
+           closing: ExitStack) -> list[Path | str]:
     """Set up, resume, train. ``closing`` closes what is opened here (run locks, reader, metrics files,
     W&B runs, progress bars) in the reverse order, however training ends."""
     cache = _open_cache(cfg)
     device = torch.device(cfg.device or (f"cuda:{team.local_rank}" if torch.cuda.is_available() else "cpu"))
-    root = Path(cfg.runs_dir) / cache.fingerprint
-    runs = [TrainingRun(r, cache, root, cfg.batch_size, device, team if team.size > 1 else None) for r in cfg.runs]
+    space = closing.enter_context(Workspace())  # before the locks: removed after they are released
+    root = Location.of(cfg.runs_dir).join(cache.fingerprint)
+    runs = [TrainingRun(r, cache, space.run(root.join(r.name)), cfg.batch_size, device,
+                        team if team.size > 1 else None) for r in cfg.runs]
     state = _resume(runs, cache, team, closing)
     active = [r for r in runs if not r.done]
     if active:
@@ -218,10 +217,11 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, stop: StopSignals, clos
         for r in active if team.leader else []:
             r.dir.mkdir(parents=True, exist_ok=True)
             (r.dir / "config.json").write_text(json.dumps(r.describe(), indent=2))
+            r.folder.publish("config.json")
         monitor = Monitor(cfg, active, cache, team, device, progress, closing)
         _loop(cfg, active, reader, monitor, stop, team, device)
         _say(local_copy.end_line(cache), team)
-    return [r.dir for r in runs]
+    return [r.folder.home.pathlike for r in runs]
 
 
 def _loop(cfg: TrainConfig, active: list[TrainingRun], reader: RankStreams, monitor: Monitor, stop: StopSignals,
@@ -240,12 +240,13 @@ def _loop(cfg: TrainConfig, active: list[TrainingRun], reader: RankStreams, moni
             _checkpoint(active, reader, monitor, team)
         for r in finished if team.leader else []:
             export_saelens(r.dir, r.dir / "saelens", monitor.cache.manifest)
+            r.folder.publish("saelens")
             monitor.exported(r)
         active = [r for r in active if not r.done]
         if signum and active:
             raise Interrupted(signum, f"train: stopped by {signal_name(signum)} at step {active[0].step}; "
                                       f"checkpoint written for {', '.join(r.cfg.name for r in active)} in "
-                                      f"{active[0].dir.parent}; run the same command to resume")
+                                      f"{str(active[0].folder.home).rsplit('/', 1)[0]}; run the same command to resume")
 
 
 def _open_cache(cfg: TrainConfig) -> Cache:
@@ -265,11 +266,14 @@ def _resume(runs: list[TrainingRun], cache: Cache, team: Team, closing: ExitStac
     missing export, metrics lines past the checkpoint (they are logged again). Returns the state the
     unfinished runs continue from (None: they start afresh)."""
     for r in runs if team.leader else []:  # before the checkpoint is read: no other writer can change it now
-        closing.enter_context(run_lock(r.dir, "trained"))
+        closing.enter_context(r.folder.lock("trained"))
+    for r in runs:
+        r.folder.fetch()  # a run on object storage: into its local copy (a local run is its own)
     states = [r.load() for r in runs]
     for r in runs if team.leader else []:
         if r.done:  # a kill between its last checkpoint and its export leaves the export missing
-            export_missing(r.dir, cache.manifest)
+            if export_missing(r.dir, cache.manifest):
+                r.folder.publish("saelens")
         else:
             trim_metrics(r.dir / "metrics.jsonl", r.step)
     resumed = {s["step"]: s for r, s in zip(runs, states) if s is not None and not r.done}
@@ -304,6 +308,9 @@ def _checkpoint(active: list[TrainingRun], reader: RankStreams, monitor: Monitor
     for r in active if team.leader else []:
         r.save(cursor)
         monitor.checkpointed(r)
+        # metrics first: lines past a checkpoint are trimmed on resume, lines missing before it never come back
+        r.folder.publish("metrics.jsonl")
+        r.folder.publish_checkpoint()
 
 
 def _stopping(stop: StopSignals, team: Team, device: torch.device) -> int | None:
