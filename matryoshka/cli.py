@@ -171,12 +171,19 @@ app.command("evaluate", help="Metrics of trained runs on their cache's held-out 
 
 @app.command("run")
 def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.yaml to run."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars.")) -> None:
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+        break_lock: bool = typer.Option(False, "--break-lock", help="Runs on object storage: take over the stale "
+                                        "lock a dead writer left on a run folder (a live lock is never broken).")
+        ) -> None:
     """Harvest, train and evaluate everything CONFIG describes, doing only what is missing; resumable."""
     from .pipeline import run_pipeline
 
     def go() -> None:
-        out = run_pipeline(load_pipeline(config), progress=not quiet, echo=typer.echo)
+        cfg = load_pipeline(config)
+        if break_lock:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"break_lock": True}),
+                                         "evaluate": cfg.evaluate.model_copy(update={"break_lock": True})})
+        out = run_pipeline(cfg, progress=not quiet, echo=typer.echo)
         if out.table:
             from .evaluate.stage import LEGEND
 

@@ -476,6 +476,7 @@ class TrainConfig(Keys):
     log_every: PositiveInt = opt(10, "Steps between metrics lines.")
     wandb: str | None = opt(None, "W&B project to log to (offline mode works without an account).")
     local_cache_dir: PathText | None = opt(None, "For a cache on object storage: keep a local copy of every chunk read here.")
+    break_lock: bool = opt(False, "Runs on object storage: take over the stale lock a dead trainer left on a run folder (a live lock is never broken).")
 
     @model_validator(mode="after")
     def _unique_names(self) -> TrainConfig:
@@ -511,6 +512,7 @@ class EvaluateConfig(Keys):
     lm_tokens: Count = opt("64K", "Held-out tokens the downstream metrics run the LM on: whole contexts from the start of the split, at most all of it.")
     lm_batch_size: PositiveInt = opt(8, "Contexts per LM forward pass (its memory grows with this times the context size times the vocabulary).")
     device: str | None = opt(None, "Device for the LM and the spliced dictionaries (default: cuda if available, else cpu).")
+    break_lock: bool = opt(False, "Runs on object storage: take over the stale lock a dead writer left on a run folder (a live lock is never broken).")
     model: PathText | None = opt(None, "A local copy of the cache's model for the downstream metrics (checked against the cache's record: architecture, widths, weights hash); default: where the cache says it was harvested from.")
 
 

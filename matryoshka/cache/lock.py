@@ -212,14 +212,15 @@ class ObjectLock:
             raise CacheLockedError(f"{self.what} {self.url} is being {h.get('doing', 'written')} by {who}, last "
                                    f"heartbeat {age:.0f}s ago; wait for it to finish (one writer per {self.what})")
         if not self.break_lock:
+            then = " (and --resume to continue)" if self.what == "cache" else ""  # a run resumes by itself
             if gone:
                 raise CacheLockedError(f"{self.what} {self.url} has a stale writer lock of {who}: that process no "
                                        "longer runs on this host, so the writer died; pass --break-lock to take "
-                                       "the lock over (and --resume to continue)")
+                                       f"the lock over{then}")
             raise CacheLockedError(f"{self.what} {self.url} has a stale writer lock of {who}: last heartbeat "
                                    f"{age:.0f}s "
                                    f"ago (stale after {self.stale_s:.0f}s), so that writer died or hung; if it is "
-                                   "gone, pass --break-lock to take the lock over (and --resume to continue)")
+                                   f"gone, pass --break-lock to take the lock over{then}")
         try:
             if self._conditional:
                 if etag is None:

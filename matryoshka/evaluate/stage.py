@@ -140,7 +140,7 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False,
     with Workspace() as space, ExitStack() as locks:
         folders = _folders(cfg, space, runs)
         for f in folders:
-            locks.enter_context(f.out.lock("evaluated"))
+            locks.enter_context(f.out.lock("evaluated", cfg.break_lock))
         for f in folders:  # after the locks: what an evaluation of one's own run reads no longer changes
             f.source.fetch(keep=lambda key: not key.startswith(("saelens/", "eval.")), state=False)
             if f.out is not f.source and (f.source.work / "metrics.jsonl").is_file():  # the report's curves

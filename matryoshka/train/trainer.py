@@ -208,7 +208,7 @@ def _train(cfg: TrainConfig, progress: bool, team: Team, stop: StopSignals,
     root = Location.of(cfg.runs_dir).join(cache.fingerprint)
     runs = [TrainingRun(r, cache, space.run(root.join(r.name)), cfg.batch_size, device,
                         team if team.size > 1 else None) for r in cfg.runs]
-    state = _resume(runs, cache, team, closing)
+    state = _resume(runs, cache, team, closing, cfg.break_lock)
     active = [r for r in runs if not r.done]
     if active:
         reader = _open_reader(cfg, cache, active, state, team, device)
@@ -261,12 +261,13 @@ def _open_cache(cfg: TrainConfig) -> Cache:
     return cache
 
 
-def _resume(runs: list[TrainingRun], cache: Cache, team: Team, closing: ExitStack) -> dict[str, Any] | None:
+def _resume(runs: list[TrainingRun], cache: Cache, team: Team, closing: ExitStack,
+            break_lock: bool = False) -> dict[str, Any] | None:
     """Lock every run folder (rank 0), load the checkpoints, and tidy what a kill left: a finished run's
     missing export, metrics lines past the checkpoint (they are logged again). Returns the state the
     unfinished runs continue from (None: they start afresh)."""
     for r in runs if team.leader else []:  # before the checkpoint is read: no other writer can change it now
-        closing.enter_context(r.folder.lock("trained"))
+        closing.enter_context(r.folder.lock("trained", break_lock))
     for r in runs:
         r.folder.fetch()  # a run on object storage: into its local copy (a local run is its own)
     states = [r.load() for r in runs]
