@@ -79,7 +79,7 @@ def _check_sections(cfg: PipelineConfig) -> None:
     if h is not None and h.cache and t.cache and Path(h.cache) != Path(t.cache):
         raise ConfigError(f"train.cache: {t.cache!r} differs from harvest.cache {h.cache!r}; pipeline run trains "
                           "on the cache its harvest writes, so give one of them")
-    for key in ("run", "cache", "sae"):
+    for key in ("run", "cache", "sae", "results_dir"):
         if getattr(e, key) is not None:
             raise ConfigError(f"evaluate.{key}: pipeline run evaluates the runs of train.runs on its own cache; "
                               f"remove this key (it is for `pipeline evaluate`)")

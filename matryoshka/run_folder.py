@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .cache.errors import CacheError
+from .errors import MatryoshkaError
 from .cache.location import Location
 from .cache.lock import LOCK_NAME, ObjectLock, WriterLock, writer_lock
 
@@ -119,7 +120,11 @@ class RunFolder(Place):
     def lock(self, doing: str, break_lock: bool = False) -> WriterLock | ObjectLock:
         """The folder's writer lock, to hold with ``with``: entering it is refused (exit 2), naming the
         holder's pid and host, while another process trains or evaluates the run. Publishing checks it."""
-        self.home.check_writable(what="run")  # a missing bucket or a read-only folder: one line, before any work
+        try:  # a missing bucket or a folder of someone else's: one line, before any work
+            self.home.check_writable(what="run")
+        except MatryoshkaError as e:
+            hint = "; to evaluate runs you cannot write, give --results-dir DIR" if doing == "evaluated" else ""
+            raise type(e)(f"{e}{hint}") from None
         self.home.make()
         self.work.mkdir(parents=True, exist_ok=True)
         self._lock = writer_lock(self.home, what="run", doing=doing, break_lock=break_lock)
