@@ -34,7 +34,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 def _cli(*args: str, launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
     cmd = (launcher or [sys.executable]) + ["-m", "matryoshka.cli", *args]
-    out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, check=False)
+    storage = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # set by s3_server after ENV was made
+    out = subprocess.run(cmd, env={**ENV, **storage}, capture_output=True, text=True, check=False)
     if check and out.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return out
@@ -241,3 +242,21 @@ def test_killed_two_rank_training_resumes_across_ranks(two_ranks, train_cache, c
     train(TrainConfig(cache=str(train_cache), runs=[dict(r) for r in RUNS], runs_dir=str(copy), data_ranks=2,
                       **TRAIN), progress=False)  # one process resumes it, reading both ranks' streams
     _assert_close(two_ranks, copy / Cache(train_cache).fingerprint, TOLERANCE)
+
+
+def test_two_ranks_train_into_a_bucket_as_into_a_folder(two_ranks, train_cache, config, s3_server):
+    """Runs on object storage under torchrun: rank 0 publishes, the other rank only reads; the same run."""
+    import fsspec
+    from safetensors.torch import load as load_safetensors
+
+    from helpers import new_bucket
+
+    runs = f"{new_bucket('s3')}/runs"
+    _cli(*_train_args(train_cache, runs, config), launcher=TORCHRUN)
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    for name in ("sae", "tc"):
+        run = f"{runs}/{Cache(train_cache).fingerprint}/{name}"
+        got = load_safetensors(fs.cat_file(f"{run}/checkpoint/model.safetensors"))
+        want = _weights(two_ranks / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), name
