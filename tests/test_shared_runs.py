@@ -222,3 +222,13 @@ def test_a_missing_bucket_or_run_is_one_line(s3_server, cache, tmp_path):
     done = _pipeline("evaluate", f"{empty}/runs/x", "--no-lm")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"error: evaluate: '{empty}/runs/x' is not a trained run (no checkpoint/model.safetensors)"]
+
+
+def test_a_run_trained_into_google_cloud_storage_equals_one_trained_locally(gs_server, cache, local_run):
+    from helpers import new_bucket
+
+    runs = f"{new_bucket('gs')}/runs"
+    (run,) = train(_cfg(cache, runs), progress=False)
+    assert set(_objects(run)) == RUN_FILES
+    loaded, here = matryoshka.load(run), matryoshka.load(local_run)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), here.state_dict().values()))
