@@ -37,9 +37,10 @@ once every run is evaluated; ``pipeline run`` evaluates a failed run again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from .. import strict_json
-from ..cache import Cache, CacheError
+from ..cache import Cache, CacheError, local_copy
 from ..config import EvaluateConfig, check_device
 from ..train.dictionary import Dictionary
 from ..train.load import checkpoint_dir, load
@@ -81,24 +82,45 @@ def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> lis
     return runs
 
 
-def _dictionaries(settings: EvaluateConfig, runs: list[Path],
-                  saes: list[str]) -> Iterator[tuple[Path, Dictionary, Cache]]:
-    """(folder for its eval.json, dictionary, cache) of each run, then of each SAELens folder in ``saes``
-    (all of them checked against the cache before the first run is evaluated; see saelens.py)."""
+@dataclasses.dataclass
+class _Entry:
+    """One dictionary to evaluate: the folder for its eval.json, its run config, its cache, and how to load it
+    (loaded when its turn comes, so that only one is in memory at a time)."""
+
+    path: Path
+    config: dict[str, Any]
+    cache: Cache
+    load: Callable[[], Dictionary]
+
+
+def _entries(settings: EvaluateConfig, runs: list[Path], saes: list[str]) -> list[_Entry]:
+    """Each run, then each SAELens folder in ``saes``, all checked against their cache before the first is
+    evaluated (a refusal leaves no eval.json behind; see saelens.py). Runs on one cache share one ``Cache``,
+    so that its local copy's counts (:mod:`~matryoshka.cache.local_copy`) are the whole command's."""
     cache, local_cache_dir = settings.cache, settings.local_cache_dir
+    opened: dict[str, Cache] = {}
+
+    def open_cache(where: str) -> Cache:
+        if where not in opened:
+            opened[where] = Cache(where, local_cache_dir=local_cache_dir)
+        return opened[where]
+
     checked = []
     if saes:
         if cache is None:
             raise CacheError("evaluate: --sae needs --cache, the cache to evaluate the SAELens dictionaries on")
-        sae_cache = Cache(cache, local_cache_dir=local_cache_dir)
-        _check_heldout(sae_cache)
-        checked = check_saes(saes, sae_cache, settings.runs_dir)
-    # every run is checked against its cache before any is evaluated: a refusal leaves no eval.json behind
-    for path, c in [(path, _checked_cache(path, cache, local_cache_dir)) for path in runs]:
-        yield path, load(path), c
+        _check_heldout(open_cache(cache))
+        checked = check_saes(saes, opened[cache], settings.runs_dir)
+    entries = [_Entry(path, cfg, c, functools.partial(load, path))
+               for path, (c, cfg) in [(path, _checked_cache(path, cache, open_cache)) for path in runs]]
     for sae_cfg, out in checked:
-        out.mkdir(parents=True, exist_ok=True)
-        yield out, load_sae(sae_cfg), sae_cache
+        entries.append(_Entry(out, sae_cfg, opened[cache], functools.partial(_sae_dictionary, sae_cfg, out)))
+    return entries
+
+
+def _sae_dictionary(cfg: dict[str, Any], out: Path) -> Dictionary:
+    out.mkdir(parents=True, exist_ok=True)
+    return load_sae(cfg)
 
 
 def evaluate(cfg: EvaluateConfig, progress: bool = False, runs: list[Path] | None = None) -> list[dict[str, Any]]:
@@ -123,7 +145,12 @@ def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[Path], saes: list[
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
     pending: list[tuple[Path, dict[str, Any], Splice]] = []  # runs of the current LM, waiting for its one pass
     lm = None
-    for path, dic, c in _dictionaries(settings, runs, saes):
+    entries = _entries(settings, runs, saes)
+    read = _ReadLines(entries)
+    for e in entries:
+        path, c = e.path, e.cache
+        read.start(c)
+        dic = e.load()
         cfg = dic.config
         if pending and pending[0][1]["fingerprint"] != c.fingerprint:
             results += _lm_pass(lm, pending)  # before the next cache's LM replaces this one
@@ -142,6 +169,7 @@ def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[Path], saes: list[
         pending.append((path, out, Splice(cfg["target"] or cfg["source"], dictionary_fn(dic), cfg["source"])))
         caches[path.parent] = c
     results += _lm_pass(lm, pending)
+    read.end()
     if settings.report:
         for folder, c in caches.items():
             report = write_report(c, runs_of(folder), folder)
@@ -172,18 +200,46 @@ def _lm_pass(lm: LM | None, pending: list[tuple[Path, dict[str, Any], Splice]]) 
     return [out for _, out, _ in pending]
 
 
-def _checked_cache(path: Path, cache: str | None, local_cache_dir: str | None) -> Cache:
-    """The cache a run is evaluated on (``cache``, else the one it trained on), refused unless it has the
-    run's fingerprint and a held-out split that shares no row with the rows the run trained on."""
+def _checked_cache(path: Path, cache: str | None, open_cache: Callable[[str], Cache]) -> tuple[Cache, dict[str, Any]]:
+    """The cache a run is evaluated on (``cache``, else the one it trained on) and the run's config, refused
+    unless the cache has the run's fingerprint and a held-out split that shares no row with the rows the run
+    trained on."""
     ck = checkpoint_dir(path)
     cfg = json.loads(((ck if ck.is_dir() else Path(path)) / "config.json").read_text())
-    c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
+    c = open_cache(cache or cfg["cache"])
     if c.fingerprint != cfg["fingerprint"]:
         raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "
                          f"{c.path!r} ({c.fingerprint})")
     _check_heldout(c)
     check_disjoint(path, cfg, c)
-    return c
+    return c, cfg
+
+
+@dataclasses.dataclass
+class _ReadLines:
+    """The local copy's two lines (:mod:`~matryoshka.cache.local_copy`) for each cache the command reads:
+    at its first dictionary, how much of the held-out chunks it reads are already local; at the end, how many
+    chunks came from the store. Nothing for a cache without a local copy."""
+
+    entries: list[_Entry]
+    started: list[Cache] = dataclasses.field(default_factory=list)
+
+    def start(self, cache: Cache) -> None:
+        if any(c is cache for c in self.started):
+            return
+        self.started.append(cache)
+        arrays = sorted({a for e in self.entries if e.cache is cache
+                         for a in (e.config["source"], e.config.get("target")) if a})
+        _say(local_copy.start_line(cache, arrays, split="heldout"))
+
+    def end(self) -> None:
+        for cache in self.started:
+            _say(local_copy.end_line(cache))
+
+
+def _say(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _check_heldout(c: Cache) -> None:
