@@ -312,3 +312,66 @@ def test_evaluate_takes_a_model_flag():
 
     out = CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "200"})
     assert "--model" in out.output
+
+
+@pytest.mark.slow
+def test_evaluate_says_what_the_local_copy_served(bucket_cache, tmp_path):
+    """`pipeline evaluate --local-cache-dir` prints train's two lines, once for the cache, counting the chunks
+    it reads (the held-out split: chunk 0 of x). Training kept the 7 training chunks only, so the first
+    evaluation finds 0 of 1 and fetches it once (every later read of it, the feature codes' pass included,
+    reads the copy); the second finds 1 of 1 and fetches nothing."""
+    keep, runs = tmp_path / "keep", tmp_path / "runs"
+    r = _pipeline(*_train_args(bucket_cache, keep, runs, tmp_path))
+    assert r.returncode == 0, r.stderr
+
+    def evaluate() -> list[str]:
+        r = _pipeline("evaluate", "--cache", bucket_cache, "--runs-dir", str(runs), "--local-cache-dir", str(keep),
+                      "--no-lm", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        return [ln for ln in r.stderr.splitlines() if ln.startswith("local copy:")]
+
+    local = keep / "5ha7edcafe000001-256x32"  # the copy's folder: the cache's fingerprint and layout
+    first = evaluate()
+    assert first[0] == (f"local copy: 0 of 1 chunks (0%) of the held-out split of {bucket_cache} are already in "
+                        f"{local}; the rest come from the store"), first
+    assert len(first) == 2 and first[1].startswith("local copy: 1 chunk(s) came from the store, "), first
+    assert first[1].endswith(f" from {local}"), first  # every later read of the chunk: from the copy
+    second = evaluate()
+    assert len(second) == 2 and second[0].startswith("local copy: 1 of 1 chunks (100%) of the held-out split of ")
+    assert second[1].startswith("local copy: 0 chunk(s) came from the store, "), second
+
+
+@pytest.mark.slow
+def test_hub_id_flag_is_recorded_shown_and_named_by_evaluate(gpt2_dir, corpus, tmp_path):
+    """`harvest --hub-id` records the Hub id of a local directory (winning over its config's _name_or_path),
+    leaves the fingerprint alone (the weights hash names the model), `cache info` shows it, and `evaluate` on
+    a machine without the directory names it in its one-line error."""
+    from matryoshka.cli import app
+    from matryoshka.config import TrainConfig
+    from matryoshka.train.trainer import train
+    from test_errors import harvest_args, runner
+
+    model = tmp_path / "alice" / "gpt2"
+    shutil.copytree(gpt2_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "openai-community/gpt2"}))
+    caches = {}
+    for name, extra in (("flag", ["--hub-id", "tiny-org/tiny-gpt2"]), ("config", [])):
+        r = runner.invoke(app, harvest_args(model, corpus, tmp_path / name, *extra))
+        assert r.exit_code == 0, r.output
+        caches[name] = Cache(tmp_path / name)
+    assert caches["flag"].manifest["model"]["hub_id"] == "tiny-org/tiny-gpt2"
+    assert caches["config"].manifest["model"]["hub_id"] == "openai-community/gpt2"
+    assert caches["flag"].fingerprint == caches["config"].fingerprint
+    info = runner.invoke(app, ["cache", "info", str(tmp_path / "flag")])
+    assert info.exit_code == 0, info.output
+    assert "(gpt2, d_model 64, 3 layers, computed in float32), a copy of 'tiny-org/tiny-gpt2' on the Hub" \
+        in info.output, info.output
+
+    train(TrainConfig(cache=str(tmp_path / "flag"), runs=[{"name": "sae", "source": "1.resid_mid", "width": 16,
+                                                           "k": 2, "tokens": "256"}], runs_dir=str(tmp_path / "runs"),
+                      batch_size=32, buffer_tokens=256, device="cpu"), progress=False)
+    shutil.rmtree(model)  # a teammate's machine: no /.../alice
+    run_bad(["evaluate", "--cache", str(tmp_path / "flag"), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"],
+            f"evaluate: cannot load the cache's model {str(model)!r}",
+            "point --model at a local copy of the cache's model (a copy of 'tiny-org/tiny-gpt2' on the Hub)")
