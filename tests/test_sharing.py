@@ -375,3 +375,65 @@ def test_hub_id_flag_is_recorded_shown_and_named_by_evaluate(gpt2_dir, corpus, t
     run_bad(["evaluate", "--cache", str(tmp_path / "flag"), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"],
             f"evaluate: cannot load the cache's model {str(model)!r}",
             "point --model at a local copy of the cache's model (a copy of 'tiny-org/tiny-gpt2' on the Hub)")
+
+
+def _refused(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A command's one-line error (exit 2), holding every fragment."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_cache_of_a_hub_model_evaluates_offline_with_a_local_copy(gpt2_dir, gemma2_dir, corpus, tmp_path):
+    """Harvested by Hub name (offline, from a Hugging Face cache that holds it): the cache records the name and
+    a hash of its safetensors files. On a teammate's machine whose Hugging Face cache lacks the model, evaluate
+    says so in one line; `--model` a copy of the model's files is used; a copy with one weight changed, or
+    another architecture, is refused in one line naming what differs."""
+    from helpers import put_in_hub_cache
+    from matryoshka.config import TrainConfig
+    from matryoshka.models import weights_hash
+    from matryoshka.train.trainer import train
+    from test_errors import harvest_args
+
+    alice_hub, bob_hub = tmp_path / "alice-hf", tmp_path / "bob-hf"
+    commit = put_in_hub_cache(alice_hub, "tiny-org/tiny-gpt2", gpt2_dir)
+    bob_hub.mkdir()
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = _pipeline(*harvest_args("tiny-org/tiny-gpt2", corpus, tmp_path / "c"), env={**offline,
+                                                                                     "HF_HUB_CACHE": str(alice_hub)})
+    assert r.returncode == 0, r.stderr
+    m = Cache(tmp_path / "c").manifest
+    assert (m["model"]["resolved"], m["model"]["arch"]) == ("tiny-org/tiny-gpt2", "gpt2") and "hub_id" not in m["model"]
+    assert m["model"]["weights"] == weights_hash(gpt2_dir) is not None  # the files the snapshot links to
+    assert m["identity"]["model"].startswith("tiny-org/tiny-gpt2@")  # the fingerprint's: name and revision
+    train(TrainConfig(cache=str(tmp_path / "c"), runs=[{"name": "sae", "source": "1.resid_mid", "width": 16, "k": 2,
+                                                        "tokens": "256"}], runs_dir=str(tmp_path / "runs"),
+                      batch_size=32, buffer_tokens=256, device="cpu"), progress=False)
+
+    def evaluate(*extra: str) -> subprocess.CompletedProcess:
+        return _pipeline("evaluate", "--cache", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs"),
+                         "--device", "cpu", "--quiet", *extra, env={**offline, "HF_HUB_CACHE": str(bob_hub)})
+
+    _refused(evaluate(), "evaluate: cannot load the cache's model 'tiny-org/tiny-gpt2'", "could not be resolved "
+             "offline", "point --model at a local copy of the cache's model")
+    copy = tmp_path / "bob" / "gpt2"  # Bob's copy of the model's files (links followed: the bytes)
+    shutil.copytree(alice_hub / "models--tiny-org--tiny-gpt2" / "snapshots" / commit, copy)
+    r = evaluate("--model", str(copy))
+    assert r.returncode == 0, r.stderr
+    lm = json.loads((tmp_path / "runs" / Cache(tmp_path / "c").fingerprint / "sae" / "eval.json").read_text())["lm"]
+    assert lm is not None and lm["sequences"] > 0 and np.isfinite(lm["ce_clean"])
+
+    changed = tmp_path / "bob" / "gpt2-changed"
+    shutil.copytree(copy, changed)
+    with open(changed / "model.safetensors", "r+b") as f:  # the last weight's last byte: same shapes, other values
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0x01]))
+    line = _refused(evaluate("--model", str(changed)), f"evaluate: the model at {str(changed)!r} is not the one",
+                    f"(weights {weights_hash(changed)} here, {m['model']['weights']} in the cache)")
+    assert "architecture" not in line
+    _refused(evaluate("--model", str(gemma2_dir)), "architecture gemma2 here, gpt2 in the cache")

@@ -16,6 +16,7 @@ from ..models import (
     check_sites,
     hook_name,
     hub_id,
+    hub_weights,
     load_tokenizer,
     model_info,
     resolve_attention,
@@ -58,6 +59,8 @@ def plan(cfg: HarvestConfig) -> Plan:
     given = recorded_hub_id(cfg)
     info = model_info(cfg.model, cfg.revision)
     hub = given or hub_id(info.resolved)  # the flag wins over the directory's _name_or_path
+    # a Hub name's identity is its name and commit: the weights' hash lets evaluate check a local copy of it
+    weights = None if Path(info.resolved).is_dir() else hub_weights(info)
     check_sites(info, cfg.site_list)
     attention = resolve_attention(info, cfg.attn_implementation)
     check_context_size(info, cfg.context_size)
@@ -83,7 +86,8 @@ def plan(cfg: HarvestConfig) -> Plan:
         source="model", identity=identity,
         model={"name": info.name, "resolved": info.resolved, "revision": info.revision, "arch": info.arch,
                "d_model": info.d_model, "n_layers": info.n_layers, "dtype": cfg.model_dtype,
-               "attn_implementation": attention, **({"hub_id": hub} if hub else {})},
+               "attn_implementation": attention, **({"hub_id": hub} if hub else {}),
+               **({"weights": weights} if weights else {})},
         tokenizer={"name": tokenizer.name_or_path, **tokenizer_identity(tokenizer)},
         dataset={"id": cfg.dataset, "config": cfg.dataset_config, "split": cfg.dataset_split,
                  "revision": cfg.dataset_revision, "text_column": cfg.text_column,
