@@ -386,44 +386,60 @@ def _refused(r: subprocess.CompletedProcess, *fragments: str) -> str:
     return lines[0]
 
 
+class HubCache:
+    """A cache harvested by Hub name ``repo`` (offline, from Alice's Hugging Face cache, which holds ``model_dir``
+    as that name), one run trained on it, and `pipeline evaluate` of it on Bob's machine, whose Hugging Face
+    cache is empty."""
+
+    def __init__(self, model_dir: Path, repo: str, corpus: Path, tmp: Path) -> None:
+        from helpers import put_in_hub_cache
+        from matryoshka.config import TrainConfig
+        from matryoshka.train.trainer import train
+        from test_errors import harvest_args
+
+        self.alice_hub, self.bob_hub, self.cache, self.runs = tmp / "alice-hf", tmp / "bob-hf", tmp / "c", tmp / "runs"
+        self.commit = put_in_hub_cache(self.alice_hub, repo, model_dir)
+        self.bob_hub.mkdir()
+        self.offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        r = _pipeline(*harvest_args(repo, corpus, self.cache),
+                      env={**self.offline, "HF_HUB_CACHE": str(self.alice_hub)})
+        assert r.returncode == 0, r.stderr
+        self.manifest = Cache(self.cache).manifest
+        train(TrainConfig(cache=str(self.cache), runs=[{"name": "sae", "source": "1.resid_mid", "width": 16, "k": 2,
+                                                        "tokens": "256"}], runs_dir=str(self.runs),
+                          batch_size=32, buffer_tokens=256, device="cpu"), progress=False)
+
+    def snapshot(self, repo: str) -> Path:
+        from huggingface_hub.file_download import repo_folder_name
+
+        return self.alice_hub / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / self.commit
+
+    def evaluate(self, *extra: str) -> subprocess.CompletedProcess:
+        return _pipeline("evaluate", "--cache", str(self.cache), "--runs-dir", str(self.runs), "--device", "cpu",
+                         "--quiet", *extra, env={**self.offline, "HF_HUB_CACHE": str(self.bob_hub)})
+
+
 @pytest.mark.slow
 def test_a_cache_of_a_hub_model_evaluates_offline_with_a_local_copy(gpt2_dir, gemma2_dir, corpus, tmp_path):
     """Harvested by Hub name (offline, from a Hugging Face cache that holds it): the cache records the name and
     a hash of its safetensors files. On a teammate's machine whose Hugging Face cache lacks the model, evaluate
     says so in one line; `--model` a copy of the model's files is used; a copy with one weight changed, or
     another architecture, is refused in one line naming what differs."""
-    from helpers import put_in_hub_cache
-    from matryoshka.config import TrainConfig
     from matryoshka.models import weights_hash
-    from matryoshka.train.trainer import train
-    from test_errors import harvest_args
 
-    alice_hub, bob_hub = tmp_path / "alice-hf", tmp_path / "bob-hf"
-    commit = put_in_hub_cache(alice_hub, "tiny-org/tiny-gpt2", gpt2_dir)
-    bob_hub.mkdir()
-    offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = _pipeline(*harvest_args("tiny-org/tiny-gpt2", corpus, tmp_path / "c"), env={**offline,
-                                                                                     "HF_HUB_CACHE": str(alice_hub)})
-    assert r.returncode == 0, r.stderr
-    m = Cache(tmp_path / "c").manifest
+    hub = HubCache(gpt2_dir, "tiny-org/tiny-gpt2", corpus, tmp_path)
+    m = hub.manifest
     assert (m["model"]["resolved"], m["model"]["arch"]) == ("tiny-org/tiny-gpt2", "gpt2") and "hub_id" not in m["model"]
     assert m["model"]["weights"] == weights_hash(gpt2_dir) is not None  # the files the snapshot links to
     assert m["identity"]["model"].startswith("tiny-org/tiny-gpt2@")  # the fingerprint's: name and revision
-    train(TrainConfig(cache=str(tmp_path / "c"), runs=[{"name": "sae", "source": "1.resid_mid", "width": 16, "k": 2,
-                                                        "tokens": "256"}], runs_dir=str(tmp_path / "runs"),
-                      batch_size=32, buffer_tokens=256, device="cpu"), progress=False)
-
-    def evaluate(*extra: str) -> subprocess.CompletedProcess:
-        return _pipeline("evaluate", "--cache", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs"),
-                         "--device", "cpu", "--quiet", *extra, env={**offline, "HF_HUB_CACHE": str(bob_hub)})
-
+    evaluate = hub.evaluate
     _refused(evaluate(), "evaluate: cannot load the cache's model 'tiny-org/tiny-gpt2'", "could not be resolved "
              "offline", "point --model at a local copy of the cache's model")
     copy = tmp_path / "bob" / "gpt2"  # Bob's copy of the model's files (links followed: the bytes)
-    shutil.copytree(alice_hub / "models--tiny-org--tiny-gpt2" / "snapshots" / commit, copy)
+    shutil.copytree(hub.snapshot("tiny-org/tiny-gpt2"), copy)
     r = evaluate("--model", str(copy))
     assert r.returncode == 0, r.stderr
-    lm = json.loads((tmp_path / "runs" / Cache(tmp_path / "c").fingerprint / "sae" / "eval.json").read_text())["lm"]
+    lm = json.loads((hub.runs / Cache(hub.cache).fingerprint / "sae" / "eval.json").read_text())["lm"]
     assert lm is not None and lm["sequences"] > 0 and np.isfinite(lm["ce_clean"])
 
     changed = tmp_path / "bob" / "gpt2-changed"
@@ -437,3 +453,21 @@ def test_a_cache_of_a_hub_model_evaluates_offline_with_a_local_copy(gpt2_dir, ge
                     f"(weights {weights_hash(changed)} here, {m['model']['weights']} in the cache)")
     assert "architecture" not in line
     _refused(evaluate("--model", str(gemma2_dir)), "architecture gemma2 here, gpt2 in the cache")
+
+
+@pytest.mark.slow
+def test_a_hub_model_without_safetensors_refuses_a_local_copy_in_one_line(gpt2_dir, corpus, tmp_path):
+    """A Hub model whose weights are a pytorch_model.bin only: harvested and recorded with no weights hash, so a
+    `--model` copy cannot be checked, and evaluate says so in one line rather than trusting it."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "tiny-bin"
+    shutil.copytree(gpt2_dir, model)
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    hub = HubCache(model, "tiny-org/tiny-gpt2-bin", corpus, tmp_path)
+    assert "weights" not in hub.manifest["model"]
+    _refused(hub.evaluate("--model", str(hub.snapshot("tiny-org/tiny-gpt2-bin"))),
+             f"evaluate: cache {str(hub.cache)!r} records its model as 'tiny-org/tiny-gpt2-bin' at "
+             "'tiny-org/tiny-gpt2-bin@", "but no hash of its weight files", "evaluate without --model")

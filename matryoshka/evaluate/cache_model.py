@@ -49,9 +49,10 @@ def cache_model(cache: Cache, model: str | None = None) -> ModelInfo:
     recorded_weights, found_weights = _weights(cache, info, model)
     if recorded_weights is None:
         raise CacheError(f"evaluate: cache {cache.path!r} records its model as {m['resolved']!r} at "
-                         f"{cache.manifest['identity']['model']!r} but no hash of its weights (harvested before "
-                         f"caches recorded one), so the copy at {where!r} cannot be checked against it; evaluate "
-                         f"without --model (the model loads from the Hub or the local Hugging Face cache), or {HINT}")
+                         f"{cache.manifest['identity']['model']!r} but no hash of its weight files (harvested "
+                         "before caches recorded one, or the model has no safetensors files), so the copy at "
+                         f"{where!r} cannot be checked against it; evaluate without --model (the model loads from "
+                         f"the Hub or the local Hugging Face cache), or {HINT}")
     recorded = {"architecture": m.get("arch"), "d_model": m.get("d_model"), "n_layers": m.get("n_layers"),
                 "weights": recorded_weights}
     found = {"architecture": info.arch, "d_model": info.d_model, "n_layers": info.n_layers, "weights": found_weights}
