@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, mod
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
-from .names import SITES, looks_like_path
+from .names import SITES, is_hub_id, looks_like_path
 from .settings import Keys, Number, from_dict, opt, rule
 
 __all__ = ["ConfigError", "SITES", "looks_like_path", "from_dict", "opt"]  # re-exported: imported from here
@@ -278,8 +278,11 @@ def _yaml_mapping(value: Any) -> Any:
         raise PydanticCustomError("rule", "is not a YAML mapping (e.g. '{n_parents: 32}')") from None
 
 
+_HUB_ID_SHAPE = ("is not a Hugging Face Hub id: give owner/name (letters, digits, '-', '_' and '.'; no '--' or '..'), "
+                 "e.g. openai-community/gpt2")
+
 MODEL_ONLY = ("model", "revision", "dataset", "dataset_config", "dataset_split", "dataset_revision", "text_column",
-              "token_column", "model_dtype", "device_map", "shuffle_buffer", "attn_implementation")
+              "token_column", "model_dtype", "device_map", "shuffle_buffer", "attn_implementation", "hub_id")
 """Harvest keys of the language-model source only."""
 
 
@@ -294,6 +297,10 @@ class HarvestConfig(Keys):
                                                         "(docs/synthetic.md); on the command line a YAML mapping that replaces the config's.")
     model: PathText = opt("gpt2", 'HF model name (``gpt2``, ``google/gemma-2-2b``) or a local directory saved with save_pretrained.')
     revision: str | None = opt(None, "Model revision (branch, tag or commit) on the Hub.")
+    hub_id: Annotated[str, rule(is_hub_id, _HUB_ID_SHAPE)] | None = opt(None, "The Hub id a local model directory was "
+        "downloaded or saved from (``owner/name``), recorded as the manifest's ``model.hub_id`` so that a teammate "
+        "without the directory knows which model to fetch; wins over its config's ``_name_or_path``. Only for a "
+        "local ``model``; not part of the cache's identity (the weights hash already names the model).")
     dataset: PathText = opt("Skylion007/openwebtext", 'HF dataset name (streamed) or a local .txt (one document per line), .jsonl or .parquet file.')
     dataset_config: str | None = opt(None, "Dataset configuration (subset) name on the Hub.")
     dataset_split: str = opt("train", "Dataset split to stream.")

@@ -104,6 +104,9 @@ class ModelInfo:
     """A hash of the weights for a local directory, else the HF id and resolved commit."""
     attention: tuple[str, ...] = ("eager",)
     """The attention implementations the installed transformers offers for this model class."""
+    commit: str | None = None
+    """The Hub commit a Hub name resolved to, when the Hub or the local Hugging Face cache says; None for a
+    local directory."""
     max_positions: int | None = None
     """The longest context the model's position embeddings cover (its config's n_positions or
     max_position_embeddings); None when the config does not say."""
@@ -146,7 +149,8 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
     positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     return ModelInfo(name=name, resolved=resolved, arch=arch, d_model=int(cfg.hidden_size),
                      n_layers=int(cfg.num_hidden_layers), revision=revision, identity=identity,
-                     attention=_attention_offered(cfg), max_positions=int(positions) if positions else None)
+                     attention=_attention_offered(cfg), max_positions=int(positions) if positions else None,
+                     commit=None if local else commit)
 
 
 def _attention_offered(cfg) -> tuple[str, ...]:
@@ -215,9 +219,37 @@ def hub_id(local_dir: str | Path) -> str | None:
 
 def _hash_dir(path: Path) -> str:
     """Content hash of a local model's config and weights, so a team's copies share one fingerprint."""
+    return _hash_files(sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin")
+                              and not p.name.startswith(("tokenizer", "special_tokens", "generation"))))
+
+
+def weights_hash(path: str | Path) -> str | None:
+    """Content hash of a model folder's weight files (its ``*.safetensors``, names and bytes), None when it has
+    none. Unlike the identity of a local directory (:func:`_hash_dir`, its config too), it is the same for
+    every copy of the files a Hub model is loaded from, whatever else the folder holds (a tokenizer, a ``.bin``
+    copy of the weights, a config rewritten by another transformers). Harvest records it for a model given by
+    Hub name, whose identity is its name and commit, so that `evaluate --model` can check a local copy."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    return _hash_files(files) if files else None
+
+
+def hub_weights(info: ModelInfo) -> str | None:
+    """:func:`weights_hash` of a Hub model's files at its resolved commit, fetched into the local Hugging Face
+    cache (where its load finds them next; offline, read from there). None when there are none to hash: the
+    Hub has no safetensors for it, or they cannot be fetched (then loading the model says why, next)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(info.resolved, revision=info.commit or info.revision,
+                                   allow_patterns=["*.safetensors"])
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        return None
+    return weights_hash(folder)
+
+
+def _hash_files(files: list[Path]) -> str:
     h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors", ".bin")
-                   and not p.name.startswith(("tokenizer", "special_tokens", "generation")))
     for p in files:
         h.update(p.name.encode())
         with open(p, "rb") as f:

@@ -14,3 +14,15 @@ def looks_like_path(name: str) -> bool:
     """Whether a model name is meant as a local directory rather than a Hub id: it exists as one, starts like a
     path (``/``, ``.``, ``~``), or has more than the one ``/`` of ``namespace/repo``."""
     return Path(name).expanduser().is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether ``text`` has the shape of a Hugging Face Hub model id (``name`` or ``owner/name``, the Hub's own
+    rules: word characters, ``-`` and ``.``, no ``--`` or ``..``). A shape only: nothing is looked up."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(text))
+    except HFValidationError:
+        return False
+    return True

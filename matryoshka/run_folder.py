@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from .cache.errors import CacheError
-from .errors import MatryoshkaError
 from .cache.location import Location
 from .cache.lock import LOCK_NAME, ObjectLock, WriterLock, writer_lock
+from .errors import MatryoshkaError
 
 CHECKPOINTS = ("checkpoint", "checkpoint.old")
 """Where a whole checkpoint may be, in the order it is looked for (``checkpoint.tmp`` never counts)."""

@@ -38,3 +38,33 @@ if __name__ == "__main__":  # build the fixtures by hand: python tests/helpers.p
     t = build_tokenizer(c)
     for a in ("gpt2", "gemma2"):
         build_model(a, out / f"tiny-{a}", t)
+
+
+def put_in_hub_cache(hub_cache: Path, repo_id: str, model_dir: Path) -> str:
+    """Lay ``model_dir``'s files out in a Hugging Face hub cache (``HF_HUB_CACHE``) as ``repo_id`` at one commit,
+    as a download would (blobs named by their sha256, snapshot links to them, ``refs/main``): what an offline
+    process finds for a Hub name it downloaded before. Folder names come from huggingface_hub
+    (``repo_folder_name``), and the test asks huggingface_hub (``scan_cache_dir``) to read the result back.
+    Returns the commit."""
+    import hashlib
+    import os
+
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.file_download import repo_folder_name
+
+    repo = hub_cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    commit = hashlib.sha1(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        data = p.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / p.name)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    found = {(r.repo_id, rev.commit_hash) for r in scan_cache_dir(hub_cache).repos for rev in r.revisions}
+    assert (repo_id, commit) in found, found
+    return commit

@@ -108,6 +108,9 @@ def test_repository_pipeline_yaml_is_valid():
     (HarvestConfig, {"chunk_mb": float("inf")}, "chunk_mb: inf must be a finite number"),
     (HarvestConfig, {"source": "synthetic", "model": "google/gemma-2-2b"},
      "model: 'google/gemma-2-2b' means nothing to source: synthetic"),
+    (HarvestConfig, {"source": "synthetic", "hub_id": "openai-community/gpt2"},
+     "hub_id: 'openai-community/gpt2' means nothing to source: synthetic"),
+    (HarvestConfig, {"hub_id": "../models/gpt2"}, "hub_id: '../models/gpt2' is not a Hugging Face Hub id"),
     (HarvestConfig, {"source": "synthetic", "synthetic": {"magnitude_std": float("nan")}},
      "magnitude_std: nan must be a finite number"),
 ])

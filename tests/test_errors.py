@@ -45,6 +45,11 @@ def run_bad(args: list[str], *fragments: str) -> str:
     (["--codec", "gzip"], ["'gzip'", "lz4, zstd, none"]),
     (["--bos", "always"], ["'always'", "context, document, none"]),
     (["--attn-implementation", "flash"], ["attn_implementation: 'flash'", "auto, eager, sdpa, flex_attention"]),
+    (["--hub-id", "org/gpt2/main"], ["hub_id: 'org/gpt2/main' is not a Hugging Face Hub id", "owner/name"]),
+    (["--hub-id", "org--x/gpt2"], ["hub_id: 'org--x/gpt2' is not a Hugging Face Hub id"]),
+    # a Hub name already says where the model comes from; refused before the name is looked up (offline here)
+    (["--model", "openai-community/gpt2", "--hub-id", "tiny-org/gpt2"],
+     ["hub_id: 'tiny-org/gpt2' is only for a local model directory", "'openai-community/gpt2' is a Hub name"]),
     pytest.param(["--tokens", "100K"], ["ran out after", "lower --tokens", "removed"], marks=pytest.mark.slow),
     (["--tokens", "1T"], ["GB needed", "GB free", "lower --tokens"]),
 ])

@@ -312,3 +312,162 @@ def test_evaluate_takes_a_model_flag():
 
     out = CliRunner().invoke(app, ["evaluate", "--help"], env={"COLUMNS": "200"})
     assert "--model" in out.output
+
+
+@pytest.mark.slow
+def test_evaluate_says_what_the_local_copy_served(bucket_cache, tmp_path):
+    """`pipeline evaluate --local-cache-dir` prints train's two lines, once for the cache, counting the chunks
+    it reads (the held-out split: chunk 0 of x). Training kept the 7 training chunks only, so the first
+    evaluation finds 0 of 1 and fetches it once (every later read of it, the feature codes' pass included,
+    reads the copy); the second finds 1 of 1 and fetches nothing."""
+    keep, runs = tmp_path / "keep", tmp_path / "runs"
+    r = _pipeline(*_train_args(bucket_cache, keep, runs, tmp_path))
+    assert r.returncode == 0, r.stderr
+
+    def evaluate() -> list[str]:
+        r = _pipeline("evaluate", "--cache", bucket_cache, "--runs-dir", str(runs), "--local-cache-dir", str(keep),
+                      "--no-lm", "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        return [ln for ln in r.stderr.splitlines() if ln.startswith("local copy:")]
+
+    local = keep / "5ha7edcafe000001-256x32"  # the copy's folder: the cache's fingerprint and layout
+    first = evaluate()
+    assert first[0] == (f"local copy: 0 of 1 chunks (0%) of the held-out split of {bucket_cache} are already in "
+                        f"{local}; the rest come from the store"), first
+    assert len(first) == 2 and first[1].startswith("local copy: 1 chunk(s) came from the store, "), first
+    assert first[1].endswith(f" from {local}"), first  # every later read of the chunk: from the copy
+    second = evaluate()
+    assert len(second) == 2 and second[0].startswith("local copy: 1 of 1 chunks (100%) of the held-out split of ")
+    assert second[1].startswith("local copy: 0 chunk(s) came from the store, "), second
+
+
+@pytest.mark.slow
+def test_hub_id_flag_is_recorded_shown_and_named_by_evaluate(gpt2_dir, corpus, tmp_path):
+    """`harvest --hub-id` records the Hub id of a local directory (winning over its config's _name_or_path),
+    leaves the fingerprint alone (the weights hash names the model), `cache info` shows it, and `evaluate` on
+    a machine without the directory names it in its one-line error."""
+    from matryoshka.cli import app
+    from matryoshka.config import TrainConfig
+    from matryoshka.train.trainer import train
+    from test_errors import harvest_args, runner
+
+    model = tmp_path / "alice" / "gpt2"
+    shutil.copytree(gpt2_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "openai-community/gpt2"}))
+    caches = {}
+    for name, extra in (("flag", ["--hub-id", "tiny-org/tiny-gpt2"]), ("config", [])):
+        r = runner.invoke(app, harvest_args(model, corpus, tmp_path / name, *extra))
+        assert r.exit_code == 0, r.output
+        caches[name] = Cache(tmp_path / name)
+    assert caches["flag"].manifest["model"]["hub_id"] == "tiny-org/tiny-gpt2"
+    assert caches["config"].manifest["model"]["hub_id"] == "openai-community/gpt2"
+    assert caches["flag"].fingerprint == caches["config"].fingerprint
+    info = runner.invoke(app, ["cache", "info", str(tmp_path / "flag")])
+    assert info.exit_code == 0, info.output
+    assert "(gpt2, d_model 64, 3 layers, computed in float32), a copy of 'tiny-org/tiny-gpt2' on the Hub" \
+        in info.output, info.output
+
+    train(TrainConfig(cache=str(tmp_path / "flag"), runs=[{"name": "sae", "source": "1.resid_mid", "width": 16,
+                                                           "k": 2, "tokens": "256"}], runs_dir=str(tmp_path / "runs"),
+                      batch_size=32, buffer_tokens=256, device="cpu"), progress=False)
+    shutil.rmtree(model)  # a teammate's machine: no /.../alice
+    run_bad(["evaluate", "--cache", str(tmp_path / "flag"), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"],
+            f"evaluate: cannot load the cache's model {str(model)!r}",
+            "point --model at a local copy of the cache's model (a copy of 'tiny-org/tiny-gpt2' on the Hub)")
+
+
+def _refused(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    """A command's one-line error (exit 2), holding every fragment."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+class HubCache:
+    """A cache harvested by Hub name ``repo`` (offline, from Alice's Hugging Face cache, which holds ``model_dir``
+    as that name), one run trained on it, and `pipeline evaluate` of it on Bob's machine, whose Hugging Face
+    cache is empty."""
+
+    def __init__(self, model_dir: Path, repo: str, corpus: Path, tmp: Path) -> None:
+        from helpers import put_in_hub_cache
+        from matryoshka.config import TrainConfig
+        from matryoshka.train.trainer import train
+        from test_errors import harvest_args
+
+        self.alice_hub, self.bob_hub, self.cache, self.runs = tmp / "alice-hf", tmp / "bob-hf", tmp / "c", tmp / "runs"
+        self.commit = put_in_hub_cache(self.alice_hub, repo, model_dir)
+        self.bob_hub.mkdir()
+        self.offline = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        r = _pipeline(*harvest_args(repo, corpus, self.cache),
+                      env={**self.offline, "HF_HUB_CACHE": str(self.alice_hub)})
+        assert r.returncode == 0, r.stderr
+        self.manifest = Cache(self.cache).manifest
+        train(TrainConfig(cache=str(self.cache), runs=[{"name": "sae", "source": "1.resid_mid", "width": 16, "k": 2,
+                                                        "tokens": "256"}], runs_dir=str(self.runs),
+                          batch_size=32, buffer_tokens=256, device="cpu"), progress=False)
+
+    def snapshot(self, repo: str) -> Path:
+        from huggingface_hub.file_download import repo_folder_name
+
+        return self.alice_hub / repo_folder_name(repo_id=repo, repo_type="model") / "snapshots" / self.commit
+
+    def evaluate(self, *extra: str) -> subprocess.CompletedProcess:
+        return _pipeline("evaluate", "--cache", str(self.cache), "--runs-dir", str(self.runs), "--device", "cpu",
+                         "--quiet", *extra, env={**self.offline, "HF_HUB_CACHE": str(self.bob_hub)})
+
+
+@pytest.mark.slow
+def test_a_cache_of_a_hub_model_evaluates_offline_with_a_local_copy(gpt2_dir, gemma2_dir, corpus, tmp_path):
+    """Harvested by Hub name (offline, from a Hugging Face cache that holds it): the cache records the name and
+    a hash of its safetensors files. On a teammate's machine whose Hugging Face cache lacks the model, evaluate
+    says so in one line; `--model` a copy of the model's files is used; a copy with one weight changed, or
+    another architecture, is refused in one line naming what differs."""
+    from matryoshka.models import weights_hash
+
+    hub = HubCache(gpt2_dir, "tiny-org/tiny-gpt2", corpus, tmp_path)
+    m = hub.manifest
+    assert (m["model"]["resolved"], m["model"]["arch"]) == ("tiny-org/tiny-gpt2", "gpt2") and "hub_id" not in m["model"]
+    assert m["model"]["weights"] == weights_hash(gpt2_dir) is not None  # the files the snapshot links to
+    assert m["identity"]["model"].startswith("tiny-org/tiny-gpt2@")  # the fingerprint's: name and revision
+    evaluate = hub.evaluate
+    _refused(evaluate(), "evaluate: cannot load the cache's model 'tiny-org/tiny-gpt2'", "could not be resolved "
+             "offline", "point --model at a local copy of the cache's model")
+    copy = tmp_path / "bob" / "gpt2"  # Bob's copy of the model's files (links followed: the bytes)
+    shutil.copytree(hub.snapshot("tiny-org/tiny-gpt2"), copy)
+    r = evaluate("--model", str(copy))
+    assert r.returncode == 0, r.stderr
+    lm = json.loads((hub.runs / Cache(hub.cache).fingerprint / "sae" / "eval.json").read_text())["lm"]
+    assert lm is not None and lm["sequences"] > 0 and np.isfinite(lm["ce_clean"])
+
+    changed = tmp_path / "bob" / "gpt2-changed"
+    shutil.copytree(copy, changed)
+    with open(changed / "model.safetensors", "r+b") as f:  # the last weight's last byte: same shapes, other values
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0x01]))
+    line = _refused(evaluate("--model", str(changed)), f"evaluate: the model at {str(changed)!r} is not the one",
+                    f"(weights {weights_hash(changed)} here, {m['model']['weights']} in the cache)")
+    assert "architecture" not in line
+    _refused(evaluate("--model", str(gemma2_dir)), "architecture gemma2 here, gpt2 in the cache")
+
+
+@pytest.mark.slow
+def test_a_hub_model_without_safetensors_refuses_a_local_copy_in_one_line(gpt2_dir, corpus, tmp_path):
+    """A Hub model whose weights are a pytorch_model.bin only: harvested and recorded with no weights hash, so a
+    `--model` copy cannot be checked, and evaluate says so in one line rather than trusting it."""
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "tiny-bin"
+    shutil.copytree(gpt2_dir, model)
+    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
+    (model / "model.safetensors").unlink()
+    hub = HubCache(model, "tiny-org/tiny-gpt2-bin", corpus, tmp_path)
+    assert "weights" not in hub.manifest["model"]
+    _refused(hub.evaluate("--model", str(hub.snapshot("tiny-org/tiny-gpt2-bin"))),
+             f"evaluate: cache {str(hub.cache)!r} records its model as 'tiny-org/tiny-gpt2-bin' at "
+             "'tiny-org/tiny-gpt2-bin@", "but no hash of its weight files", "evaluate without --model")

@@ -72,7 +72,8 @@ def info_lines(cache: Cache) -> list[str]:
         f"status       {'complete' if cache.complete else 'unfinished'}: {cache.tokens_committed:,} of "
         f"{m['n_tokens']:,} tokens committed",
         f"model        {m['model']['name']} ({m['model']['arch']}, d_model {m['model']['d_model']}, "
-        f"{m['model']['n_layers']} layers, computed in {m['model']['dtype']})",
+        f"{m['model']['n_layers']} layers, computed in {m['model']['dtype']})"
+        + (f", a copy of {hub!r} on the Hub" if (hub := m["model"].get("hub_id")) else ""),
         f"tokenizer    {m['tokenizer']['name']} (vocab {m['tokenizer']['vocab_size']})",
         f"dataset      {m['dataset']['id']} split {m['dataset']['split']}, column "
         f"{m['dataset']['token_column'] or m['dataset']['text_column']}, order seed {m['dataset']['seed']}",

@@ -6,16 +6,22 @@ from __future__ import annotations
 from .format import chunk_key
 from .store import Cache
 
+SPLIT_NAMES = {"heldout": "held-out"}
+"""How a line names a split: ``heldout`` is the key, "held-out" the word."""
 
-def start_line(cache: Cache, arrays: list[str]) -> str | None:
-    """How much of ``arrays`` the cache's local copy already holds; None without a local copy."""
+
+def start_line(cache: Cache, arrays: list[str], split: str | None = None) -> str | None:
+    """How much of ``arrays`` (every chunk, or those of ``split``: what the read will take) the cache's local
+    copy already holds; None without a local copy."""
     src = cache.chunk_source
     if src is None or src.local is None:
         return None
-    keys = [chunk_key(name, i) for name in arrays for i in range(cache.n_chunks)]
+    chunks = cache.split_chunks(split) if split else range(cache.n_chunks)
+    keys = [chunk_key(name, i) for name in arrays for i in chunks]
     have = src.local_count(keys)
-    return (f"local copy: {have} of {len(keys)} chunks ({have / max(len(keys), 1):.0%}) of {cache.path} are already "
-            f"in {src.local}; the rest come from the store")
+    part = f"the {SPLIT_NAMES.get(split, split)} split of " if split else ""
+    return (f"local copy: {have} of {len(keys)} chunks ({have / max(len(keys), 1):.0%}) of {part}{cache.path} are "
+            f"already in {src.local}; the rest come from the store")
 
 
 def end_line(cache: Cache) -> str | None:

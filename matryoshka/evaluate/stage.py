@@ -37,10 +37,11 @@ once every run is evaluated; ``pipeline run`` evaluates a failed run again.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,13 @@ from typing import Any
 import numpy as np
 
 from .. import strict_json
-from ..cache import Cache, CacheError
+from ..cache import Cache, CacheError, local_copy
 from ..cache.location import Location
 from ..config import EvaluateConfig, check_device
 from ..run_folder import RunFolder, Workspace, is_trained, last_trained, trained_runs
 from ..train.dictionary import Dictionary
 from ..train.load import checkpoint_dir, load
+from ..train.saelens import SAELensConfig
 from .contexts import TopContexts
 from .errors import NonFiniteMetrics
 from .features import feature_metrics, heldout_codes
@@ -82,48 +84,65 @@ def find_runs(run: str | None, cache: str | None, runs_dir: str = "runs") -> lis
 
 
 @dataclasses.dataclass
-class Evaluated:
-    """A dictionary to evaluate: where it is read from (``source``: a trained run, or None for a SAELens
-    folder) and where its results go (``out``: the run folder itself, or one under ``results_dir``)."""
+class _Entry:
+    """One dictionary to evaluate: where its results go (``out``), where it is read from (``source``: a trained
+    run; None for a SAELens folder), its run config, its cache, and how to load it (when its turn comes, so
+    that only one is in memory at a time)."""
 
-    source: RunFolder | None
     out: RunFolder
+    source: RunFolder | None
+    config: dict[str, Any]
+    cache: Cache
+    load: Callable[[], Dictionary]
 
 
-def _folders(cfg: EvaluateConfig, space: Workspace, runs: list[str | Path | Location]) -> list[Evaluated]:
+def _folders(cfg: EvaluateConfig, space: Workspace,
+             runs: list[str | Path | Location]) -> list[tuple[RunFolder, RunFolder]]:
     """Each run's folder and the folder its results go to: the run's own, or with ``results_dir`` one of
     the same name there (the run folder is then only read: it may be a teammate's)."""
     out = []
     for where in runs:
         source = space.run(where)
         if cfg.results_dir is None:
-            out.append(Evaluated(source, source))
+            out.append((source, source))
             continue
         saved = source.saved_config() or {}
         home = Location.of(cfg.results_dir).join(str(saved.get("fingerprint")), source.name)
-        out.append(Evaluated(source, source if home.same_place(source.home) else space.run(home)))
+        out.append((source, source if home.same_place(source.home) else space.run(home)))
     return out
 
 
-def _dictionaries(settings: EvaluateConfig, runs: list[Evaluated], saes: list[str],
-                  space: Workspace) -> Iterator[tuple[Evaluated, Dictionary, Cache]]:
-    """(folders, dictionary, cache) of each run, then of each SAELens folder in ``saes`` (all of them checked
-    against the cache before the first run is evaluated; see saelens.py)."""
+def _entries(settings: EvaluateConfig, runs: list[tuple[RunFolder, RunFolder]], saes: list[str],
+             space: Workspace) -> list[_Entry]:
+    """Each run, then each SAELens folder in ``saes``, all checked against their cache before the first is
+    evaluated (a refusal leaves no eval.json behind; see saelens.py). Runs on one cache share one ``Cache``,
+    so that its local copy's counts (:mod:`~matryoshka.cache.local_copy`) are the whole command's."""
     cache, local_cache_dir = settings.cache, settings.local_cache_dir
+    opened: dict[str, Cache] = {}
+
+    def open_cache(where: str) -> Cache:
+        if where not in opened:
+            opened[where] = Cache(where, local_cache_dir=local_cache_dir)
+        return opened[where]
+
     checked = []
     if saes:
         if cache is None:
             raise CacheError("evaluate: --sae needs --cache, the cache to evaluate the SAELens dictionaries on")
-        sae_cache = Cache(cache, local_cache_dir=local_cache_dir)
-        _check_heldout(sae_cache)
-        checked = check_saes(saes, sae_cache, settings.results_dir or settings.runs_dir, space)
-    # every run is checked against its cache before any is evaluated: a refusal leaves no eval.json behind
-    for run, c in [(run, _checked_cache(run.source, cache, local_cache_dir)) for run in runs]:
-        yield run, load(run.source.work), c
-    for sae, sae_cfg, out in checked:
-        folder = space.run(out)
-        folder.work.mkdir(parents=True, exist_ok=True)
-        yield Evaluated(None, folder), load_sae(sae, sae_cfg), sae_cache
+        _check_heldout(open_cache(cache))
+        checked = check_saes(saes, opened[cache], settings.results_dir or settings.runs_dir, space)
+    entries = [_Entry(out, source, cfg, c, functools.partial(load, source.work))
+               for source, out, (c, cfg) in [(source, out, _checked_cache(source, cache, open_cache))
+                                             for source, out in runs]]
+    for sae, sae_cfg, home in checked:
+        out = space.run(home)
+        entries.append(_Entry(out, None, sae_cfg, opened[cache], functools.partial(_sae_dictionary, sae, sae_cfg, out)))
+    return entries
+
+
+def _sae_dictionary(sae: SAELensConfig, cfg: dict[str, Any], out: RunFolder) -> Dictionary:
+    out.work.mkdir(parents=True, exist_ok=True)
+    return load_sae(sae, cfg)
 
 
 def evaluate(cfg: EvaluateConfig, progress: bool = False,
@@ -139,42 +158,48 @@ def evaluate(cfg: EvaluateConfig, progress: bool = False,
         runs = [] if saes and cfg.run is None else find_runs(cfg.run, cfg.cache, cfg.runs_dir)
     with Workspace() as space, ExitStack() as locks:
         folders = _folders(cfg, space, runs)
-        for f in folders:
-            locks.enter_context(f.out.lock("evaluated", cfg.break_lock))
-        for f in folders:  # after the locks: what an evaluation of one's own run reads no longer changes
-            f.source.fetch(keep=lambda key: not key.startswith(("saelens/", "eval.")), state=False)
-            if f.out is not f.source and (f.source.work / "metrics.jsonl").is_file():  # the report's curves
-                shutil.copyfile(f.source.work / "metrics.jsonl", f.out.work / "metrics.jsonl")
-                f.out.publish("metrics.jsonl")
+        for _, out in folders:
+            locks.enter_context(out.lock("evaluated", cfg.break_lock))
+        for source, out in folders:  # after the locks: what an evaluation of one's own run reads no longer changes
+            source.fetch(keep=lambda key: not key.startswith(("saelens/", "eval.")), state=False)
+            if out is not source and (source.work / "metrics.jsonl").is_file():  # the report's curves
+                shutil.copyfile(source.work / "metrics.jsonl", out.work / "metrics.jsonl")
+                out.publish("metrics.jsonl")
         return _evaluate(cfg, progress, folders, saes, space)
 
 
-def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[Evaluated], saes: list[str],
+def _evaluate(cfg: EvaluateConfig, progress: bool, runs: list[tuple[RunFolder, RunFolder]], saes: list[str],
               space: Workspace) -> list[dict[str, Any]]:
     batch_size, dense_above = cfg.batch_size, cfg.dense_above
     settings, results, caches = cfg, [], {}
     lms: dict[str, LM | None] = {}  # per cache fingerprint: its LM, loaded once, or None (skipped)
     pending: list[tuple[RunFolder, dict[str, Any], Splice]] = []  # runs of the current LM, waiting for its one pass
     lm = None
-    for run, dic, c in _dictionaries(settings, runs, saes, space):
+    entries = _entries(settings, runs, saes, space)
+    read = _ReadLines(entries)
+    for e in entries:
+        c = e.cache
+        read.start(c)
+        dic = e.load()
         cfg = dic.config
         if pending and pending[0][1]["fingerprint"] != c.fingerprint:
             results += _lm_pass(lm, pending)  # before the next cache's LM replaces this one
             pending = []
         lm = _lm_of(c, settings, lms, progress)  # before any work: a model that cannot be loaded stops here
         r = reconstruction(dic, c, cfg["source"], cfg["target"], batch_size=batch_size, dense_above=dense_above)
-        out = {"run": cfg["name"], "path": str(run.source.home if run.source else run.out.home),
+        out = {"run": cfg["name"], "path": str(e.source.home if e.source else e.out.home),
                "fingerprint": c.fingerprint, **{k: v for k, v in dataclasses.asdict(r).items() if k != "density"},
                "dense_above": dense_above, "config": cfg}
         truth = ground_truth(dic, c, cfg["source"], cfg["target"], batch_size=batch_size)
         if truth is not None:
             out["ground_truth"] = truth.to_json()
-        features = _features_and_contexts(dic, c, settings, r.density, run.out.work, progress)
+        features = _features_and_contexts(dic, c, settings, r.density, e.out.work, progress)
         if features is not None:
             out["features"] = features
-        pending.append((run.out, out, Splice(cfg["target"] or cfg["source"], dictionary_fn(dic), cfg["source"])))
-        caches[str(run.out.home).rsplit("/", 1)[0]] = c
+        pending.append((e.out, out, Splice(cfg["target"] or cfg["source"], dictionary_fn(dic), cfg["source"])))
+        caches[str(e.out.home).rsplit("/", 1)[0]] = c
     results += _lm_pass(lm, pending)
+    read.end()
     if settings.report:
         for folder, c in caches.items():
             report = publish_report(c, space.place(folder))
@@ -206,18 +231,47 @@ def _lm_pass(lm: LM | None, pending: list[tuple[RunFolder, dict[str, Any], Splic
     return [out for _, out, _ in pending]
 
 
-def _checked_cache(run: RunFolder, cache: str | None, local_cache_dir: str | None) -> Cache:
-    """The cache a run is evaluated on (``cache``, else the one it trained on), refused unless it has the
-    run's fingerprint and a held-out split that shares no row with the rows the run trained on."""
+def _checked_cache(run: RunFolder, cache: str | None,
+                   open_cache: Callable[[str], Cache]) -> tuple[Cache, dict[str, Any]]:
+    """The cache a run is evaluated on (``cache``, else the one it trained on) and the run's config, refused
+    unless the cache has the run's fingerprint and a held-out split that shares no row with the rows the run
+    trained on."""
     path = run.home
     cfg = json.loads((checkpoint_dir(run.work) / "config.json").read_text())
-    c = Cache(cache or cfg["cache"], local_cache_dir=local_cache_dir)
+    c = open_cache(cache or cfg["cache"])
     if c.fingerprint != cfg["fingerprint"]:
         raise CacheError(f"evaluate: run {str(path)!r} was trained on cache {cfg['fingerprint']}, not on "
                          f"{c.path!r} ({c.fingerprint})")
     _check_heldout(c)
     check_disjoint(path, cfg, c)
-    return c
+    return c, cfg
+
+
+@dataclasses.dataclass
+class _ReadLines:
+    """The local copy's two lines (:mod:`~matryoshka.cache.local_copy`) for each cache the command reads:
+    at its first dictionary, how much of the held-out chunks it reads are already local; at the end, how many
+    chunks came from the store. Nothing for a cache without a local copy."""
+
+    entries: list[_Entry]
+    started: list[Cache] = dataclasses.field(default_factory=list)
+
+    def start(self, cache: Cache) -> None:
+        if any(c is cache for c in self.started):
+            return
+        self.started.append(cache)
+        arrays = sorted({a for e in self.entries if e.cache is cache
+                         for a in (e.config["source"], e.config.get("target")) if a})
+        _say(local_copy.start_line(cache, arrays, split="heldout"))
+
+    def end(self) -> None:
+        for cache in self.started:
+            _say(local_copy.end_line(cache))
+
+
+def _say(line: str | None) -> None:
+    if line:
+        print(line, file=sys.stderr)
 
 
 def _check_heldout(c: Cache) -> None:

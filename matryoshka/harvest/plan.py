@@ -3,22 +3,27 @@ tokenizer and documents it needs (none for the synthetic source)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..cache.format import FORMAT_VERSION, row_bytes, seqs_per_chunk
 from ..cache.manifest import build_manifest
 from ..config import HarvestConfig, check_device, site_name
+from ..errors import ConfigError
 from ..models import (
     ModelInfo,
     check_context_size,
     check_sites,
     hook_name,
     hub_id,
+    hub_weights,
     load_tokenizer,
     model_info,
     resolve_attention,
+    resolve_name,
     tokenizer_identity,
 )
+from ..names import looks_like_path
 from .synthetic import manifest as synthetic_manifest
 from .tokens import bos_id, dataset_identity, open_documents
 
@@ -33,12 +38,29 @@ class Plan:
     documents: Any
 
 
+def recorded_hub_id(cfg: HarvestConfig) -> str | None:
+    """The Hub id given for the manifest (``hub_id``), checked before anything loads: None when not given.
+
+    It is a record for people (``cache info``, and evaluate's hint on a machine without the directory), not
+    part of the cache's identity: the identity already names the model by a hash of its weights, and two
+    harvests of the same directory, one told its Hub id and one not, write the same rows and so share one
+    fingerprint. A Hub id given for a model that is itself a Hub name would contradict that name: refused."""
+    if cfg.hub_id is not None and not Path(resolve_name(cfg.model)).is_dir() and not looks_like_path(cfg.model):
+        raise ConfigError(f"hub_id: {cfg.hub_id!r} is only for a local model directory; model {cfg.model!r} is a "
+                          f"Hub name and is recorded as such; drop hub_id")
+    return cfg.hub_id
+
+
 def plan(cfg: HarvestConfig) -> Plan:
     """Validate the config against the model, tokenizer and dataset, and write the manifest."""
     check_device(cfg.device)
     if cfg.source == "synthetic":
         return Plan(synthetic_manifest(cfg), None, None, None)
+    given = recorded_hub_id(cfg)
     info = model_info(cfg.model, cfg.revision)
+    hub = given or hub_id(info.resolved)  # the flag wins over the directory's _name_or_path
+    # a Hub name's identity is its name and commit: the weights' hash lets evaluate check a local copy of it
+    weights = None if Path(info.resolved).is_dir() else hub_weights(info)
     check_sites(info, cfg.site_list)
     attention = resolve_attention(info, cfg.attn_implementation)
     check_context_size(info, cfg.context_size)
@@ -64,7 +86,8 @@ def plan(cfg: HarvestConfig) -> Plan:
         source="model", identity=identity,
         model={"name": info.name, "resolved": info.resolved, "revision": info.revision, "arch": info.arch,
                "d_model": info.d_model, "n_layers": info.n_layers, "dtype": cfg.model_dtype,
-               "attn_implementation": attention, **({"hub_id": hub} if (hub := hub_id(info.resolved)) else {})},
+               "attn_implementation": attention, **({"hub_id": hub} if hub else {}),
+               **({"weights": weights} if weights else {})},
         tokenizer={"name": tokenizer.name_or_path, **tokenizer_identity(tokenizer)},
         dataset={"id": cfg.dataset, "config": cfg.dataset_config, "split": cfg.dataset_split,
                  "revision": cfg.dataset_revision, "text_column": cfg.text_column,
