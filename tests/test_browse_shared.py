@@ -4,6 +4,7 @@ replaces a run's old pages, can go to a local --out folder instead, and is serve
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,13 +78,18 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def assert_same_site(got: dict[str, bytes], want: dict[str, bytes]) -> None:
-    """The same files; every run's data and pages byte for byte (the runs page's inline plots may differ in
-    the ids matplotlib draws them with)."""
+    """The same files, byte for byte, but for the runs page's inline plots (matplotlib stamps each drawing
+    with the time and random ids): the runs page without them equal, linking both runs."""
     assert sorted(got) == sorted(want)
     for key in want:
         if key != "index.html":
             assert got[key] == want[key], key
+    assert _without_plots(got["index.html"]) == _without_plots(want["index.html"])
     assert b'href="mat/latent.html"' in got["index.html"] and b'href="wide/latent.html"' in got["index.html"]
+
+
+def _without_plots(page: bytes) -> bytes:
+    return re.sub(rb"<svg.*?</svg>", b"<svg/>", page, flags=re.DOTALL)
 
 
 @pytest.fixture
@@ -155,7 +161,8 @@ def test_bad_input_on_a_bucket_is_one_line_and_writes_nothing(shared, s3_server)
          f"error: browse: no evaluated runs under '{bucket}/elsewhere'; run `pipeline evaluate` first"),
         (["--runs-dir", "s3://no-such-bucket-b0a5e/runs"],
          "error: browse: no evaluated runs under 's3://no-such-bucket-b0a5e/runs'; run `pipeline evaluate` first"),
-        ([f"{url}/{fp}/nope"], f"error: browse: '{url}/{fp}/nope' is not a trained run (no checkpoint/model.safetensors)"),
+        ([f"{url}/{fp}/nope"],
+         f"error: browse: '{url}/{fp}/nope' is not a trained run (no checkpoint/model.safetensors)"),
         ([f"{url}/{fp}/bare"], f"error: browse: run '{url}/{fp}/bare' has no eval.json; evaluate it first: "
                                f"pipeline evaluate {url}/{fp}/bare"),
         ([f"{url}/{fp}/mat", "--out", f"{bucket}/site"],
@@ -186,7 +193,9 @@ def test_serve_serves_the_local_copy_of_a_bucket_site_until_interrupted(shared, 
             with urllib.request.urlopen(served.replace("index.html", key), timeout=10) as r:
                 body = r.read()
                 assert r.status == 200 and (key == "index.html" or body == want[key]), key
-        assert [p.name for p in scratch.iterdir()] != []  # the local copy, kept while serving
+        copy = {p.relative_to(scratch).as_posix() for p in scratch.rglob("*") if p.is_file()}
+        assert any(k.endswith(f"/{fp}/mat/checkpoint/model.safetensors") for k in copy)  # kept while serving
+        assert not [k for k in copy if k.endswith(("/state.pt", "/metrics.jsonl", "/eval.npz")) or "/saelens/" in k]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
         assert list(scratch.iterdir()) == []

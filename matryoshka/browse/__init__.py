@@ -9,7 +9,8 @@ with the package; nothing has to be downloaded at build or view time.
 
 Modules: :mod:`.sample` (the pass over held-out rows), :mod:`.records` (contexts, histograms),
 :mod:`.family` (parents and children), :mod:`.truth` (synthetic ground truth), :mod:`.logits` (output
-tokens), :mod:`.build` (one run's data), :mod:`.site` (files and pages), :mod:`.serve` (``--serve``).
+tokens), :mod:`.build` (one run's data), :mod:`.site` (files and pages), :mod:`.shared` (runs on object
+storage), :mod:`.serve` (``--serve``).
 """
 from __future__ import annotations
 
