@@ -116,9 +116,11 @@ def site_bytes(folder: Path) -> int:
 def browse_row(run: str, cache: Path, base: float) -> list[str]:
     """``pipeline browse`` of one run, timed whole; the last cell is a note on the site's size."""
     from matryoshka.browse import browse
+    from matryoshka.run_folder import Workspace
 
     t0 = time.perf_counter()
-    index = browse([Path(run)], str(cache))
+    with Workspace() as space:  # a local run: built in place
+        index = browse([Path(run)], space, str(cache)).index
     dt = time.perf_counter() - t0
     width = json.loads((Path(run) / "eval.json").read_text())["config"]["width"]
     per = site_bytes(index.parent / Path(run).name) / width

@@ -198,26 +198,34 @@ def run(config: Path = typer.Argument(Path("pipeline.yaml"), help="The pipeline.
 @app.command("browse")
 def browse_cmd(runs: list[str] | None = typer.Argument(
                    None, metavar="RUN",
-                   help="Evaluated run folders; default: every evaluated run of --cache, or the most recent."),
+                   help="Evaluated run folders or URLs; default: every evaluated run of --cache, or the most recent."),
                cache: str | None = typer.Option(None, "--cache", help="Browse every evaluated run of this cache."),
-               runs_dir: str = typer.Option("runs", "--runs-dir", help="Where the runs are."),
+               runs_dir: str = typer.Option("runs", "--runs-dir", help="Where the runs are (a folder or a URL)."),
+               out: str | None = typer.Option(
+                   None, "--out", help="Write the site to this local folder instead of next to the runs' report "
+                                       "(nothing is written or published there)."),
                tokens: int = typer.Option(131_072, "--tokens", help="Held-out rows read per run."),
                batch_size: int = typer.Option(4096, "--batch-size", help="Rows encoded at once."),
                serve: bool = typer.Option(False, "--serve", help="Then serve the site on localhost."),
                port: int = typer.Option(8000, "--port", help="The --serve port (0: any free one)."),
                quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar.")) -> None:
-    """Write a static, offline feature browser next to the cache's report: runs, latents, hierarchy, search."""
+    """Write a static, offline feature browser next to the cache's report: runs, latents, hierarchy, search.
+
+    For runs on object storage the site is built in a local copy and published next to the report; the
+    command prints where the team finds it (its URL), and --serve serves the local copy."""
     from .browse import browse, resolve_runs
+    from .run_folder import Workspace
 
     if serve and not 0 <= port <= 65535:
         raise _fail(f"--port: {port} is not a port (0 to 65535; 0: any free one)")
-    index = _run_guarded(lambda: browse(resolve_runs(runs or [], cache, runs_dir), cache, tokens, batch_size,
-                                        progress=not quiet))
-    typer.echo(str(index))
-    if serve:
-        from .browse.serve import serve as serve_site
+    with Workspace() as space:  # open while serving: the site of runs on a bucket is served from its local copy
+        site = _run_guarded(lambda: browse(resolve_runs(runs or [], cache, runs_dir), space, cache, tokens,
+                                           batch_size, progress=not quiet, out=out))
+        typer.echo(str(site.shared))
+        if serve:
+            from .browse.serve import serve as serve_site
 
-        serve_site(index.parent, port, typer.echo)
+            serve_site(site.index.parent, port, typer.echo)
 
 
 @app.command("models")

@@ -78,6 +78,12 @@ class Location:
     def join(self, *parts: str) -> Location:
         raise NotImplementedError
 
+    @property
+    def parent(self) -> Location:
+        """The folder or prefix this one is in (a folder's, with its path made absolute and links resolved,
+        so two spellings of one folder have one parent)."""
+        raise NotImplementedError
+
 
 class Folder(Location):
     """A local directory."""
@@ -96,6 +102,10 @@ class Folder(Location):
 
     def join(self, *parts: str) -> Folder:
         return Folder(self.path.joinpath(*parts))
+
+    @property
+    def parent(self) -> Folder:
+        return Folder(self.path.resolve().parent)
 
     def same_place(self, other: Location) -> bool:
         return isinstance(other, Folder) and self.path.resolve() == other.path.resolve()
@@ -231,6 +241,10 @@ class Prefix(Location):
 
     def join(self, *parts: str) -> Prefix:
         return Prefix("/".join([self.url.rstrip("/"), *parts]))  # (``Path`` would fold the URL's ``//``)
+
+    @property
+    def parent(self) -> Prefix:
+        return Prefix(self.url.rstrip("/").rsplit("/", 1)[0])
 
     def same_place(self, other: Location) -> bool:
         return isinstance(other, Prefix) and self.url.rstrip("/") == other.url.rstrip("/")
