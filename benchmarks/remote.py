@@ -21,6 +21,9 @@ fsspec's own recursive put and get of the same files.
 Harvest (``--section harvest``): tokens/s of one harvest with 1 worker and with 2 (torchrun), to local
 disk and to S3, start-up subtracted (see ``harvest_section``).
 
+Runs (``--section runs``): one training with its run folder on local disk, then on S3 (checkpoints
+published; see ``runs_section``).
+
     python benchmarks/remote.py            # 48 chunks (2 x ~250 MiB raw), blocks of 8 chunks
     python benchmarks/remote.py --quick    # 12 chunks, blocks of 2, a smoke run
 """
@@ -193,11 +196,47 @@ def harvest_section(args: argparse.Namespace, tmp: Path) -> None:
     print_table(["harvest", "wall s", "start-up s", "tok/s", "vs 1 worker"], rows)
 
 
+def runs_section(args: argparse.Namespace, tmp: Path) -> None:
+    """One training with its run folder on local disk, then on S3: what publishing the checkpoints costs
+    (each one uploaded, then swapped in with copies on the store, see matryoshka/run_folder.py)."""
+    import numpy as np
+
+    from matryoshka.config import TrainConfig
+    from matryoshka.fixtures import write_cache
+    from matryoshka.train.trainer import train
+
+    d, width, steps, every, batch = 256, 4096, 40 if args.quick else 200, 10 if args.quick else 50, 1024
+    rng = np.random.default_rng(0)
+    n = 64 * 1024
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    cache = write_cache(tmp / "runs-cache", {"x": x}, rng.integers(4, 50, n), 128, 8, heldout_seqs=8)
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("runs-bench")
+    run = {"name": "sae", "source": "x", "width": width, "k": 32, "tokens": steps * batch, "group_sizes": [512, 3584]}
+
+    def timed(runs_dir: str) -> float:
+        cfg = TrainConfig(cache=str(cache), runs=[run], runs_dir=runs_dir, batch_size=batch, buffer_tokens=16384,
+                          checkpoint_every=every, log_every=10, device="cpu")
+        t0 = time.perf_counter()
+        train(cfg, progress=False)
+        return time.perf_counter() - t0
+    local, remote = timed(str(tmp / "runs")), timed("s3://runs-bench/runs")
+    checkpoints = steps // every
+    weights = 2 * d * width * 4 / 2**20
+    print(f"\nTraining one Matryoshka SAE (d {d}, width {width}, batch {batch}) for {steps} steps, a checkpoint "
+          f"every {every} ({checkpoints} checkpoints of {weights:.0f} MiB of weights + {2 * weights:.0f} MiB of Adam "
+          "state)\n")
+    print_table(["run folder", "wall s", "vs local", "extra s per checkpoint"],
+                [["local disk (baseline)", f"{local:.1f}", "1.00x", "-"],
+                 ["S3 (local copy, published)", f"{remote:.1f}", f"{local / remote:.2f}x",
+                  f"{(remote - local) / checkpoints:.2f}"]])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--buffer", type=int, default=0, help="reader buffer in tokens (default: a sixth of the cache)")
-    ap.add_argument("--section", choices=("all", "reader", "copy", "harvest"), default="all")
+    ap.add_argument("--section", choices=("all", "reader", "copy", "harvest", "runs"), default="all")
     ap.add_argument("--harvest-tokens", type=int, default=0,
                     help="tokens per harvest (default 16,384; a multiple of 1,024)")
     args = ap.parse_args()
@@ -214,6 +253,8 @@ def main() -> None:
                 copy_section(args, Path(tmp))
             if args.section in ("all", "harvest"):
                 harvest_section(args, Path(tmp))
+            if args.section in ("all", "runs"):
+                runs_section(args, Path(tmp))
     finally:
         server.kill()
 
