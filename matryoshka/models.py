@@ -144,13 +144,26 @@ def model_info(name: str, revision: str | None = None) -> ModelInfo:
         raise ConfigError(f"model: {name!r} is a {arch!r} model; supported: {', '.join(SUPPORTED.values())}")
     if local:
         check_weights(Path(resolved))
-    commit = getattr(cfg, "_commit_hash", None)
+    commit = None if local else getattr(cfg, "_commit_hash", None) or _cached_commit(resolved, revision)
     identity = _hash_dir(Path(resolved)) if local else f"{resolved}@{commit or revision or 'main'}"
     positions = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
     return ModelInfo(name=name, resolved=resolved, arch=arch, d_model=int(cfg.hidden_size),
                      n_layers=int(cfg.num_hidden_layers), revision=revision, identity=identity,
                      attention=_attention_offered(cfg), max_positions=int(positions) if positions else None,
-                     commit=None if local else commit)
+                     commit=commit)
+
+
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit of a Hub model as the local Hugging Face cache holds it: the snapshot folder of its config.json.
+    Offline, transformers reports no commit, and an identity of ``name@main`` would differ from the one the same
+    model gets online (``name@<commit>``), giving one model two fingerprints."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo_id, "config.json", revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a Hub name: no commit to report
+        return None
+    return path.parent.name if path.parent.parent.name == "snapshots" else None
 
 
 def _attention_offered(cfg) -> tuple[str, ...]:

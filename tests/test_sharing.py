@@ -431,7 +431,8 @@ def test_a_cache_of_a_hub_model_evaluates_offline_with_a_local_copy(gpt2_dir, ge
     m = hub.manifest
     assert (m["model"]["resolved"], m["model"]["arch"]) == ("tiny-org/tiny-gpt2", "gpt2") and "hub_id" not in m["model"]
     assert m["model"]["weights"] == weights_hash(gpt2_dir) is not None  # the files the snapshot links to
-    assert m["identity"]["model"].startswith("tiny-org/tiny-gpt2@")  # the fingerprint's: name and revision
+    # the fingerprint's: name and commit, the commit read from the Hugging Face cache offline (not "@main")
+    assert m["identity"]["model"] == f"tiny-org/tiny-gpt2@{hub.commit}"
     evaluate = hub.evaluate
     _refused(evaluate(), "evaluate: cannot load the cache's model 'tiny-org/tiny-gpt2'", "could not be resolved "
              "offline", "point --model at a local copy of the cache's model")
