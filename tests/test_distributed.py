@@ -37,7 +37,8 @@ def _cli(*args: str, launcher: list[str] | None = None, check: bool = True) -> s
     storage = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}  # set by s3_server after ENV was made
     out = subprocess.run(cmd, env={**ENV, **storage}, capture_output=True, text=True, check=False)
     if check and out.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+        said = "\n".join(ln for ln in out.stderr.splitlines() if ln.startswith("error"))  # each rank's one line
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}\n{said}")
     return out
 
 
