@@ -30,12 +30,13 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .cache.errors import CacheError
-from .cache.location import Location
+from .cache.location import Location, describe_error
 from .cache.lock import LOCK_NAME, ObjectLock, WriterLock, writer_lock
 from .errors import MatryoshkaError
 
@@ -117,18 +118,30 @@ class Place:
 class RunFolder(Place):
     """One run's folder (the module docstring): its checkpoint, its lock, its local copy."""
 
-    def lock(self, doing: str, break_lock: bool = False) -> WriterLock | ObjectLock:
-        """The folder's writer lock, to hold with ``with``: entering it is refused (exit 2), naming the
-        holder's pid and host, while another process trains or evaluates the run. Publishing checks it."""
+    @contextmanager
+    def lock(self, doing: str, break_lock: bool = False) -> Iterator[WriterLock | ObjectLock]:
+        """Hold the folder's writer lock: refused (exit 2), naming the holder's pid and host, while another
+        process trains or evaluates the run, and in one line when this account may not write the folder
+        (evaluating a teammate's runs: the line names ``--results-dir``). Publishing checks the lock."""
+        hint = "; to evaluate runs you cannot write, give --results-dir DIR" if doing == "evaluated" else ""
         try:  # a missing bucket or a folder of someone else's: one line, before any work
             self.home.check_writable(what="run")
         except MatryoshkaError as e:
-            hint = "; to evaluate runs you cannot write, give --results-dir DIR" if doing == "evaluated" else ""
             raise type(e)(f"{e}{hint}") from None
         self.home.make()
         self.work.mkdir(parents=True, exist_ok=True)
-        self._lock = writer_lock(self.home, what="run", doing=doing, break_lock=break_lock)
-        return self._lock
+        lock = writer_lock(self.home, what="run", doing=doing, break_lock=break_lock)
+        try:
+            lock.acquire()
+        except PermissionError as e:  # the store or the disk refuses this account's write
+            raise CacheError(f"run {self.home}: cannot write its lock, permission denied "
+                             f"({describe_error(e)}){hint}") from None
+        self._lock = lock
+        try:
+            yield lock
+        finally:
+            self._lock = None
+            lock.release()
 
     def checkpoint(self) -> str | None:
         """The name of the whole checkpoint at home (None: the run has none)."""

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from helpers import harvest_config, new_bucket
 from matryoshka.cache import Cache, CacheError
-from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ObjectLock
+from matryoshka.cache.lock import LOCK_NAME, CacheLockedError, ConditionFailed, ObjectLock
 from matryoshka.cli import app
 from matryoshka.config import EvaluateConfig, TrainConfig
 from matryoshka.evaluate.stage import evaluate
@@ -383,7 +383,7 @@ def test_stale_lock_is_refused_then_broken_with_the_flag(s3_bucket):
     _, stale_etag = slow._read()
     taker = ObjectLock(url, break_lock=True, heartbeat_s=0.2).acquire()
     assert _lock_json(url)["id"] == taker.owner["id"]
-    with pytest.raises(PermissionError):
+    with pytest.raises(ConditionFailed):
         slow._put(if_match=stale_etag)
     with pytest.raises(CacheLockedError, match="being written by"):  # and a live lock is never broken
         ObjectLock(url, break_lock=True).acquire()

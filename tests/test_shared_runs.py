@@ -232,3 +232,69 @@ def test_a_run_trained_into_google_cloud_storage_equals_one_trained_locally(gs_s
     assert set(_objects(run)) == RUN_FILES
     loaded, here = matryoshka.load(run), matryoshka.load(local_run)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), here.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def team_s3():
+    """A third S3 server (moto) that checks IAM policies, with bucket ``team`` and two accounts: Bob may do
+    anything, Carol may only read. Returns the endpoint and each account's environment."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "7"},  # the set-up below
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+        boto3.client("s3", **setup).create_bucket(Bucket="team")
+        iam, env = boto3.client("iam", **setup), {}
+        for user, actions in (("bob", ["s3:*"]), ("carol", ["s3:Get*", "s3:List*", "s3:Head*"])):
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            env[user] = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                         "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+        yield env
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_a_teammate_who_may_only_read_the_bucket_is_told_to_evaluate_into_a_folder_of_their_own(
+        team_s3, monkeypatch):
+    """Carol's credentials may read the bucket, not write it: taking a run's lock to evaluate it in place is
+    refused in one line naming --results-dir (it once said another writer was taking the lock); Bob's works.
+    In process: moto's signature check rejects s3fs's listings under IAM, so the commands cannot run there."""
+    import s3fs
+
+    from matryoshka.cache import CacheError
+
+    for user in ("carol", "bob"):
+        for key in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(key, team_s3[user][key])
+        s3fs.S3FileSystem.clear_instance_cache()  # a filesystem made with other credentials is cached
+        with Workspace() as space:
+            run = space.run("s3://team/runs/5ha7ed0000run001/sae")
+            if user == "carol":
+                with pytest.raises(CacheError) as refused, run.lock("evaluated"):
+                    pass
+                assert str(refused.value) == (
+                    "run s3://team/runs/5ha7ed0000run001/sae: cannot write its lock, permission denied "
+                    "(PermissionError: Access Denied); to evaluate runs you cannot write, give --results-dir DIR")
+            else:
+                with run.lock("evaluated"):
+                    assert run.read_json(".writer.lock")["doing"] == "evaluated"
+                assert run.read_json(".writer.lock") is None  # released: the lock object is gone
+    s3fs.S3FileSystem.clear_instance_cache()

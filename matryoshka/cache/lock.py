@@ -58,6 +58,10 @@ class CacheLockedError(MatryoshkaError, RuntimeError):
     pass
 
 
+class ConditionFailed(RuntimeError):
+    """A conditional write of the lock object lost: another writer's object is there, or changed under us."""
+
+
 def holder_gone(holder: dict[str, Any]) -> bool:
     """Whether a lock's holder certainly died: it ran on this host and its pid no longer exists. Such a lock
     is stale at once, whatever its heartbeat's age (a holder elsewhere is judged by its heartbeat alone)."""
@@ -157,7 +161,8 @@ class ObjectLock:
 
     def _put(self, if_absent: bool = False, if_match: str | None = None) -> None:
         """Write the lock: only if absent, only over the object with ETag ``if_match``, or plainly.
-        Raises FileExistsError / PermissionError when the condition fails."""
+        Raises FileExistsError / ConditionFailed when the condition fails (a PermissionError is the store
+        refusing this account's write: not a lost race, and not turned into one)."""
         body = self._body()
         if self._conditional:
             kw: dict[str, Any] = {"mode": "create"} if if_absent else ({"IfMatch": if_match} if if_match else {})
@@ -167,7 +172,7 @@ class ObjectLock:
                 raise
             except OSError as e:
                 if "condition" in str(e).lower():  # 412 PreconditionFailed, 409 ConditionalRequestConflict
-                    raise PermissionError(str(e)) from None
+                    raise ConditionFailed(str(e)) from None
                 raise
             self._etag = (out or {}).get("ETag")
             return
@@ -188,7 +193,7 @@ class ObjectLock:
     def acquire(self) -> ObjectLock:
         try:
             self._put(if_absent=True)
-        except (FileExistsError, PermissionError):  # exists, or a concurrent create won
+        except (FileExistsError, ConditionFailed):  # exists, or a concurrent create won
             self._take_over()
         self._thread = threading.Thread(target=self._beat, name="cache-lock-heartbeat", daemon=True)
         self._thread.start()
@@ -200,7 +205,7 @@ class ObjectLock:
         if found is None:  # released between our attempt and now: one more try
             try:
                 return self._put(if_absent=True)
-            except (FileExistsError, PermissionError):
+            except (FileExistsError, ConditionFailed):
                 found = self._read()
             if found is None:
                 raise CacheLockedError(f"{self.what} {self.url}: another writer is taking the lock right now; "
@@ -224,12 +229,12 @@ class ObjectLock:
         try:
             if self._conditional:
                 if etag is None:
-                    raise PermissionError("no ETag to break the lock conditionally")
+                    raise ConditionFailed("no ETag to break the lock conditionally")
                 self._put(if_match=etag)
             else:
                 self.fs.rm_file(self.key)
                 self._put(if_absent=True)
-        except (FileExistsError, PermissionError):
+        except (FileExistsError, ConditionFailed):
             raise CacheLockedError(f"{self.what} {self.url}: another writer broke the stale lock of {who} "
                                    "first") from None
 
@@ -241,7 +246,7 @@ class ObjectLock:
                 else:
                     self.check()
                     self.fs.pipe_file(self.key, self._body())
-            except (PermissionError, CacheLockedError):
+            except (ConditionFailed, CacheLockedError):
                 self._lost = "its lock was broken by another writer"
                 return
             except Exception:  # noqa: BLE001 - a failed heartbeat is retried; check() tells the writer
