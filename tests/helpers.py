@@ -2,7 +2,10 @@
 ...``: pytest puts tests/ on sys.path (``pythonpath`` in pyproject.toml), so no test imports conftest."""
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from matryoshka.fixtures import build_model, build_tokenizer, write_corpus
@@ -18,6 +21,33 @@ def harvest_config(model_dir: Path, corpus: Path, cache: Path, **overrides):
               holdout=4 * 32, cache=str(cache) if cache else None, writer_threads=2)
     kw.update(overrides)
     return HarvestConfig(**kw)
+
+
+@contextmanager
+def moto_server(unauthenticated: int) -> Iterator[str]:
+    """A real S3 server (moto) of its own that checks credentials and IAM policies once its first
+    ``unauthenticated`` requests (the set-up: buckets, users, policies, keys) are done: its endpoint."""
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(unauthenticated)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def new_bucket(protocol: str, prefix: str = "test") -> str:

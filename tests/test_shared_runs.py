@@ -238,24 +238,11 @@ def test_a_run_trained_into_google_cloud_storage_equals_one_trained_locally(gs_s
 def team_s3():
     """A third S3 server (moto) that checks IAM policies, with bucket ``team`` and two accounts: Bob may do
     anything, Carol may only read. Returns the endpoint and each account's environment."""
-    import socket
-
     import boto3
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "7"},  # the set-up below
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    from helpers import moto_server
+
+    with moto_server(unauthenticated=7) as endpoint:  # the set-up below
         setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
         boto3.client("s3", **setup).create_bucket(Bucket="team")
         iam, env = boto3.client("iam", **setup), {}
@@ -267,9 +254,6 @@ def team_s3():
             env[user] = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
                          "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
         yield env
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def test_a_teammate_who_may_only_read_the_bucket_is_told_to_evaluate_into_a_folder_of_their_own(

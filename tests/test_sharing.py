@@ -150,28 +150,14 @@ def _free_port() -> int:
 def auth_s3():
     """A second real S3 server (moto) that checks credentials: its first request (creating bucket ``team``)
     is let through, every later one must be signed by a key it knows, and it knows none."""
-    import time
+    import boto3
 
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{port}"
-        import boto3
+    from helpers import moto_server
 
+    with moto_server(unauthenticated=1) as endpoint:
         boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="any",
                      aws_secret_access_key="any").create_bucket(Bucket="team")
         yield endpoint
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 @pytest.mark.slow
