@@ -129,7 +129,7 @@ def browse_row(run: str, cache: Path, base: float) -> list[str]:
 
 
 def browse_scale(work: Path, quick: bool) -> tuple[list[list[str]], str]:
-    """Table 3: a random Gemma-width dictionary through the browser, and its first latent page's load time."""
+    """Table 4: a random Gemma-width dictionary through the browser, and its first latent page's load time."""
     from matryoshka.browse.build import dictionary_data
     from matryoshka.browse.site import write_run
     from matryoshka.cache import Cache

@@ -86,7 +86,7 @@ def epoch(cache: Cache, buffer: int, batched: bool = True) -> tuple[float, int]:
         t0 = time.perf_counter()
         for _ in range(n):
             next(r)
-        return time.perf_counter() - t0, r.split_tokens
+        return time.perf_counter() - t0, r.plan.split_tokens
 
 
 def reader_section(args: argparse.Namespace, tmp: Path) -> None:

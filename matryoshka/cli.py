@@ -54,7 +54,7 @@ def _option_type(tp: Any) -> type:
     """The CLI type of a config field: ``int | None`` parses as int, any other union as text (a count such
     as ``200M``, a YAML mapping); the config model checks the value."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) is not typing.Annotated and len(args) == 1:
+    if len(args) == 1:
         tp = args[0]
     if typing.get_origin(tp) is typing.Annotated:
         tp = typing.get_args(tp)[0]

@@ -57,13 +57,13 @@ def write_atomic(dest: str | Path, data: bytes) -> None:
         raise
 
 
-def permission_line(e: PermissionError, doing: str = "read") -> str:
-    """A permission error in one line naming the file and saying it is a permission problem, not damage."""
+def permission_line(e: PermissionError) -> str:
+    """A read's permission error in one line naming the file and saying it is a permission problem, not damage."""
     name = e.filename or "a file"
     try:
         st = os.stat(name)
         owner = f" (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})"
     except OSError:
         owner = ""
-    return (f"permission denied: cannot {doing} {name}{owner}: a permission problem, not a damaged cache; ask "
+    return (f"permission denied: cannot read {name}{owner}: a permission problem, not a damaged cache; ask "
             "its owner to make it readable (chmod a+r, or a shared umask such as 002) or use a folder of your own")

@@ -24,7 +24,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .hub import offline_hint, offline_reason
-from .names import SITES, looks_like_path
+from .names import SITES, is_hub_id, looks_like_path
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -224,8 +224,7 @@ def hub_id(local_dir: str | Path) -> str | None:
         name = json.loads((Path(local_dir) / "config.json").read_text()).get("_name_or_path")
     except (OSError, ValueError, AttributeError):
         return None
-    if not isinstance(name, str) or not name or name.startswith((".", "/", "~")) or Path(name).exists() \
-            or name.count("/") > 1 or "\\" in name:
+    if not isinstance(name, str) or not is_hub_id(name) or Path(name).exists():
         return None
     return name
 

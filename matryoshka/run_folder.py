@@ -189,30 +189,33 @@ class RunFolder(Place):
             self._lock.check()
         local = self.work / "checkpoint"
         names = sorted((p.name for p in local.iterdir()), key=lambda n: n == "config.json")  # config.json last
-        home = self.home
-        self._remove("checkpoint.tmp")
+        keys = set(self.home.listing())  # listed once: under the run's lock only this writer changes the folder
+        self._remove(keys, "checkpoint.tmp")
         for n in names:
-            home.upload(f"checkpoint.tmp/{n}", local / n)
-        if whole_checkpoint(home.exists) == "checkpoint":
-            self._remove("checkpoint.old")
-            self._move("checkpoint", "checkpoint.old", names)
+            self.home.upload(f"checkpoint.tmp/{n}", local / n)
+            keys.add(f"checkpoint.tmp/{n}")
+        if whole_checkpoint(lambda key: key in keys) == "checkpoint":
+            self._remove(keys, "checkpoint.old")
+            self._move(keys, "checkpoint", "checkpoint.old", names)
         else:  # a kill left ``checkpoint/`` part-written (``checkpoint.old/`` is whole): clear it
-            self._remove("checkpoint")
-        self._move("checkpoint.tmp", "checkpoint", names)
-        self._remove("checkpoint.old")
+            self._remove(keys, "checkpoint")
+        self._move(keys, "checkpoint.tmp", "checkpoint", names)
+        self._remove(keys, "checkpoint.old")
 
-    def _move(self, source: str, dest: str, names: list[str]) -> None:
+    def _move(self, keys: set[str], source: str, dest: str, names: list[str]) -> None:
         """Copy ``source/`` to ``dest/`` config.json last, then delete ``source/`` config.json first."""
         for n in names:
             self.home.copy(f"{source}/{n}", f"{dest}/{n}")
-        self._remove(source)
+            keys.add(f"{dest}/{n}")
+        self._remove(keys, source)
 
-    def _remove(self, folder: str) -> None:
-        """Delete the objects of ``folder/``, config.json first (it is no longer whole from the first delete)."""
-        keys = sorted((k for k in self.home.listing() if k.startswith(folder + "/")),
-                      key=lambda k: not k.endswith("/config.json"))
-        for key in keys:
+    def _remove(self, keys: set[str], folder: str) -> None:
+        """Delete the objects of ``folder/`` (of ``keys``, the folder's, kept current), config.json first (it is
+        no longer whole from the first delete)."""
+        inside = sorted((k for k in keys if k.startswith(folder + "/")), key=lambda k: not k.endswith("/config.json"))
+        for key in inside:
             self.home.remove_object(key)
+            keys.discard(key)
 
 
 class Workspace:

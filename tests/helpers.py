@@ -77,7 +77,6 @@ def put_in_hub_cache(hub_cache: Path, repo_id: str, model_dir: Path) -> str:
     (``repo_folder_name``), and the test asks huggingface_hub (``scan_cache_dir``) to read the result back.
     Returns the commit."""
     import hashlib
-    import os
 
     from huggingface_hub import scan_cache_dir
     from huggingface_hub.file_download import repo_folder_name

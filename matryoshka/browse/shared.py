@@ -30,7 +30,7 @@ def folder_files(rebuilt: Collection[str], with_site: bool) -> Callable[[str], b
     def keep(key: str) -> bool:
         parts = key.split("/")
         if len(parts) == 2:
-            return parts[1] == "eval.json"
+            return parts[1] == "eval.json" and parts[0] not in rebuilt  # those come with their run's fetch
         return with_site and len(parts) > 2 and parts[0] == SITE and parts[1] not in {*rebuilt, "static"}
     return keep
 

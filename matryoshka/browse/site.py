@@ -25,7 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..evaluate.report import OPTIONAL_COLUMNS
+from ..evaluate.report import OPTIONAL_COLUMNS, draw_fvu_l0, draw_prefix, nested
 from .build import RunData
 
 SHARD = 256
@@ -121,32 +121,17 @@ def _svg(fig) -> str:
 
 
 def plots(results: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(title, inline SVG) of FVU against L0 and, for nested dictionaries, FVU per Matryoshka prefix."""
-    import numpy as np
+    """(title, inline SVG) of FVU against L0 and, for nested dictionaries, FVU per Matryoshka prefix: the
+    report's two plots (evaluate/report.py draws them), as SVG."""
     from matplotlib.figure import Figure
 
     out = []
-    fig = Figure(figsize=(5.6, 3.6), dpi=100)
-    ax = fig.add_subplot()
-    for r in results:
-        ax.scatter(r["l0"], r["fvu"], s=30)
-        ax.annotate(r["run"], (r["l0"], r["fvu"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.set_ylabel("FVU")
-    ax.grid(alpha=0.3)
-    out.append(("FVU against L0", _svg(fig)))
-    nested = [r for r in results if len(r["prefix_fvu"]) > 1]
-    if nested:
-        fig = Figure(figsize=(5.6, 3.6), dpi=100)
-        ax = fig.add_subplot()
-        for r in nested:
-            ax.plot(np.cumsum(r["config"]["group_sizes"]), r["prefix_fvu"], marker="o", label=r["run"])
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("latents in the prefix (groups 1..g)")
-        ax.set_ylabel("FVU")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        out.append(("FVU per Matryoshka prefix", _svg(fig)))
+    for title, draw, runs in (("FVU against L0", draw_fvu_l0, results),
+                              ("FVU per Matryoshka prefix", draw_prefix, nested(results))):
+        if runs:
+            fig = Figure(figsize=(5.6, 3.6), dpi=100)
+            draw(fig.add_subplot(), runs)
+            out.append((title, _svg(fig)))
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .format import chunk_key, crc_ok
-from .location import Location
+from .location import Location, is_partial
 from .lock import LOCK_NAME, writer_lock
 from .store import Cache, CacheError, cache_location
 
@@ -41,7 +41,7 @@ def destination(cache: Cache, dest_root: str | Path) -> str | Path:
 def _copied(key: str) -> bool:
     """Objects a copy carries: not the lock, nor a killed writer's temporary file."""
     name = key.rsplit("/", 1)[-1]
-    return not (name == LOCK_NAME or name.startswith(".part-") or name.endswith(".partial"))
+    return not (name == LOCK_NAME or is_partial(name))
 
 
 def _chunk_keys(cache: Cache) -> list[str]:

@@ -23,7 +23,7 @@ import zarr
 from ..errors import ConfigError
 from .errors import CacheError
 from .format import row_bytes
-from .location import Location
+from .location import Location, is_partial
 from .lock import LOCK_NAME, CacheLockedError, ObjectLock, WriterLock, writer_lock
 from .manifest import identity_difference
 from .store import Cache
@@ -42,7 +42,7 @@ def check_not_foreign(where: Location) -> None:
         raise CacheError(f"cache: {str(where)!r} holds a cache's arrays but no root zarr.json (deleted, or a "
                          "`cache copy` interrupted before its last step); nothing was written: run the copy again, "
                          "restore the zarr.json, or delete the folder (or give another --cache) and harvest again")
-    foreign = [n for n in names if n not in CACHE_ENTRIES and not n.startswith(".part-") and not n.endswith(".partial")]
+    foreign = [n for n in names if n not in CACHE_ENTRIES and not is_partial(n)]
     if foreign and "zarr.json" not in names:
         raise ConfigError(f"cache: {str(where)!r} is a folder that is not a cache and holds {len(foreign)} other "
                           f"entr{'y' if len(foreign) == 1 else 'ies'} ({', '.join(sorted(foreign)[:3])}"

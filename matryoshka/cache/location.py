@@ -39,7 +39,7 @@ def describe_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
-def _partial(name: str) -> bool:
+def is_partial(name: str) -> bool:
     """A killed writer's temporary file: ours (``.part-*``) or zarr's (``*.partial``)."""
     return name.startswith(".part-") or name.endswith(".partial")
 

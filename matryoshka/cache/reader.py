@@ -176,9 +176,6 @@ class ShuffledReader:
         self.bos_by_position = self.bos is not None and self.bos["policy"] == "context"
         self.plan = ReadPlan.make(self.cache, self.cfg, rank, world_size, self.bos)
         """The split's chunks and the epochs' order and blocks (:class:`~matryoshka.cache.plan.ReadPlan`)."""
-        self.chunks, self.split_tokens = self.plan.chunks, self.plan.split_tokens
-        self.chunks_per_block = self.plan.chunks_per_block
-        """The most chunks a block holds (its half of the buffer holds that many)."""
         self.half = self.plan.half
         self.mirror = self._mirrored(mirror)
         # training's case, float32 from a narrower storage dtype: the workers widen the rows as they gather

@@ -15,11 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..files import write_atomic
 from .format import crc_ok
 from .location import STORE_HINT, Folder, Location, Prefix, describe_error
 from .retry import log, retrying, transient
 
-__all__ = ["STORE_HINT", "ChunkSource", "describe_error", "is_store_error", "store_error_line"]
+__all__ = ["ChunkSource", "is_store_error", "store_error_line"]
 
 
 _STORE_LIBRARIES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google")
@@ -50,8 +51,8 @@ class ChunkSource:
         if not isinstance(where, Prefix):  # a local cache is read from its files directly (store.Cache)
             raise TypeError(f"ChunkSource: {where} is not on object storage")
         self.fs, self.root, self.protocol = where.fs, where.root, where.protocol
-        self.copies = Location.of(local_cache_dir).join(name) if local_cache_dir else None
-        self.local = self.copies.path if isinstance(self.copies, Folder) else None
+        copies = Location.of(local_cache_dir).join(name) if local_cache_dir else None
+        self.local = copies.path if isinstance(copies, Folder) else None
         self.keeping = self.local is not None
         """Whether fetched chunks are still copied to ``local``: off after the first local write fails."""
         self.served = {"local": 0, "store": 0}
@@ -105,7 +106,7 @@ class ChunkSource:
         A local disk that fills up (or is read-only, or over quota) stops the copying, not the run: the
         chunk is in memory already, and the store still serves every other."""
         try:
-            self.copies.write(key, data)
+            write_atomic(self.local / key, data)
         except OSError as e:
             self.keeping = False
             log.warning("local_cache_dir %s: cannot keep copies of chunks (%s); reading them from the store "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .location import Location
+from .location import Location, is_partial
 from .lock import LOCK_NAME, ObjectLock, WriterLock, writer_lock
 from .store import Cache, CacheError
 
@@ -52,5 +52,5 @@ def _remove_entries(where: Location) -> None:
     for name in sorted(n for n in names if where.exists(f"{n}/zarr.json")):
         where.join(name).remove(strict=True)
     for name in names:
-        if name.startswith(".part-") or name.endswith(".partial"):
+        if is_partial(name):
             where.remove_object(name)

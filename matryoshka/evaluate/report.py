@@ -85,31 +85,45 @@ def _density_plot(results: list[dict], npz: dict[str, Any], out: Path) -> str:
     return _save(fig, out / "density.png")
 
 
-def _fvu_l0_plot(results: list[dict], out: Path) -> str:
-    fig, ax = _figure()
+def draw_fvu_l0(ax, results: list[dict]) -> None:
+    """FVU against L0, one labelled point per run (the report's PNG and the feature browser's SVG)."""
     for r in results:
         ax.scatter(r["l0"], r["fvu"], s=30)
         ax.annotate(r["run"], (r["l0"], r["fvu"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("FVU")
-    ax.set_title("FVU against L0")
     ax.grid(alpha=0.3)
-    return _save(fig, out / "fvu_l0.png")
 
 
-def _prefix_plot(results: list[dict], out: Path) -> str | None:
-    nested = [r for r in results if len(r["prefix_fvu"]) > 1]
-    if not nested:
-        return None
-    fig, ax = _figure()
-    for r in nested:
+def nested(results: list[dict]) -> list[dict]:
+    """The runs with more than one Matryoshka prefix."""
+    return [r for r in results if len(r["prefix_fvu"]) > 1]
+
+
+def draw_prefix(ax, results: list[dict]) -> None:
+    """FVU of each Matryoshka prefix against the latents it uses, one line per run of :func:`nested`."""
+    for r in results:
         ax.plot(np.cumsum(r["config"]["group_sizes"]), r["prefix_fvu"], marker="o", label=r["run"])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("latents in the prefix (groups 1..g)")
     ax.set_ylabel("FVU")
-    ax.set_title("FVU per Matryoshka prefix")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _fvu_l0_plot(results: list[dict], out: Path) -> str:
+    fig, ax = _figure()
+    draw_fvu_l0(ax, results)
+    ax.set_title("FVU against L0")
+    return _save(fig, out / "fvu_l0.png")
+
+
+def _prefix_plot(results: list[dict], out: Path) -> str | None:
+    if not nested(results):
+        return None
+    fig, ax = _figure()
+    draw_prefix(ax, nested(results))
+    ax.set_title("FVU per Matryoshka prefix")
     return _save(fig, out / "prefix_fvu.png")
 
 
@@ -219,14 +233,12 @@ def _contexts(cache: Cache, results: list[dict], npz: dict[str, Any], n_latents:
     return lines
 
 
-def write_report(cache: Cache, results: list[dict[str, Any]], folder: Path, rewrite: bool = True,
+def write_report(cache: Cache, results: list[dict[str, Any]], folder: Path,
                  n_latents: int = SAMPLED_LATENTS) -> Path:
-    """Write ``folder/report.md`` and ``folder/report/*.png`` for ``results`` (eval.json dicts) of ``cache``;
-    with ``rewrite=False`` an existing report is kept. Returns the report's path."""
+    """Write ``folder/report.md`` and ``folder/report/*.png`` for ``results`` (eval.json dicts) of ``cache``.
+    Returns the report's path."""
     folder = Path(folder)
     path = folder / "report.md"
-    if path.is_file() and not rewrite:
-        return path
     results = sorted(results, key=lambda r: r["run"])
     npz = {}
     for r in results:

@@ -94,6 +94,6 @@ def check_saes(folders: list[str], cache: Cache, runs_dir: str | Path,
 
 def load_sae(c: SAELensConfig, cfg: dict[str, Any], device: str = "cpu") -> SAELensDictionary:
     """The checked SAE's dictionary, its ``config`` the run config of :func:`check_sae`."""
-    dic = read_saelens(c.folder, device)
+    dic = read_saelens(c, device)  # checked by check_sae: not read again
     dic.config = cfg
     return dic

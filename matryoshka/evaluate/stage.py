@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import shutil
 import sys
@@ -52,6 +53,7 @@ from .. import strict_json
 from ..cache import Cache, CacheError, local_copy
 from ..cache.location import Location
 from ..config import EvaluateConfig, check_device
+from ..files import write_atomic
 from ..run_folder import RunFolder, Workspace, is_trained, last_trained, trained_runs
 from ..train.dictionary import Dictionary
 from ..train.load import checkpoint_dir, load
@@ -131,9 +133,10 @@ def _entries(settings: EvaluateConfig, runs: list[tuple[RunFolder, RunFolder]], 
             raise CacheError("evaluate: --sae needs --cache, the cache to evaluate the SAELens dictionaries on")
         _check_heldout(open_cache(cache))
         checked = check_saes(saes, opened[cache], settings.results_dir or settings.runs_dir, space)
-    entries = [_Entry(out, source, cfg, c, functools.partial(load, source.work))
-               for source, out, (c, cfg) in [(source, out, _checked_cache(source, cache, open_cache))
-                                             for source, out in runs]]
+    entries = []
+    for source, out in runs:
+        c, cfg = _checked_cache(source, cache, open_cache)
+        entries.append(_Entry(out, source, cfg, c, functools.partial(load, source.work)))
     for sae, sae_cfg, home in checked:
         out = space.run(home)
         entries.append(_Entry(out, None, sae_cfg, opened[cache], functools.partial(_sae_dictionary, sae, sae_cfg, out)))
@@ -303,10 +306,9 @@ def _features_and_contexts(dic: Dictionary, cache: Cache, settings: EvaluateConf
         codes = heldout_codes(dic, cache, dic.config["source"], settings.feature_tokens if settings.features else 0,
                               settings.batch_size, on_batch=top.add if top is not None else None, progress=progress)
     arrays = {"density": density} | ({"top_values": top.values, "top_rows": top.rows} if top is not None else {})
-    tmp = path / "eval.npz.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    tmp.replace(path / "eval.npz")
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path / "eval.npz", buffer.getvalue())
     if not settings.features:
         return None
     return feature_metrics(dic.W_dec, dic.group_sizes, codes, settings.absorption_above, settings.split_above,

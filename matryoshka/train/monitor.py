@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .. import strict_json
 from ..cache import Cache
 from ..config import TrainConfig
+from ..files import write_atomic
 from .distributed import Team
 from .load import checkpoint_dir
 
@@ -80,10 +81,6 @@ class Monitor:
             f"FVU: {row['fvu']:.3f}, AuxDead: {int(row['aux_dead'])}, Wait: {row['reader_wait']:.0%}",
             refresh=False)
 
-    def checkpointed(self, run: TrainingRun) -> None:
-        """``run``'s checkpoint is written: its metrics up to it reach the disk too."""
-        self.logs[run.cfg.name].flush()
-
     def exported(self, run: TrainingRun) -> None:
         """``run`` finished and is exported: on W&B, its files become a model artifact."""
         if run.cfg.name in self.wandb:
@@ -101,9 +98,7 @@ def trim_metrics(path: Path, step: int) -> None:
                 kept.append(line + "\n")
         except (ValueError, KeyError, TypeError):
             pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
+    write_atomic(path, "".join(kept).encode())
 
 
 def _json_value(v: Any) -> float | list:

@@ -204,10 +204,10 @@ class SAELensDictionary(Dictionary):
         return x - self.b_dec.detach() if self.apply_b_dec_to_input else x
 
 
-def read_saelens(folder: str | Path, device: str | torch.device = "cpu") -> SAELensDictionary:
-    """A SAELens folder as a :class:`SAELensDictionary` in eval mode (float32); ``config`` holds its
-    :class:`SAELensConfig` fields."""
-    c = read_saelens_config(folder)
+def read_saelens(folder: str | Path | SAELensConfig, device: str | torch.device = "cpu") -> SAELensDictionary:
+    """A SAELens folder (or its :class:`SAELensConfig`, read and checked already) as a :class:`SAELensDictionary`
+    in eval mode (float32); ``config`` holds its :class:`SAELensConfig` fields."""
+    c = folder if isinstance(folder, SAELensConfig) else read_saelens_config(folder)
     weights = {k: v.float() for k, v in load_file(c.folder / "sae_weights.safetensors").items()}
     dic = SAELensDictionary(c)
     with torch.no_grad():

@@ -154,8 +154,8 @@ class TrainingRun:
         self.sched.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state["objective"])
         self.step = state["step"]
-        saved = json.loads((ck / "config.json").read_text()).get("trained_rows", [])
-        self.trained_rows = [*saved, *(r for r in self.trained_rows if r not in saved)]
+        rows = saved.get("trained_rows", [])
+        self.trained_rows = [*rows, *(r for r in self.trained_rows if r not in rows)]
         return state
 
     def describe(self) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def _loop(cfg: TrainConfig, active: list[TrainingRun], reader: RankStreams, moni
         finished = [r for r in active if r.done]
         signum = _stopping(stop, team, device)
         if finished or signum or any(r.step % cfg.checkpoint_every == 0 for r in active):
-            _checkpoint(active, reader, monitor, team)
+            _checkpoint(active, reader, team)
         for r in finished if team.leader else []:
             export_saelens(r.dir, r.dir / "saelens", monitor.cache.manifest)
             r.folder.publish("saelens")
@@ -303,12 +303,12 @@ def _open_reader(cfg: TrainConfig, cache: Cache, active: list[TrainingRun], stat
                        team, cfg.data_ranks, device, torch.float32, cursors)
 
 
-def _checkpoint(active: list[TrainingRun], reader: RankStreams, monitor: Monitor, team: Team) -> None:
-    """Every unfinished run's checkpoint at this step, with every data rank's cursor (a collective call)."""
+def _checkpoint(active: list[TrainingRun], reader: RankStreams, team: Team) -> None:
+    """Every unfinished run's checkpoint at this step, with every data rank's cursor (a collective call). The
+    metrics lines up to it are on disk already: the Monitor writes them line-buffered."""
     cursor = reader.state_dict()
     for r in active if team.leader else []:
         r.save(cursor)
-        monitor.checkpointed(r)
         # metrics first: lines past a checkpoint are trimmed on resume, lines missing before it never come back
         r.folder.publish("metrics.jsonl")
         r.folder.publish_checkpoint()
