@@ -157,28 +157,36 @@ class RunFolder(Place):
 
     def fetch(self, keep: Callable[[str], bool] = lambda key: True, state: bool = True) -> None:
         """The run into its local copy, its whole checkpoint as ``checkpoint/`` (``state``: with the optimiser
-        state, which only training needs). A checkpoint replaced while it was read is read again."""
+        state, which only training needs). A checkpoint replaced while it was read, or an object gone between the
+        listing and its read, is read again."""
         if not self.home.remote:
             return
         for _ in range(5):
             ck = self.checkpoint()
-            before = self.home.read(f"{ck}/config.json") if ck else None
-            shutil.rmtree(self.work, ignore_errors=True)
-            for key in self.home.listing():
-                top, _, rest = key.partition("/")
-                if key.endswith(LOCK_NAME) or not keep(key) or (top == "checkpoint.tmp"):
-                    continue
-                if top in CHECKPOINTS:
-                    if top != ck or (rest == STATE and not state):
-                        continue
-                    key_here = f"checkpoint/{rest}"
-                else:
-                    key_here = key
-                self.home.download(key, self.work / key_here)
+            try:
+                before = self.home.read(f"{ck}/config.json") if ck else None
+                self._download(ck, keep, state)
+            except FileNotFoundError:  # an object listed, then replaced or removed by the run's writer
+                continue
             if ck is None or (self.home.exists(f"{ck}/config.json") and self.home.read(f"{ck}/config.json") == before):
                 return
         raise CacheError(f"run {self.home}: its checkpoint kept changing while it was read; try again when its "
                          "training has stopped")
+
+    def _download(self, ck: str | None, keep: Callable[[str], bool], state: bool) -> None:
+        """One pass of :meth:`fetch`: the local copy made afresh, the checkpoint ``ck`` as ``checkpoint/``."""
+        shutil.rmtree(self.work, ignore_errors=True)
+        for key in self.home.listing():
+            top, _, rest = key.partition("/")
+            if key.endswith(LOCK_NAME) or not keep(key) or (top == "checkpoint.tmp"):
+                continue
+            if top in CHECKPOINTS:
+                if top != ck or (rest == STATE and not state):
+                    continue
+                key_here = f"checkpoint/{rest}"
+            else:
+                key_here = key
+            self.home.download(key, self.work / key_here)
 
     def publish_checkpoint(self) -> None:
         """The local ``checkpoint/`` home, replacing the checkpoint there (module docstring: at every moment

@@ -204,8 +204,11 @@ def _kill_job(proc: subprocess.Popen) -> None:
     ranks = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
     assert len(ranks) == 2, ranks
     os.killpg(proc.pid, signal.SIGKILL)
-    for pid in ranks:
-        os.kill(pid, signal.SIGKILL)
+    for pid in ranks:  # each rank leads a process group: anything it started goes with it (no fd of its lock left)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 60
     for pid in ranks:  # orphans now: reaped by init, or left as zombies, which hold no files
