@@ -221,6 +221,28 @@ def _kill_job(proc: subprocess.Popen) -> None:
             time.sleep(0.05)
 
 
+def _wait_unlocked(locks: list[Path], timeout: float = 60.0) -> None:
+    """Wait until no process holds these run locks (``flock``): the kernel drops a killed rank's lock when its
+    files are closed, which under load can come after the test moves on."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    for path in locks:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break  # the resume below then says who holds it
+                    time.sleep(0.05)
+        finally:
+            os.close(fd)
+
+
 def test_killed_two_rank_training_resumes_across_ranks(two_ranks, train_cache, config, tmp_path):
     killed = tmp_path / "killed"
     cmd = TORCHRUN + ["-m", "matryoshka.cli", *_train_args(train_cache, killed, config)]
@@ -231,6 +253,7 @@ def test_killed_two_rank_training_resumes_across_ranks(two_ranks, train_cache, c
         time.sleep(0.02)
     assert proc.poll() is None, "training finished before it could be killed"
     _kill_job(proc)
+    _wait_unlocked([killed / Cache(train_cache).fingerprint / r["name"] / ".writer.lock" for r in RUNS])
     step = torch.load(state, weights_only=False)["step"]
     assert 0 < step < 60
     runs = killed / Cache(train_cache).fingerprint
